@@ -1,0 +1,494 @@
+//! The lab's control server: a real headscale with a generated config, real TLS from the
+//! lab CA, its embedded DERP relay (with STUN) and no outside DERP map.
+
+use crate::cmd;
+use crate::netns::Netns;
+use crate::pki;
+use crate::tools;
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Deserialize;
+use serde_json::Value;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+/// The port headscale serves HTTPS (control, REST API, DERP) on; 443 as in production.
+pub const HTTPS_PORT: u16 = 443;
+/// The embedded DERP server's STUN port.
+pub const STUN_PORT: u16 = 3478;
+/// The embedded DERP region's code, as `tailscale status` shows it.
+pub const DERP_REGION_CODE: &str = "headscale";
+
+/// A running headscale inside the lab's control-plane host.
+#[derive(Debug, Clone)]
+pub struct Headscale {
+    ns: Netns,
+    addr: Ipv4Addr,
+    dir: PathBuf,
+}
+
+/// Options for a pre-auth key.
+#[derive(Debug, Clone)]
+pub struct KeyOptions {
+    pub reusable: bool,
+    pub ephemeral: bool,
+    pub expiration: Duration,
+    pub tags: Vec<String>,
+}
+
+impl Default for KeyOptions {
+    fn default() -> Self {
+        Self {
+            reusable: false,
+            ephemeral: false,
+            expiration: Duration::from_secs(3600),
+            tags: vec![],
+        }
+    }
+}
+
+/// A user as headscale reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: u64,
+    pub name: String,
+}
+
+/// A pre-auth key. `key` is a secret: tests pass it through files, never argv or logs.
+#[derive(Clone)]
+pub struct PreAuthKey {
+    pub id: u64,
+    pub key: String,
+}
+
+impl std::fmt::Debug for PreAuthKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PreAuthKey {{ id: {}, key: <redacted> }}", self.id)
+    }
+}
+
+/// A node as headscale reports it.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub id: u64,
+    pub name: String,
+    pub given_name: String,
+    pub user: String,
+    pub online: bool,
+    pub addresses: Vec<String>,
+    pub tags: Vec<String>,
+}
+
+impl Headscale {
+    /// Writes config, TLS material and state dir under `dir`, starts headscale in `ns`
+    /// listening on `addr`, and waits until it answers its health check over TLS.
+    pub fn start(ns: &Netns, addr: Ipv4Addr, dir: &Path) -> Result<(Self, Child)> {
+        std::fs::create_dir_all(dir)?;
+        let pki = pki::generate(addr.into(), "headscale.vdc.test")?;
+        std::fs::write(dir.join("ca.pem"), &pki.ca_pem)?;
+        std::fs::write(dir.join("tls.pem"), &pki.cert_pem)?;
+        write_private(&dir.join("tls.key"), pki.key_pem.as_bytes())?;
+        std::fs::write(dir.join("config.yaml"), config_yaml(addr, dir))?;
+        let hs = Self {
+            ns: ns.clone(),
+            addr,
+            dir: dir.to_path_buf(),
+        };
+        let log = std::fs::File::create(dir.join("headscale.log"))?;
+        let child = ns
+            .command(tools::headscale_bin())
+            .arg("-c")
+            .arg(hs.config_path())
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start headscale")?;
+        hs.wait_healthy(Duration::from_secs(30))?;
+        Ok((hs, child))
+    }
+
+    /// Reattaches to a headscale started earlier (a persistent `lab up`).
+    pub fn attach(ns: Netns, addr: Ipv4Addr, dir: PathBuf) -> Self {
+        Self { ns, addr, dir }
+    }
+
+    /// The URL clients log in to, as `--login-server`.
+    pub fn url(&self) -> String {
+        format!("https://{}:{}", self.addr, HTTPS_PORT)
+    }
+
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config.yaml")
+    }
+
+    /// The lab CA that signed headscale's certificate; clients must trust it.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("headscale.log")
+    }
+
+    pub fn netns(&self) -> &Netns {
+        &self.ns
+    }
+
+    fn wait_healthy(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let client = self.rest_unauthenticated();
+        loop {
+            match client.get_json("/health") {
+                Ok(v) if v["status"] == "pass" => return Ok(()),
+                Ok(v) => tracing_like(&format!("headscale health: {v}")),
+                Err(e) if start.elapsed() > timeout => {
+                    bail!(
+                        "headscale did not become healthy within {timeout:?}: {e:#}\n--- {} ---\n{}",
+                        self.log_path().display(),
+                        crate::lab::tail(&self.log_path(), 30)
+                    )
+                }
+                Err(_) => {}
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Runs the headscale CLI (over its unix socket) with JSON output.
+    pub fn cli_json(&self, args: &[&str]) -> Result<Value> {
+        let out = cmd::run(
+            self.ns
+                .command(tools::headscale_bin())
+                .arg("-c")
+                .arg(self.config_path())
+                .args(args)
+                .args(["-o", "json"]),
+        )?;
+        serde_json::from_str(&out)
+            .with_context(|| format!("headscale {} printed no JSON: {out}", args.join(" ")))
+    }
+
+    /// Creates a user with the CLI.
+    pub fn create_user(&self, name: &str) -> Result<User> {
+        user_from(&self.cli_json(&["users", "create", name])?)
+    }
+
+    /// Creates a pre-auth key with the CLI.
+    pub fn create_preauth_key(&self, user: &User, opts: &KeyOptions) -> Result<PreAuthKey> {
+        let user_id = user.id.to_string();
+        let exp = format!("{}s", opts.expiration.as_secs());
+        let mut args = vec![
+            "preauthkeys",
+            "create",
+            "--user",
+            &user_id,
+            "--expiration",
+            &exp,
+        ];
+        if opts.reusable {
+            args.push("--reusable");
+        }
+        if opts.ephemeral {
+            args.push("--ephemeral");
+        }
+        let tags = opts.tags.join(",");
+        if !tags.is_empty() {
+            args.extend(["--tags", &tags]);
+        }
+        preauth_key_from(&self.cli_json(&args)?)
+    }
+
+    /// Creates an API key for the REST API with the CLI. The result is a secret.
+    pub fn create_api_key(&self) -> Result<String> {
+        let v = self.cli_json(&["apikeys", "create", "--expiration", "1d"])?;
+        v.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("`headscale apikeys create` printed no key string"))
+    }
+
+    /// Lists nodes with the CLI.
+    pub fn nodes(&self) -> Result<Vec<Node>> {
+        let v = self.cli_json(&["nodes", "list"])?;
+        match v {
+            Value::Null => Ok(vec![]),
+            Value::Array(items) => items.iter().map(node_from).collect(),
+            other => bail!("`headscale nodes list` printed {other}, expected a list"),
+        }
+    }
+
+    /// A REST client authenticated with `api_key`, running inside the control-plane host.
+    pub fn rest(&self, api_key: &str) -> Rest {
+        Rest {
+            ns: self.ns.clone(),
+            base: self.url(),
+            api_key: Some(api_key.to_string()),
+            ca: self.ca_path(),
+        }
+    }
+
+    fn rest_unauthenticated(&self) -> Rest {
+        Rest {
+            ns: self.ns.clone(),
+            base: self.url(),
+            api_key: None,
+            ca: self.ca_path(),
+        }
+    }
+
+    /// Waits until `pred` holds for the node list (e.g. a node is online).
+    pub fn wait_nodes(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&[Node]) -> bool,
+    ) -> Result<Vec<Node>> {
+        let start = Instant::now();
+        loop {
+            let nodes = self.nodes()?;
+            if pred(&nodes) {
+                return Ok(nodes);
+            }
+            if start.elapsed() > timeout {
+                bail!("headscale: {what} not seen within {timeout:?}; nodes now: {nodes:?}");
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+/// headscale's REST API (`/api/v1`), called with a bearer API key over TLS that trusts
+/// only the lab CA. Requests are made from inside the control-plane namespace.
+#[derive(Clone)]
+pub struct Rest {
+    ns: Netns,
+    base: String,
+    api_key: Option<String>,
+    ca: PathBuf,
+}
+
+impl Rest {
+    fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let url = format!("{}{}", self.base, path);
+        let ca = std::fs::read(&self.ca)?;
+        let key = self.api_key.clone();
+        let shown = format!("{method} {url}");
+        self.ns.enter(move || {
+            let ca = reqwest::Certificate::from_pem(&ca)?;
+            let client = reqwest::blocking::Client::builder()
+                .tls_certs_only([ca])
+                .timeout(Duration::from_secs(10))
+                .build()?;
+            let mut req = client.request(method, &url);
+            if let Some(key) = key {
+                req = req.bearer_auth(key);
+            }
+            if let Some(body) = body {
+                req = req.json(&body);
+            }
+            let resp = req.send().with_context(|| format!("{shown}"))?;
+            let status = resp.status();
+            let text = resp.text()?;
+            if !status.is_success() {
+                bail!("{shown}: HTTP {status}: {text}");
+            }
+            serde_json::from_str(&text).with_context(|| format!("{shown}: not JSON: {text}"))
+        })
+    }
+
+    pub fn get_json(&self, path: &str) -> Result<Value> {
+        self.request(reqwest::Method::GET, path, None)
+    }
+
+    pub fn post_json(&self, path: &str, body: Value) -> Result<Value> {
+        self.request(reqwest::Method::POST, path, Some(body))
+    }
+
+    /// Finds the user `name`, or creates it.
+    pub fn ensure_user(&self, name: &str) -> Result<User> {
+        let found = self.get_json(&format!("/api/v1/user?name={name}"))?;
+        if let Some(u) = found["users"].as_array().and_then(|a| a.first()) {
+            return user_from(u);
+        }
+        user_from(&self.post_json("/api/v1/user", serde_json::json!({ "name": name }))?["user"])
+    }
+
+    pub fn create_preauth_key(&self, user: &User, opts: &KeyOptions) -> Result<PreAuthKey> {
+        let expiration = humantime::format_rfc3339_seconds(SystemTime::now() + opts.expiration);
+        let body = serde_json::json!({
+            "user": user.id.to_string(),
+            "reusable": opts.reusable,
+            "ephemeral": opts.ephemeral,
+            "expiration": expiration.to_string(),
+            "aclTags": opts.tags,
+        });
+        preauth_key_from(&self.post_json("/api/v1/preauthkey", body)?["preAuthKey"])
+    }
+
+    pub fn nodes(&self) -> Result<Vec<Node>> {
+        let v = self.get_json("/api/v1/node")?;
+        v["nodes"]
+            .as_array()
+            .map(|a| a.iter().map(node_from).collect())
+            .unwrap_or_else(|| Ok(vec![]))
+    }
+}
+
+/// Reads a number that the CLI prints as a number and the REST API as a string.
+fn id_of(v: &Value) -> Result<u64> {
+    match v {
+        Value::Number(n) => n.as_u64().ok_or_else(|| anyhow!("id {n} is not a u64")),
+        Value::String(s) => s
+            .parse()
+            .with_context(|| format!("id {s:?} is not a number")),
+        other => bail!("expected an id, found {other}"),
+    }
+}
+
+fn user_from(v: &Value) -> Result<User> {
+    Ok(User {
+        id: id_of(&v["id"]).with_context(|| format!("user without id: {v}"))?,
+        name: v["name"].as_str().unwrap_or_default().to_string(),
+    })
+}
+
+fn preauth_key_from(v: &Value) -> Result<PreAuthKey> {
+    Ok(PreAuthKey {
+        id: id_of(&v["id"]).context("pre-auth key without id")?,
+        key: v["key"]
+            .as_str()
+            .ok_or_else(|| anyhow!("pre-auth key response holds no key"))?
+            .to_string(),
+    })
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Both the CLI (protobuf field names) and the REST API (lowerCamelCase) shapes.
+fn node_from(v: &Value) -> Result<Node> {
+    let pick = |snake: &str, camel: &str| {
+        if v[snake].is_null() {
+            &v[camel]
+        } else {
+            &v[snake]
+        }
+    };
+    #[derive(Deserialize)]
+    struct U {
+        #[serde(default)]
+        name: String,
+    }
+    let user: U = serde_json::from_value(v["user"].clone()).unwrap_or(U {
+        name: String::new(),
+    });
+    let mut tags = strings(&v["tags"]);
+    tags.extend(strings(pick("forced_tags", "forcedTags")));
+    Ok(Node {
+        id: id_of(&v["id"]).with_context(|| format!("node without id: {v}"))?,
+        name: v["name"].as_str().unwrap_or_default().to_string(),
+        given_name: pick("given_name", "givenName")
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        user: user.name,
+        online: v["online"].as_bool().unwrap_or(false),
+        addresses: strings(pick("ip_addresses", "ipAddresses")),
+        tags,
+    })
+}
+
+fn tracing_like(msg: &str) {
+    if cmd::echo_enabled() {
+        println!("    {msg}");
+    }
+}
+
+/// Writes a file only its owner can read (keys, secrets).
+pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(data)?;
+    Ok(())
+}
+
+/// The generated headscale configuration: everything local to the lab, nothing reaching
+/// out (no DERP map URLs, no update checks, no logtail).
+pub fn config_yaml(addr: Ipv4Addr, dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"# Generated by the vdc lab; see tests/src/headscale.rs.
+server_url: https://{addr}:{HTTPS_PORT}
+listen_addr: {addr}:{HTTPS_PORT}
+metrics_listen_addr: 127.0.0.1:9090
+grpc_listen_addr: 127.0.0.1:50443
+grpc_allow_insecure: false
+tls_cert_path: {d}/tls.pem
+tls_key_path: {d}/tls.key
+noise:
+  private_key_path: {d}/noise_private.key
+prefixes:
+  v4: 100.64.0.0/10
+  v6: fd7a:115c:a1e0::/48
+  allocation: sequential
+derp:
+  server:
+    enabled: true
+    region_id: 999
+    region_code: "{DERP_REGION_CODE}"
+    region_name: "Headscale Embedded DERP"
+    verify_clients: true
+    stun_listen_addr: "{addr}:{STUN_PORT}"
+    private_key_path: {d}/derp_server_private.key
+    automatically_add_embedded_derp_region: true
+    ipv4: {addr}
+  urls: []
+  paths: []
+  auto_update_enabled: false
+disable_check_updates: true
+ephemeral_node_inactivity_timeout: 30m
+database:
+  type: sqlite
+  sqlite:
+    path: {d}/db.sqlite
+    write_ahead_log: true
+log:
+  level: info
+  format: text
+policy:
+  mode: file
+  path: ""
+dns:
+  magic_dns: true
+  base_domain: mesh.vdc.test
+  override_local_dns: false
+  nameservers:
+    global: []
+unix_socket: {d}/headscale.sock
+unix_socket_permission: "0770"
+logtail:
+  enabled: false
+randomize_client_port: false
+"#
+    )
+}

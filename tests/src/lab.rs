@@ -1,0 +1,627 @@
+//! The lab itself: a switch namespace with a bridge, hosts attached to it, headscale on
+//! the control-plane host, and knobs that break the network on purpose.
+
+use crate::cmd;
+use crate::headscale::Headscale;
+use crate::netns::{self, Netns};
+use crate::tailscale::Tailscaled;
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// All lab namespaces and directories start with this.
+pub const PREFIX: &str = "vdc-";
+/// The id of the persistent lab that `cargo xtask lab up` builds.
+pub const DEV_ID: &str = "vdc-dev";
+/// The data-center underlay (TEST-NET-1).
+pub const UNDERLAY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 0);
+pub const UNDERLAY_PREFIX_LEN: u8 = 24;
+/// The control-plane host's name; it always exists and runs headscale.
+pub const CTL: &str = "ctl";
+
+/// What lab to build.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Hosts besides `ctl`, e.g. `["fw", "op"]`.
+    pub hosts: Vec<String>,
+    /// A fixed id whose lab outlives this process (`lab up`); `None` for a test's own lab.
+    pub persistent_id: Option<String>,
+}
+
+impl LabOptions {
+    pub fn hosts(names: &[&str]) -> Self {
+        Self {
+            hosts: names.iter().map(|s| s.to_string()).collect(),
+            persistent_id: None,
+        }
+    }
+}
+
+/// One host of the lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Host {
+    pub name: String,
+    pub netns: String,
+    pub addr: Ipv4Addr,
+}
+
+impl Host {
+    pub fn ns(&self) -> Netns {
+        Netns::existing(&self.netns)
+    }
+}
+
+/// Network faults, applied in the switch: the hosts themselves stay untouched.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Knobs {
+    /// Host pairs between which UDP is dropped (forces DERP).
+    pub udp_blocked: Vec<(String, String)>,
+    /// Hosts cut off from everything (an outage).
+    pub cut_off: Vec<String>,
+}
+
+/// What is written to `lab.json`, so `lab status|exec|down` find a persistent lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    pub id: String,
+    pub dir: PathBuf,
+    pub switch: String,
+    pub hosts: BTreeMap<String, Host>,
+    pub knobs: Knobs,
+    /// Hosts running a tailscaled started by the lab.
+    pub tailscaled: Vec<String>,
+}
+
+/// A running virtual data center. Dropping it stops every process and deletes every
+/// namespace, also when a test panics; a persistent lab stays until `Lab::down`.
+pub struct Lab {
+    state: Mutex<LabState>,
+    headscale: Headscale,
+    children: Mutex<Vec<(String, Child)>>,
+    persistent: bool,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Where lab directories live. Short, because unix socket paths are limited to 108 bytes.
+pub fn base_dir() -> PathBuf {
+    std::env::var_os("VDC_LAB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/vdc"))
+}
+
+impl Lab {
+    /// Builds the lab: switch, hosts, underlay addresses, and headscale on `ctl`.
+    pub fn start(opts: LabOptions) -> Result<Lab> {
+        gc_stale();
+        let id = match &opts.persistent_id {
+            Some(id) => {
+                if netns::list()
+                    .iter()
+                    .any(|n| n.starts_with(&format!("{id}-")))
+                {
+                    bail!("lab {id} is already up; run `cargo xtask lab down` first");
+                }
+                id.clone()
+            }
+            None => format!(
+                "{PREFIX}{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ),
+        };
+        let dir = base_dir().join(&id);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut names = vec![CTL.to_string()];
+        for h in &opts.hosts {
+            validate_host_name(h)?;
+            if names.contains(h) {
+                bail!("host {h} is named twice");
+            }
+            names.push(h.clone());
+        }
+        let switch = format!("{id}-sw");
+        let state = LabState {
+            id: id.clone(),
+            dir: dir.clone(),
+            switch: switch.clone(),
+            hosts: BTreeMap::new(),
+            knobs: Knobs::default(),
+            tailscaled: vec![],
+        };
+        // From here on a failure must still clean up: build into a guard.
+        let mut guard = Teardown(Some(state));
+        let sw = Netns::create(&switch)?;
+        sw.ip(&["link", "add", "br0", "type", "bridge"])?;
+        sw.ip(&["link", "set", "br0", "up"])?;
+        for (i, name) in names.iter().enumerate() {
+            let addr = host_addr(i);
+            let ns = Netns::create(&format!("{id}-{name}"))?;
+            cmd::run(Command::new("ip").args([
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                ns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                name,
+                "netns",
+                sw.name(),
+            ]))?;
+            sw.ip(&["link", "set", name, "master", "br0", "up"])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{addr}/{UNDERLAY_PREFIX_LEN}"),
+                "dev",
+                "eth0",
+            ])?;
+            ns.ip(&["link", "set", "eth0", "up"])?;
+            std::fs::create_dir_all(dir.join(name))?;
+            guard.0.as_mut().unwrap().hosts.insert(
+                name.clone(),
+                Host {
+                    name: name.clone(),
+                    netns: ns.name().to_string(),
+                    addr,
+                },
+            );
+        }
+        apply_knobs(&sw, &Knobs::default())?;
+        let ctl = guard.0.as_ref().unwrap().hosts[CTL].clone();
+        let (headscale, hs_child) = Headscale::start(&ctl.ns(), ctl.addr, &dir.join(CTL))?;
+        let state = guard.0.take().unwrap();
+        let lab = Lab {
+            state: Mutex::new(state),
+            headscale,
+            children: Mutex::new(vec![("headscale".into(), hs_child)]),
+            persistent: opts.persistent_id.is_some(),
+        };
+        lab.save()?;
+        Ok(lab)
+    }
+
+    /// Reattaches to a persistent lab (`lab status`, `lab exec`, `lab down`).
+    pub fn attach(id: &str) -> Result<Lab> {
+        let path = base_dir().join(id).join("lab.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("no lab {id} is up (cannot read {})", path.display()))?;
+        let state: LabState = serde_json::from_str(&text)?;
+        let ctl = state.hosts[CTL].clone();
+        let headscale = Headscale::attach(ctl.ns(), ctl.addr, state.dir.join(CTL));
+        Ok(Lab {
+            state: Mutex::new(state),
+            headscale,
+            children: Mutex::new(vec![]),
+            persistent: true,
+        })
+    }
+
+    fn save(&self) -> Result<()> {
+        let state = self.state.lock().unwrap();
+        std::fs::write(
+            state.dir.join("lab.json"),
+            serde_json::to_string_pretty(&*state)?,
+        )?;
+        Ok(())
+    }
+
+    pub fn id(&self) -> String {
+        self.state.lock().unwrap().id.clone()
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.state.lock().unwrap().dir.clone()
+    }
+
+    pub fn state(&self) -> LabState {
+        self.state.lock().unwrap().clone()
+    }
+
+    pub fn headscale(&self) -> &Headscale {
+        &self.headscale
+    }
+
+    /// The host `name`; panics on a name the lab was not built with (a test bug).
+    pub fn host(&self, name: &str) -> Host {
+        self.state
+            .lock()
+            .unwrap()
+            .hosts
+            .get(name)
+            .unwrap_or_else(|| panic!("the lab has no host {name}"))
+            .clone()
+    }
+
+    /// The directory for files of host `name`.
+    pub fn host_dir(&self, name: &str) -> PathBuf {
+        self.dir().join(name)
+    }
+
+    /// Starts a process inside host `name`, with stdout and stderr in `<host dir>/<log>.log`;
+    /// the lab stops it at teardown.
+    pub fn spawn(&self, host: &str, log: &str, mut command: Command) -> Result<()> {
+        let file = std::fs::File::create(self.host_dir(host).join(format!("{log}.log")))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", cmd::render(&command)))?;
+        self.children.lock().unwrap().push((log.into(), child));
+        Ok(())
+    }
+
+    /// Starts a stock tailscaled on host `name`.
+    pub fn start_tailscaled(&self, name: &str) -> Result<Tailscaled> {
+        let host = self.host(name);
+        let (ts, child) = Tailscaled::start(
+            &host.ns(),
+            &self.host_dir(name).join("tailscaled"),
+            &self.headscale.ca_path(),
+        )?;
+        self.children
+            .lock()
+            .unwrap()
+            .push((format!("tailscaled@{name}"), child));
+        self.state.lock().unwrap().tailscaled.push(name.into());
+        self.save()?;
+        Ok(ts)
+    }
+
+    /// The tailscaled the lab started on `name` (for a reattached lab).
+    pub fn tailscaled(&self, name: &str) -> Option<Tailscaled> {
+        let st = self.state.lock().unwrap();
+        st.tailscaled
+            .iter()
+            .any(|h| h == name)
+            .then(|| Tailscaled::attach(st.hosts[name].ns(), st.dir.join(name).join("tailscaled")))
+    }
+
+    fn set_knobs(&self, f: impl FnOnce(&mut Knobs)) -> Result<()> {
+        let (switch, knobs) = {
+            let mut st = self.state.lock().unwrap();
+            f(&mut st.knobs);
+            for h in st
+                .knobs
+                .cut_off
+                .iter()
+                .chain(st.knobs.udp_blocked.iter().flat_map(|(a, b)| [a, b]))
+            {
+                if !st.hosts.contains_key(h) {
+                    bail!("the lab has no host {h}");
+                }
+            }
+            (Netns::existing(&st.switch), st.knobs.clone())
+        };
+        apply_knobs(&switch, &knobs)?;
+        self.save()
+    }
+
+    /// Drops all UDP between hosts `a` and `b`, as a firewall in the path would.
+    pub fn block_udp(&self, a: &str, b: &str) -> Result<()> {
+        let pair = ordered(a, b);
+        self.set_knobs(|k| {
+            if !k.udp_blocked.contains(&pair) {
+                k.udp_blocked.push(pair)
+            }
+        })
+    }
+
+    pub fn unblock_udp(&self, a: &str, b: &str) -> Result<()> {
+        let pair = ordered(a, b);
+        self.set_knobs(|k| k.udp_blocked.retain(|p| *p != pair))
+    }
+
+    /// Cuts host `name` off the network entirely (its link stays up; packets vanish).
+    pub fn cut_off(&self, name: &str) -> Result<()> {
+        let name = name.to_string();
+        self.set_knobs(|k| {
+            if !k.cut_off.contains(&name) {
+                k.cut_off.push(name)
+            }
+        })
+    }
+
+    pub fn reconnect(&self, name: &str) -> Result<()> {
+        self.set_knobs(|k| k.cut_off.retain(|h| h != name))
+    }
+
+    /// Proves that host `name` cannot send anywhere outside the lab: no default route and no
+    /// route to addresses in the public and private ranges. Only route lookups: nothing is
+    /// sent.
+    pub fn assert_isolated(&self, name: &str) -> Result<()> {
+        let ns = self.host(name).ns();
+        for family in ["-4", "-6"] {
+            let routes = ns.ip(&[family, "route", "show", "default"])?;
+            if !routes.trim().is_empty() {
+                bail!("host {name} has a default route ({family}): {routes}");
+            }
+        }
+        for outside in OUTSIDE_PROBES {
+            let out =
+                cmd::output(Command::new("ip").args(["-n", ns.name(), "route", "get", outside]))?;
+            if out.status.success() {
+                bail!(
+                    "host {name} has a route to {outside}, outside the lab: {}",
+                    String::from_utf8_lossy(&out.stdout).trim()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops everything and deletes the namespaces and the lab directory.
+    pub fn down(self) {
+        let st = self.state.lock().unwrap().clone();
+        teardown(&st.id, &st.dir, false);
+        std::mem::forget(self);
+    }
+
+    /// Prints the tail of every log in the lab directory (for a failed test).
+    pub fn dump_logs(&self) {
+        let dir = self.dir();
+        let mut logs = vec![];
+        collect_logs(&dir, &mut logs);
+        for log in logs {
+            eprintln!("--- {} ---\n{}", log.display(), tail(&log, 40));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.persistent {
+            return;
+        }
+        let failed = std::thread::panicking();
+        if failed {
+            self.dump_logs();
+        }
+        let st = self.state.lock().unwrap().clone();
+        for (_, child) in self.children.lock().unwrap().iter_mut() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        teardown(&st.id, &st.dir, failed);
+        for (_, child) in self.children.lock().unwrap().iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Cleans up a lab whose `start` failed half-way.
+struct Teardown(Option<LabState>);
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        if let Some(st) = &self.0 {
+            teardown(&st.id, &st.dir, true);
+        }
+    }
+}
+
+/// Addresses a host of the lab must have no route to. Looked up, never contacted.
+pub const OUTSIDE_PROBES: &[&str] = &[
+    "9.9.9.9",
+    "10.0.0.1",
+    "172.16.0.1",
+    "192.168.0.1",
+    "198.51.100.1",
+    "2001:4860::1",
+    "fd00::1",
+];
+
+fn ordered(a: &str, b: &str) -> (String, String) {
+    if a <= b {
+        (a.into(), b.into())
+    } else {
+        (b.into(), a.into())
+    }
+}
+
+fn validate_host_name(name: &str) -> Result<()> {
+    // The name is also the switch port's interface name: at most 15 bytes.
+    let ok = !name.is_empty()
+        && name.len() <= 12
+        && name != "sw"
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !ok {
+        bail!("host name {name:?} must be 1-12 lowercase letters or digits, and not \"sw\"");
+    }
+    Ok(())
+}
+
+/// The underlay address of the i-th host: ctl is .1, the others .11, .12, ...
+pub fn host_addr(i: usize) -> Ipv4Addr {
+    let o = UNDERLAY.octets();
+    let last = if i == 0 { 1 } else { 10 + i as u8 };
+    Ipv4Addr::new(o[0], o[1], o[2], last)
+}
+
+/// The switch's nftables ruleset for `knobs`: one `bridge` table, replaced atomically.
+pub fn knob_ruleset(knobs: &Knobs) -> String {
+    let mut rules = String::new();
+    for (a, b) in &knobs.udp_blocked {
+        for (i, o) in [(a, b), (b, a)] {
+            rules.push_str(&format!(
+                "    iifname \"{i}\" oifname \"{o}\" meta l4proto udp counter drop\n"
+            ));
+        }
+    }
+    for h in &knobs.cut_off {
+        rules.push_str(&format!("    iifname \"{h}\" counter drop\n"));
+        rules.push_str(&format!("    oifname \"{h}\" counter drop\n"));
+    }
+    format!(
+        "table bridge vdc {{}}\ndelete table bridge vdc\ntable bridge vdc {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n{rules}  }}\n}}\n"
+    )
+}
+
+fn apply_knobs(switch: &Netns, knobs: &Knobs) -> Result<()> {
+    use std::io::Write;
+    let mut child = switch
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run nft in the lab switch")?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(knob_ruleset(knobs).as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft in the lab switch rejected the knob ruleset: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Deletes every namespace of lab `id` (stopping what runs in them) and its directory;
+/// `keep_dir` keeps the logs of a failed run.
+pub fn teardown(id: &str, dir: &Path, keep_dir: bool) {
+    let prefix = format!("{id}-");
+    for name in netns::list().into_iter().filter(|n| n.starts_with(&prefix)) {
+        Netns::existing(&name).destroy();
+    }
+    if keep_dir {
+        eprintln!(
+            "vdc: lab {id} torn down; its logs stay in {}",
+            dir.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// The pid that owns a test lab id `vdc-<pid>-<seq>`, if it is one.
+fn owner_pid(id: &str) -> Option<i32> {
+    let rest = id.strip_prefix(PREFIX)?;
+    let (pid, seq) = rest.split_once('-')?;
+    seq.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
+/// Ids of all labs that have namespaces on this machine.
+pub fn lab_ids() -> Vec<String> {
+    let mut ids: Vec<String> = netns::list()
+        .into_iter()
+        .filter(|n| n.starts_with(PREFIX))
+        .filter_map(|n| n.rsplit_once('-').map(|(id, _)| id.to_string()))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// Removes labs left behind by test processes that no longer run (killed runs).
+pub fn gc_stale() -> Vec<String> {
+    let mut removed = vec![];
+    let dirs = std::fs::read_dir(base_dir())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let mut ids = lab_ids();
+    ids.extend(dirs);
+    ids.sort();
+    ids.dedup();
+    for id in ids {
+        if let Some(pid) = owner_pid(&id)
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            teardown(&id, &base_dir().join(&id), false);
+            removed.push(id);
+        }
+    }
+    removed
+}
+
+/// The last `n` lines of a file, for error messages.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn collect_logs(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            collect_logs(&p, out);
+        } else if p.extension().is_some_and(|x| x == "log") {
+            out.push(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_in_test_net_1() {
+        assert_eq!(host_addr(0), Ipv4Addr::new(192, 0, 2, 1));
+        assert_eq!(host_addr(2), Ipv4Addr::new(192, 0, 2, 12));
+    }
+
+    #[test]
+    fn empty_knobs_accept_everything() {
+        let r = knob_ruleset(&Knobs::default());
+        assert!(r.contains("policy accept;"));
+        assert!(!r.contains("drop"));
+    }
+
+    #[test]
+    fn blocked_udp_drops_both_directions() {
+        let k = Knobs {
+            udp_blocked: vec![("fw".into(), "op".into())],
+            cut_off: vec!["ctl".into()],
+        };
+        let r = knob_ruleset(&k);
+        assert!(r.contains("iifname \"fw\" oifname \"op\" meta l4proto udp counter drop"));
+        assert!(r.contains("iifname \"op\" oifname \"fw\" meta l4proto udp counter drop"));
+        assert!(r.contains("iifname \"ctl\" counter drop"));
+        assert!(r.contains("oifname \"ctl\" counter drop"));
+    }
+
+    #[test]
+    fn owner_pid_only_for_test_labs() {
+        assert_eq!(owner_pid("vdc-1234-0"), Some(1234));
+        assert_eq!(owner_pid("vdc-dev"), None);
+        assert_eq!(owner_pid("vdc-abc-1"), None);
+    }
+
+    #[test]
+    fn host_names_fit_interface_names() {
+        assert!(validate_host_name("fw2").is_ok());
+        assert!(validate_host_name("sw").is_err());
+        assert!(validate_host_name("Firewall").is_err());
+        assert!(validate_host_name("averyverylonghost").is_err());
+    }
+}

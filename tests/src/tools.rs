@@ -1,0 +1,123 @@
+//! The real peers the lab runs, pinned, and where `cargo xtask setup` puts them.
+//!
+//! One source of truth: xtask installs exactly these, and the lab looks them up here.
+
+use std::path::{Path, PathBuf};
+
+/// A Go program built from a published module at a pinned version.
+#[derive(Debug, Clone, Copy)]
+pub struct GoTool {
+    pub name: &'static str,
+    pub module: &'static str,
+    pub version: &'static str,
+    /// (package path inside the module, binary name)
+    pub binaries: &'static [(&'static str, &'static str)],
+}
+
+/// headscale: the version metal-api uses.
+pub const HEADSCALE: GoTool = GoTool {
+    name: "headscale",
+    module: "github.com/juanfont/headscale",
+    version: "v0.28.0",
+    binaries: &[("cmd/headscale", "headscale")],
+};
+
+/// tailscale and tailscaled: the version metal-stack's firewall images ship.
+pub const TAILSCALE: GoTool = GoTool {
+    name: "tailscale",
+    module: "tailscale.com",
+    version: "v1.102.2",
+    binaries: &[
+        ("cmd/tailscale", "tailscale"),
+        ("cmd/tailscaled", "tailscaled"),
+    ],
+};
+
+pub const GO_TOOLS: &[GoTool] = &[HEADSCALE, TAILSCALE];
+
+/// Debian packages the lab, the tests and the demo use.
+pub const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "nftables",
+    "openssh-server",
+    "openssh-client",
+    "iperf3",
+    "ignition",
+    "iputils-ping",
+    "procps",
+];
+
+/// Programs from those packages that the lab calls, with the package that provides each.
+pub const APT_PROGRAMS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
+    ("ping", "iputils-ping"),
+];
+
+/// The repository root (the workspace).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the vdc crate lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Where built tools are cached: `$VDC_TOOLS_DIR`, else `<target>/tools`.
+pub fn tools_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VDC_TOOLS_DIR") {
+        return PathBuf::from(dir);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join("tools")
+}
+
+impl GoTool {
+    /// The versioned cache directory: a new pin builds into a new directory.
+    pub fn dir(&self) -> PathBuf {
+        tools_dir().join(format!("{}-{}", self.name, self.version))
+    }
+
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.dir().join("bin").join(name)
+    }
+
+    /// True when every binary of this tool is in the cache.
+    pub fn installed(&self) -> bool {
+        self.binaries.iter().all(|(_, b)| self.bin(b).is_file())
+    }
+}
+
+pub fn headscale_bin() -> PathBuf {
+    HEADSCALE.bin("headscale")
+}
+
+pub fn tailscaled_bin() -> PathBuf {
+    TAILSCALE.bin("tailscaled")
+}
+
+pub fn tailscale_bin() -> PathBuf {
+    TAILSCALE.bin("tailscale")
+}
+
+/// Every binary the lab needs, with a name for error messages.
+pub fn required_binaries() -> Vec<(String, PathBuf)> {
+    let mut out: Vec<(String, PathBuf)> = GO_TOOLS
+        .iter()
+        .flat_map(|t| {
+            t.binaries
+                .iter()
+                .map(move |(_, b)| (format!("{b} {}", t.version), t.bin(b)))
+        })
+        .collect();
+    for (prog, pkg) in APT_PROGRAMS {
+        let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(prog))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from(format!("/usr/sbin/{prog}")));
+        out.push((format!("`{prog}` (Debian package {pkg})"), found));
+    }
+    out
+}
