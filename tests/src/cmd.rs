@@ -44,6 +44,10 @@ pub fn render(cmd: &Command) -> String {
 /// status and stderr when it does not exit 0.
 pub fn run(cmd: &mut Command) -> Result<String> {
     let out = output(cmd)?;
+    checked(cmd, out)
+}
+
+fn checked(cmd: &Command, out: Output) -> Result<String> {
     if !out.status.success() {
         bail!(
             "`{}` failed ({}): {}{}",
@@ -58,17 +62,33 @@ pub fn run(cmd: &mut Command) -> Result<String> {
 
 /// Runs `cmd` to completion and returns whatever it did, success or not.
 pub fn output(cmd: &mut Command) -> Result<Output> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start `{}`", render(cmd)))?;
+    let out = quiet_output(cmd)?;
     if echo_enabled() {
         println!("  $ {}", render(cmd));
-        for line in String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .chain(String::from_utf8_lossy(&out.stderr).lines())
-        {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = text.lines().collect();
+        for line in lines.iter().take(ECHO_LINES) {
             println!("    {line}");
+        }
+        if lines.len() > ECHO_LINES {
+            println!("    ... ({} more lines)", lines.len() - ECHO_LINES);
         }
     }
     Ok(out)
+}
+
+/// At most this many lines of a command's output are echoed.
+const ECHO_LINES: usize = 12;
+
+/// Like [`output`], never echoed: for the lab's own plumbing and for polling.
+pub fn quiet_output(cmd: &mut Command) -> Result<Output> {
+    cmd.output()
+        .with_context(|| format!("cannot start `{}`", render(cmd)))
+}
+
+/// Like [`run`], never echoed.
+pub fn run_quiet(cmd: &mut Command) -> Result<String> {
+    let out = quiet_output(cmd)?;
+    checked(cmd, out)
 }

@@ -292,7 +292,7 @@ impl Rest {
             if let Some(body) = body {
                 req = req.json(&body);
             }
-            let resp = req.send().with_context(|| format!("{shown}"))?;
+            let resp = req.send().with_context(|| shown.clone())?;
             let status = resp.status();
             let text = resp.text()?;
             if !status.is_success() {

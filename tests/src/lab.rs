@@ -21,14 +21,20 @@ pub const DEV_ID: &str = "vdc-dev";
 /// The data-center underlay (TEST-NET-1).
 pub const UNDERLAY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 0);
 pub const UNDERLAY_PREFIX_LEN: u8 = 24;
+/// A NATed host's address on its private segment (TEST-NET-3), and its gateway's.
+pub const NAT_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+pub const NAT_GATEWAY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// The control-plane host's name; it always exists and runs headscale.
 pub const CTL: &str = "ctl";
 
 /// What lab to build.
 #[derive(Debug, Clone)]
 pub struct LabOptions {
-    /// Hosts besides `ctl`, e.g. `["fw", "op"]`.
+    /// Hosts on the underlay besides `ctl`, e.g. `["fw", "op"]`.
     pub hosts: Vec<String>,
+    /// Hosts behind a masquerading NAT gateway: host `h` sits on its own private segment
+    /// behind gateway host `hgw`, which is on the underlay.
+    pub behind_nat: Vec<String>,
     /// A fixed id whose lab outlives this process (`lab up`); `None` for a test's own lab.
     pub persistent_id: Option<String>,
 }
@@ -37,6 +43,7 @@ impl LabOptions {
     pub fn hosts(names: &[&str]) -> Self {
         Self {
             hosts: names.iter().map(|s| s.to_string()).collect(),
+            behind_nat: vec![],
             persistent_id: None,
         }
     }
@@ -118,13 +125,16 @@ impl Lab {
         let dir = base_dir().join(&id);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let mut names = vec![CTL.to_string()];
-        for h in &opts.hosts {
+        for h in opts.hosts.iter().chain(&opts.behind_nat) {
             validate_host_name(h)?;
-            if names.contains(h) {
-                bail!("host {h} is named twice");
-            }
-            names.push(h.clone());
+        }
+        let mut underlay: Vec<String> = vec![CTL.to_string()];
+        underlay.extend(opts.hosts.iter().cloned());
+        underlay.extend(opts.behind_nat.iter().map(|h| format!("{h}gw")));
+        let mut names: Vec<&String> = underlay.iter().chain(&opts.behind_nat).collect();
+        names.sort();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            bail!("host {} is named twice", w[0]);
         }
         let switch = format!("{id}-sw");
         let state = LabState {
@@ -140,23 +150,22 @@ impl Lab {
         let sw = Netns::create(&switch)?;
         sw.ip(&["link", "add", "br0", "type", "bridge"])?;
         sw.ip(&["link", "set", "br0", "up"])?;
-        for (i, name) in names.iter().enumerate() {
+        let mut add = |name: &str, ns: &Netns, addr: Ipv4Addr| -> Result<()> {
+            std::fs::create_dir_all(dir.join(name))?;
+            guard.0.as_mut().unwrap().hosts.insert(
+                name.to_string(),
+                Host {
+                    name: name.to_string(),
+                    netns: ns.name().to_string(),
+                    addr,
+                },
+            );
+            Ok(())
+        };
+        for (i, name) in underlay.iter().enumerate() {
             let addr = host_addr(i);
             let ns = Netns::create(&format!("{id}-{name}"))?;
-            cmd::run(Command::new("ip").args([
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                ns.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                name,
-                "netns",
-                sw.name(),
-            ]))?;
+            veth(&ns, "eth0", &sw, name)?;
             sw.ip(&["link", "set", name, "master", "br0", "up"])?;
             ns.ip(&[
                 "addr",
@@ -166,15 +175,13 @@ impl Lab {
                 "eth0",
             ])?;
             ns.ip(&["link", "set", "eth0", "up"])?;
-            std::fs::create_dir_all(dir.join(name))?;
-            guard.0.as_mut().unwrap().hosts.insert(
-                name.clone(),
-                Host {
-                    name: name.clone(),
-                    netns: ns.name().to_string(),
-                    addr,
-                },
-            );
+            add(name, &ns, addr)?;
+        }
+        for name in &opts.behind_nat {
+            let gw = Netns::existing(&format!("{id}-{name}gw"));
+            let ns = Netns::create(&format!("{id}-{name}"))?;
+            build_nat(&gw, &ns)?;
+            add(name, &ns, NAT_HOST)?;
         }
         apply_knobs(&sw, &Knobs::default())?;
         let ctl = guard.0.as_ref().unwrap().hosts[CTL].clone();
@@ -453,6 +460,43 @@ pub fn host_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(o[0], o[1], o[2], last)
 }
 
+/// A veth pair: `a_name` in namespace `a`, `b_name` in namespace `b`. Created directly in
+/// the namespaces, so parallel labs never clash on interface names.
+fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
+    cmd::run_quiet(Command::new("ip").args([
+        "link",
+        "add",
+        a_name,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_name,
+        "netns",
+        b.name(),
+    ]))
+    .map(drop)
+}
+
+/// Puts `host` on a private segment behind `gw`, which masquerades it onto the underlay.
+/// The host gets a route to the underlay only: like every lab host, no default route.
+fn build_nat(gw: &Netns, host: &Netns) -> Result<()> {
+    veth(host, "eth0", gw, "lan0")?;
+    gw.ip(&["addr", "add", &format!("{NAT_GATEWAY}/24"), "dev", "lan0"])?;
+    gw.ip(&["link", "set", "lan0", "up"])?;
+    host.ip(&["addr", "add", &format!("{NAT_HOST}/24"), "dev", "eth0"])?;
+    host.ip(&["link", "set", "eth0", "up"])?;
+    let underlay = format!("{UNDERLAY}/{UNDERLAY_PREFIX_LEN}");
+    host.ip(&["route", "add", &underlay, "via", &NAT_GATEWAY.to_string()])?;
+    cmd::run_quiet(gw.command("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]))?;
+    nft(
+        gw,
+        "table ip vdcnat {\n  chain post {\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"eth0\" masquerade\n  }\n}\n",
+    )
+}
+
 /// The switch's nftables ruleset for `knobs`: one `bridge` table, replaced atomically.
 pub fn knob_ruleset(knobs: &Knobs) -> String {
     let mut rules = String::new();
@@ -473,24 +517,26 @@ pub fn knob_ruleset(knobs: &Knobs) -> String {
 }
 
 fn apply_knobs(switch: &Netns, knobs: &Knobs) -> Result<()> {
+    nft(switch, &knob_ruleset(knobs))
+}
+
+/// Loads `ruleset` with `nft -f -` inside `ns`, as one transaction.
+fn nft(ns: &Netns, ruleset: &str) -> Result<()> {
     use std::io::Write;
-    let mut child = switch
+    let mut child = ns
         .command("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("cannot run nft in the lab switch")?;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(knob_ruleset(knobs).as_bytes())?;
+        .with_context(|| format!("cannot run nft in {}", ns.name()))?;
+    child.stdin.take().unwrap().write_all(ruleset.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
-            "nft in the lab switch rejected the knob ruleset: {}",
+            "nft in {} rejected the ruleset: {}\n{ruleset}",
+            ns.name(),
             String::from_utf8_lossy(&out.stderr)
         );
     }

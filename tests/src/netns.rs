@@ -15,7 +15,7 @@ pub struct Netns {
 impl Netns {
     /// Creates the namespace with its loopback up and nothing else: no route anywhere.
     pub fn create(name: &str) -> Result<Self> {
-        cmd::run(Command::new("ip").args(["netns", "add", name]))?;
+        cmd::run_quiet(Command::new("ip").args(["netns", "add", name]))?;
         let ns = Self {
             name: name.to_string(),
         };
@@ -36,7 +36,7 @@ impl Netns {
 
     /// `ip -n NS ARGS...`
     pub fn ip(&self, args: &[&str]) -> Result<String> {
-        cmd::run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+        cmd::run_quiet(Command::new("ip").arg("-n").arg(&self.name).args(args))
     }
 
     /// A command that runs `program` inside this namespace.
@@ -66,7 +66,7 @@ impl Netns {
 
     /// The processes that live in this namespace.
     pub fn pids(&self) -> Vec<i32> {
-        cmd::output(Command::new("ip").args(["netns", "pids", &self.name]))
+        cmd::quiet_output(Command::new("ip").args(["netns", "pids", &self.name]))
             .map(|o| {
                 String::from_utf8_lossy(&o.stdout)
                     .split_whitespace()
@@ -86,7 +86,7 @@ impl Netns {
             std::thread::sleep(Duration::from_millis(50));
         }
         kill_all(&self.pids(), nix::sys::signal::Signal::SIGKILL);
-        let _ = cmd::output(Command::new("ip").args(["netns", "delete", &self.name]));
+        let _ = cmd::quiet_output(Command::new("ip").args(["netns", "delete", &self.name]));
     }
 }
 
@@ -98,7 +98,7 @@ fn kill_all(pids: &[i32], sig: nix::sys::signal::Signal) {
 
 /// Names of all network namespaces on the machine.
 pub fn list() -> Vec<String> {
-    cmd::output(Command::new("ip").args(["netns", "list"]))
+    cmd::quiet_output(Command::new("ip").args(["netns", "list"]))
         .map(|o| {
             String::from_utf8_lossy(&o.stdout)
                 .lines()

@@ -55,7 +55,10 @@ pub fn run(lab: &Lab, step: &mut dyn FnMut(&str)) -> Result<SmokeReport> {
 
     step("ping op -> fw: the path must be the DERP relay");
     let relayed_ping = op.ping(fw_ip, false)?;
-    if !relayed_ping.contains(&format!("via DERP({DERP_REGION_CODE})")) {
+    let fw_addr = lab.host("fw").addr.to_string();
+    if !relayed_ping.contains(&format!("via DERP({DERP_REGION_CODE})"))
+        || relayed_ping.contains(&format!("via {fw_addr}:"))
+    {
         bail!("with UDP blocked, tailscale ping did not go via DERP: {relayed_ping}");
     }
     icmp(lab, "op", fw_ip)?;
@@ -69,7 +72,6 @@ pub fn run(lab: &Lab, step: &mut dyn FnMut(&str)) -> Result<SmokeReport> {
     step("unblock UDP: the path must upgrade to direct");
     lab.unblock_udp("fw", "op")?;
     let direct_ping = op.ping(fw_ip, true)?;
-    let fw_addr = lab.host("fw").addr.to_string();
     if !direct_ping.contains(&format!("via {fw_addr}:")) {
         bail!("with UDP open, tailscale ping did not go direct to {fw_addr}: {direct_ping}");
     }

@@ -128,7 +128,7 @@ impl Tailscaled {
 
     /// `tailscale status --json`.
     pub fn status(&self) -> Result<Value> {
-        let out = cmd::run(self.cli().args(["status", "--json"]))?;
+        let out = cmd::run_quiet(self.cli().args(["status", "--json"]))?;
         serde_json::from_str(&out).context("tailscale status --json printed no JSON")
     }
 
@@ -140,19 +140,42 @@ impl Tailscaled {
             .with_context(|| format!("`tailscale ip -4` printed {out:?}"))
     }
 
-    /// The path to the peer with mesh address `ip`, from `tailscale status --json`.
-    pub fn path_to(&self, ip: IpAddr) -> Result<PeerPath> {
+    /// The peer with mesh address `ip` in `tailscale status --json`.
+    pub fn peer(&self, ip: IpAddr) -> Result<Value> {
         let status = self.status()?;
         let ip = ip.to_string();
-        let peers = status["Peer"].as_object().cloned().unwrap_or_default();
-        let peer = peers
-            .values()
-            .find(|p| {
-                p["TailscaleIPs"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(&ip)))
+        status["Peer"]
+            .as_object()
+            .and_then(|peers| {
+                peers.values().find(|p| {
+                    p["TailscaleIPs"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(&ip)))
+                })
             })
-            .with_context(|| format!("{ip} is not a peer in tailscale status"))?;
+            .cloned()
+            .with_context(|| format!("{ip} is not a peer in tailscale status"))
+    }
+
+    /// Waits until the peer with mesh address `ip` is in this node's network map and
+    /// online: a node that just joined reaches the others' maps a moment later.
+    pub fn wait_peer(&self, ip: IpAddr, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            match self.peer(ip) {
+                Ok(p) if p["Online"].as_bool() == Some(true) => return Ok(()),
+                Ok(_) | Err(_) if start.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                Ok(p) => bail!("peer {ip} is still offline after {timeout:?}: {p}"),
+                Err(e) => return Err(e.context(format!("waited {timeout:?}"))),
+            }
+        }
+    }
+
+    /// The path to the peer with mesh address `ip`, from `tailscale status --json`.
+    pub fn path_to(&self, ip: IpAddr) -> Result<PeerPath> {
+        let peer = self.peer(ip)?;
         let cur = peer["CurAddr"].as_str().unwrap_or_default();
         Ok(if cur.is_empty() {
             PeerPath::Derp(peer["Relay"].as_str().unwrap_or_default().to_string())
@@ -162,12 +185,14 @@ impl Tailscaled {
     }
 
     /// `tailscale ping` (a disco ping): returns its output when it got a pong.
-    /// `until_direct` keeps pinging until the path is direct, as the CLI does by default.
+    /// `until_direct` keeps pinging (up to 20 times) until the path is direct, as the CLI
+    /// does by default; otherwise it sends 3 pings, whatever the path.
     pub fn ping(&self, ip: IpAddr, until_direct: bool) -> Result<String> {
+        self.wait_peer(ip, Duration::from_secs(30))?;
         let out = cmd::output(self.cli().args([
             "ping",
             "-c",
-            "20",
+            if until_direct { "20" } else { "3" },
             "--timeout=3s",
             &format!("--until-direct={until_direct}"),
             &ip.to_string(),

@@ -74,3 +74,30 @@ fn two_tailscale_nodes_reach_each_other_via_derp_then_direct() {
     let report = vdc::smoke::run(&lab, &mut |_| {}).unwrap();
     eprintln!("relayed: {}, direct: {}", report.relayed, report.direct);
 }
+
+#[test]
+fn a_tailscale_node_behind_nat_reaches_a_peer_directly_through_its_gateway() {
+    require_lab!();
+    let lab = Lab::start(LabOptions {
+        hosts: vec!["fw".into()],
+        behind_nat: vec!["home".into()],
+        persistent_id: None,
+    })
+    .unwrap();
+    lab.assert_isolated("home").unwrap();
+    let hs = lab.headscale();
+    let user = hs.create_user("nat").unwrap();
+    let fw = lab.start_tailscaled("fw").unwrap();
+    let home = lab.start_tailscaled("home").unwrap();
+    for (ts, name) in [(&fw, "fw"), (&home, "home")] {
+        let key = hs
+            .create_preauth_key(&user, &KeyOptions::default())
+            .unwrap();
+        ts.up(&hs.url(), &key.key, name).unwrap();
+    }
+    // fw sees the NATed node at its gateway's underlay address, not its private one.
+    let out = fw.ping(home.ipv4().unwrap(), true).unwrap();
+    let gw = lab.host("homegw").addr.to_string();
+    assert!(out.contains(&format!("via {gw}:")), "{out}");
+    vdc::smoke::icmp(&lab, "home", fw.ipv4().unwrap()).unwrap();
+}

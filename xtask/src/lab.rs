@@ -48,6 +48,7 @@ fn up() -> Result<()> {
     let start = Instant::now();
     let lab = Lab::start(LabOptions {
         hosts: vec!["fw".into(), "op".into()],
+        behind_nat: vec![],
         persistent_id: Some(DEV_ID.into()),
     })?;
     let result = (|| {
@@ -128,7 +129,7 @@ fn status() -> Result<()> {
     for host in &st.tailscaled {
         if let Some(ts) = lab.tailscaled(host) {
             println!("tailscale status on {host}:");
-            let out = vdc::cmd::output(&mut ts.cli().arg("status"))?;
+            let out = vdc::cmd::output(ts.cli().arg("status"))?;
             print!("{}", String::from_utf8_lossy(&out.stdout));
         }
     }
@@ -174,7 +175,12 @@ pub fn smoke(demo: bool) -> Result<()> {
     print_hosts(&lab);
     println!("[lab] headscale at {}", lab.headscale().url());
     let mut n = 0;
+    let mut last = Instant::now();
     let report = vdc::smoke::run(&lab, &mut |s| {
+        if n > 0 {
+            println!("    ({:.1?})", last.elapsed());
+        }
+        last = Instant::now();
         n += 1;
         println!("[{n}] {s}");
     });
