@@ -12,6 +12,11 @@ pub struct GoTool {
     pub version: &'static str,
     /// (package path inside the module, binary name)
     pub binaries: &'static [(&'static str, &'static str)],
+    /// Linker flags the project's own release build sets (version stamps); `{v}` is the
+    /// version without its leading `v`.
+    pub ldflags: &'static str,
+    /// Whether the build needs cgo (and so a C toolchain and headers).
+    pub cgo: bool,
 }
 
 /// headscale: the version metal-api uses.
@@ -20,6 +25,8 @@ pub const HEADSCALE: GoTool = GoTool {
     module: "github.com/juanfont/headscale",
     version: "v0.28.0",
     binaries: &[("cmd/headscale", "headscale")],
+    ldflags: "",
+    cgo: false,
 };
 
 /// tailscale and tailscaled: the version metal-stack's firewall images ship.
@@ -31,9 +38,21 @@ pub const TAILSCALE: GoTool = GoTool {
         ("cmd/tailscale", "tailscale"),
         ("cmd/tailscaled", "tailscaled"),
     ],
+    ldflags: "-X tailscale.com/version.longStamp={v} -X tailscale.com/version.shortStamp={v}",
+    cgo: false,
 };
 
-pub const GO_TOOLS: &[GoTool] = &[HEADSCALE, TAILSCALE];
+/// flatcar's Ignition: what metal-stack's images run at first boot (spec 2.x only).
+pub const FLATCAR_IGNITION: GoTool = GoTool {
+    name: "flatcar-ignition",
+    module: "github.com/flatcar/ignition",
+    version: "v0.36.2",
+    binaries: &[("internal", "ignition"), ("validate", "ignition-validate")],
+    ldflags: "-X github.com/flatcar/ignition/internal/version.Raw=v{v}",
+    cgo: true,
+};
+
+pub const GO_TOOLS: &[GoTool] = &[HEADSCALE, TAILSCALE, FLATCAR_IGNITION];
 
 /// Debian packages the lab, the tests and the demo use.
 pub const APT_PACKAGES: &[&str] = &[
@@ -45,6 +64,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "ignition",
     "iputils-ping",
     "procps",
+    // flatcar Ignition links libblkid through cgo.
+    "libblkid-dev",
+    "pkg-config",
 ];
 
 /// Programs from those packages that the lab calls, with the package that provides each.
@@ -83,9 +105,22 @@ impl GoTool {
         self.dir().join("bin").join(name)
     }
 
-    /// True when every binary of this tool is in the cache.
+    /// What the cached build was made from; a change of recipe means a rebuild.
+    pub fn recipe(&self) -> String {
+        format!(
+            "{}@{} binaries={:?} ldflags={:?} cgo={}\n",
+            self.module, self.version, self.binaries, self.ldflags, self.cgo
+        )
+    }
+
+    pub fn recipe_path(&self) -> PathBuf {
+        self.dir().join("recipe")
+    }
+
+    /// True when every binary of this tool is in the cache, built from this recipe.
     pub fn installed(&self) -> bool {
         self.binaries.iter().all(|(_, b)| self.bin(b).is_file())
+            && std::fs::read_to_string(self.recipe_path()).is_ok_and(|r| r == self.recipe())
     }
 }
 
@@ -99,6 +134,15 @@ pub fn tailscaled_bin() -> PathBuf {
 
 pub fn tailscale_bin() -> PathBuf {
     TAILSCALE.bin("tailscale")
+}
+
+/// flatcar Ignition v0.36.2 (spec 2.x), as metal-stack's firewall images run it.
+pub fn flatcar_ignition_bin() -> PathBuf {
+    FLATCAR_IGNITION.bin("ignition")
+}
+
+pub fn flatcar_ignition_validate_bin() -> PathBuf {
+    FLATCAR_IGNITION.bin("ignition-validate")
 }
 
 /// Every binary the lab needs, with a name for error messages.

@@ -105,14 +105,17 @@ fn go_tool(tool: &GoTool) -> Result<()> {
     };
     for (pkg, bin) in tool.binaries {
         let tmp = bin_dir.join(format!(".{bin}.partial"));
+        let ldflags = tool
+            .ldflags
+            .replace("{v}", tool.version.trim_start_matches('v'));
         let status = Command::new("go")
-            .args(["build", "-trimpath", "-o"])
+            .args(["build", "-trimpath", "-ldflags", &ldflags, "-o"])
             .arg(&tmp)
             .arg(format!("./{pkg}"))
             .current_dir(src)
             .env("GOWORK", "off")
             .env("GOFLAGS", "-mod=readonly -buildvcs=false")
-            .env("CGO_ENABLED", "0")
+            .env("CGO_ENABLED", if tool.cgo { "1" } else { "0" })
             .status()
             .context("cannot run `go build`")?;
         if !status.success() {
@@ -120,6 +123,7 @@ fn go_tool(tool: &GoTool) -> Result<()> {
         }
         std::fs::rename(&tmp, tool.bin(bin))?;
     }
+    std::fs::write(tool.recipe_path(), tool.recipe())?;
     println!(
         "setup: built {} {} in {:.0?}",
         tool.name,
