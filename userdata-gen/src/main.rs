@@ -1,15 +1,359 @@
-use clap::Parser;
+//! `userdata-gen`: the CLI metal-api runs. All IO lives here; the merge is in the library.
+//!
+//! Exit codes: 0 success, 2 bad input, 3 headscale unreachable or refusing, 1 anything else.
+//! On any failure nothing is written to `--output` or `--metadata-out`.
 
-/// Mints a headscale join key and merges the vpn-agent into a firewall's userdata.
-#[derive(Parser, Debug)]
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+use userdata_gen::headscale::{Client, KeyRequest, MintedKey};
+use userdata_gen::{
+    AgentSettings, Error, Format, MeshSettings, Payload, Result, Secret, Target, generate,
+};
+
+#[derive(Parser)]
 #[command(name = "userdata-gen", version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Merge the mesh agent into a firewall's userdata (what metal-api runs at allocation).
+    Generate(Box<GenerateArgs>),
+    /// Mint a pre-auth key for an operator's own device (printed on stdout).
+    AuthKey(AuthKeyArgs),
+}
+
+#[derive(Args)]
+struct HeadscaleArgs {
+    /// headscale's REST API base URL; defaults to --login-server.
+    #[arg(long)]
+    headscale_api_url: Option<String>,
+    /// A file holding the headscale API key (else the HEADSCALE_API_KEY environment variable).
+    #[arg(long)]
+    headscale_api_key_file: Option<PathBuf>,
+    /// PEM file of a CA to trust for headscale besides the system roots (also shipped to the
+    /// firewall for the agent).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Timeout for each call to headscale.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The machine's id; it becomes the node's hostname in the mesh.
+    #[arg(long)]
+    machine_id: String,
+    /// The project; its headscale user is created if missing.
+    #[arg(long)]
+    project: String,
+    /// headscale's URL for clients. Without it the userdata passes through byte for byte.
+    #[arg(long)]
+    login_server: Option<String>,
+    #[command(flatten)]
+    headscale: HeadscaleArgs,
+    /// A pre-auth key metal-api minted itself, in a file; then no headscale call is made.
+    #[arg(long)]
+    auth_key_file: Option<PathBuf>,
+    /// How long the minted key stays valid.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    auth_key_ttl: Duration,
+    /// ACL tags for the firewall, e.g. tag:firewall (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    tags: Vec<String>,
+    /// The user's userdata: a file, or - for stdin. None means no userdata.
+    #[arg(long)]
+    userdata: Option<PathBuf>,
+    /// Where to write the result (default stdout).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Where to write JSON metadata for the caller (key id, expiry, format, what was added).
+    #[arg(long)]
+    metadata_out: Option<PathBuf>,
+    /// The format for empty userdata: ignition-2.3.0 (default), ignition-3.x.0 or cloud-config.
+    #[arg(long, default_value = "ignition-2.3.0")]
+    format: String,
+    /// The Ignition on the target image; a format it cannot run is reported.
+    #[arg(long, value_enum, default_value = "metal-stack-v036")]
+    target: Target,
+    /// The tunnel interface name on the firewall.
+    #[arg(long, default_value = "tailscale0")]
+    interface: String,
+    /// The SSH port reachable over the mesh.
+    #[arg(long, default_value_t = 22)]
+    ssh_port: u16,
+    /// TCP ports to close on every interface but the tunnel (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "22")]
+    closed_tcp_ports: Vec<u16>,
+}
+
+#[derive(Args)]
+struct AuthKeyArgs {
+    /// The project whose headscale user the key belongs to.
+    #[arg(long)]
+    project: String,
+    #[command(flatten)]
+    headscale: HeadscaleArgs,
+    /// How long the key stays valid.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Let the key register more than one device.
+    #[arg(long)]
+    reusable: bool,
+    /// Devices registered with it vanish when they go offline.
+    #[arg(long)]
+    ephemeral: bool,
+    /// ACL tags (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    tags: Vec<String>,
+    /// Print JSON (key, id, user, expiration) instead of the bare key.
+    #[arg(long)]
+    json: bool,
+}
 
 fn main() {
-    let _cli = Cli::parse();
-    eprintln!(
-        "userdata-gen {}: no command is implemented yet; see --help",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Generate(a) => run_generate(*a),
+        Cmd::AuthKey(a) => run_auth_key(a),
+    };
+    if let Err(e) = res {
+        eprintln!("userdata-gen: error: {e}");
+        std::process::exit(e.exit_code());
+    }
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| Error::Input(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+fn read_userdata(arg: &Option<PathBuf>) -> Result<Vec<u8>> {
+    match arg {
+        None => Ok(vec![]),
+        Some(p) if p.as_os_str() == "-" => {
+            let mut buf = vec![];
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| Error::Input(format!("cannot read userdata from stdin: {e}")))?;
+            Ok(buf)
+        }
+        Some(p) => read_file(p, "--userdata"),
+    }
+}
+
+fn read_secret(path: &Path, what: &str) -> Result<Secret> {
+    let bytes = read_file(path, what)?;
+    let s = String::from_utf8(bytes)
+        .map_err(|_| Error::Input(format!("{what} {} is not text", path.display())))?;
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(Error::Input(format!("{what} {} is empty", path.display())));
+    }
+    Ok(Secret::new(s))
+}
+
+fn api_key(h: &HeadscaleArgs) -> Result<Secret> {
+    if let Some(p) = &h.headscale_api_key_file {
+        return read_secret(p, "--headscale-api-key-file");
+    }
+    match std::env::var("HEADSCALE_API_KEY") {
+        Ok(k) if !k.trim().is_empty() => Ok(Secret::new(k.trim())),
+        _ => Err(Error::Input(
+            "no headscale API key: give --headscale-api-key-file or set HEADSCALE_API_KEY".into(),
+        )),
+    }
+}
+
+fn ca_pem(h: &HeadscaleArgs) -> Result<Option<Vec<u8>>> {
+    h.ca_file
+        .as_deref()
+        .map(|p| read_file(p, "--ca-file"))
+        .transpose()
+}
+
+fn client(h: &HeadscaleArgs, default_url: &str, ca: Option<&[u8]>) -> Result<Client> {
+    let url = h.headscale_api_url.as_deref().unwrap_or(default_url);
+    Client::new(url, api_key(h)?, ca, h.timeout)
+}
+
+/// Writes `data` to `path` atomically: a temporary file in the same directory, then rename.
+fn stage(path: &Path, data: &[u8]) -> Result<PathBuf> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(&tmp, e)
+    })?;
+    Ok(tmp)
+}
+
+/// Writes all outputs or none.
+fn write_outputs(outputs: &[(Option<&PathBuf>, Vec<u8>)]) -> Result<()> {
+    let mut staged = vec![];
+    for (path, data) in outputs {
+        if let Some(p) = path {
+            match stage(p, data) {
+                Ok(tmp) => staged.push((tmp, (*p).clone())),
+                Err(e) => {
+                    staged
+                        .iter()
+                        .for_each(|(t, _)| drop(std::fs::remove_file(t)));
+                    return Err(e);
+                }
+            }
+        }
+    }
+    for (tmp, dest) in &staged {
+        std::fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))?;
+    }
+    if let Some((None, data)) = outputs.first() {
+        std::io::stdout()
+            .write_all(data)
+            .and_then(|_| std::io::stdout().flush())
+            .map_err(|e| Error::io("stdout", e))?;
+    }
+    Ok(())
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let input = read_userdata(&a.userdata)?;
+    let Some(login_server) = a.login_server.clone() else {
+        // headscale not configured: today's flow, byte for byte.
+        let meta = a
+            .metadata_out
+            .as_ref()
+            .map(|_| json!({ "mesh": false }).to_string().into_bytes());
+        let mut outs = vec![(a.output.as_ref(), input)];
+        if let Some(m) = meta {
+            outs.push((a.metadata_out.as_ref(), m));
+        }
+        return write_outputs(&outs);
+    };
+    let fresh: Format = a.format.parse()?;
+    let ca = ca_pem(&a.headscale)?;
+    let ca_text = ca
+        .as_ref()
+        .map(|b| String::from_utf8(b.clone()))
+        .transpose()
+        .map_err(|_| Error::Input("--ca-file is not PEM text".into()))?;
+    let settings = MeshSettings {
+        login_server: login_server.clone(),
+        hostname: a.machine_id.clone(),
+        ca_pem: ca_text,
+        agent: AgentSettings {
+            interface: a.interface.clone(),
+            ssh_port: a.ssh_port,
+            closed_tcp_ports: a.closed_tcp_ports.clone(),
+            advertise_tags: a.tags.clone(),
+            ..AgentSettings::default()
+        },
+    };
+    // Check the userdata before a key is minted, so bad input never burns one.
+    generate(
+        &input,
+        &Payload::new(&settings, &Secret::new("")),
+        fresh,
+        a.target,
+    )?;
+
+    let minted: Option<MintedKey>;
+    let key = match &a.auth_key_file {
+        Some(p) => {
+            minted = None;
+            read_secret(p, "--auth-key-file")?
+        }
+        None => {
+            let c = client(&a.headscale, &login_server, ca.as_deref())?;
+            let user = c.ensure_user(&a.project)?;
+            let k = c.create_preauth_key(
+                &user,
+                &KeyRequest {
+                    reusable: false,
+                    ephemeral: false,
+                    expiration: SystemTime::now() + a.auth_key_ttl,
+                    tags: a.tags.clone(),
+                },
+            )?;
+            let key = k.key.clone();
+            minted = Some(k);
+            key
+        }
+    };
+    let payload = Payload::new(&settings, &key);
+    let out = generate(&input, &payload, fresh, a.target)?;
+    for w in &out.warnings {
+        eprintln!("userdata-gen: warning: {w}");
+    }
+    let meta = json!({
+        "mesh": true,
+        "key_id": minted.as_ref().map(|k| k.id.clone()),
+        "user": minted.as_ref().map(|k| k.user.clone()).unwrap_or(a.project.clone()),
+        "expiration": minted.as_ref().map(|k| k.expiration.clone()),
+        "reusable": false,
+        "ephemeral": false,
+        "tags": a.tags,
+        "hostname": a.machine_id,
+        "login_server": login_server,
+        "format": out.format.to_string(),
+        "encoding": out.encoding,
+        "target": a.target,
+        "files_added": payload.file_paths(),
+        "units_added": payload.unit_names(),
+        "warnings": out.warnings,
+    });
+    let meta = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
+    let mut outs = vec![(a.output.as_ref(), out.bytes)];
+    outs.push((a.metadata_out.as_ref(), meta));
+    write_outputs(&outs)
+}
+
+fn run_auth_key(a: AuthKeyArgs) -> Result<()> {
+    let ca = ca_pem(&a.headscale)?;
+    let url = a
+        .headscale
+        .headscale_api_url
+        .clone()
+        .ok_or_else(|| Error::Input("auth-key needs --headscale-api-url".into()))?;
+    let c = client(&a.headscale, &url, ca.as_deref())?;
+    let user = c.ensure_user(&a.project)?;
+    let k = c.create_preauth_key(
+        &user,
+        &KeyRequest {
+            reusable: a.reusable,
+            ephemeral: a.ephemeral,
+            expiration: SystemTime::now() + a.ttl,
+            tags: a.tags,
+        },
+    )?;
+    let out = if a.json {
+        serde_json::to_string_pretty(&json!({
+            "key": k.key.expose(),
+            "id": k.id,
+            "user": k.user,
+            "expiration": k.expiration,
+            "reusable": k.reusable,
+            "ephemeral": k.ephemeral,
+            "tags": k.tags,
+        }))
+        .expect("serializes")
+    } else {
+        k.key.expose().to_string()
+    };
+    println!("{out}");
+    Ok(())
 }

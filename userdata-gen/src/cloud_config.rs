@@ -1,0 +1,321 @@
+//! Merging into `#cloud-config` userdata by inserting lines, never by re-serialising: every
+//! key, comment and scalar the user wrote stays byte-identical (PyYAML reads YAML 1.1, so a
+//! YAML 1.2 round trip could change what plain scalars mean). Our entries go into the
+//! user's existing `write_files` and `runcmd` lists; the result is parsed again and compared
+//! with the input before it is accepted.
+
+use crate::error::{Error, Result};
+use crate::ignition::{Taken, check_conflicts, normalize};
+use crate::payload::{Payload, UNIT_DIR};
+use base64::Engine;
+use yaml_rust2::{Yaml, YamlLoader};
+
+/// The header both metal-stack detectors look for.
+pub const HEADER: &str = "#cloud-config";
+
+/// Commands for `runcmd`. metal-stack runs `runcmd` on every boot, so they must be
+/// idempotent; `--no-block` because they run inside a boot-time oneshot.
+pub fn commands(payload: &Payload) -> Vec<Vec<String>> {
+    let mut enable: Vec<String> = ["systemctl", "enable", "--now", "--no-block"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    enable.extend(payload.unit_names());
+    vec![vec!["systemctl".into(), "daemon-reload".into()], enable]
+}
+
+/// Adds `payload` to the cloud-config `text`.
+pub fn merge(text: &str, payload: &Payload) -> Result<String> {
+    let before = parse(text, "userdata")?;
+    let root = match &before {
+        Yaml::Hash(_) => before.clone(),
+        Yaml::Null | Yaml::BadValue => Yaml::Hash(Default::default()),
+        other => {
+            return Err(Error::input(format!(
+                "cloud-config userdata must be a mapping at the top level, found {}",
+                kind(other)
+            )));
+        }
+    };
+    let files = list(&root, "write_files")?;
+    let cmds = list(&root, "runcmd")?;
+    let mut taken = vec![];
+    for (i, f) in files.iter().enumerate() {
+        if let Some(p) = f["path"].as_str() {
+            taken.push(Taken {
+                path: normalize(p),
+                is_dir: false,
+                at: format!("write_files[{i}]"),
+            });
+        }
+    }
+    check_conflicts(payload, &taken)?;
+
+    let nl = if text.contains("\r\n") { "\r\n" } else { "\n" };
+    let mut out = insert(text, "write_files", &file_items(payload), nl)?;
+    out = insert(&out, "runcmd", &command_items(payload), nl)?;
+
+    verify(
+        &root,
+        &out,
+        files.len() + payload.files.len() + payload.units.len(),
+        cmds.len() + 2,
+    )?;
+    Ok(out)
+}
+
+fn parse(text: &str, what: &str) -> Result<Yaml> {
+    let mut docs = YamlLoader::load_from_str(text)
+        .map_err(|e| Error::input(format!("{what} is not valid cloud-config YAML: {e}")))?;
+    if docs.len() > 1 {
+        return Err(Error::input(format!(
+            "{what} holds {} YAML documents; cloud-config is one",
+            docs.len()
+        )));
+    }
+    Ok(docs.pop().unwrap_or(Yaml::Null))
+}
+
+fn kind(v: &Yaml) -> &'static str {
+    match v {
+        Yaml::Hash(_) => "a mapping",
+        Yaml::Array(_) => "a list",
+        Yaml::Null => "null",
+        _ => "a scalar",
+    }
+}
+
+fn list(root: &Yaml, key: &str) -> Result<Vec<Yaml>> {
+    match &root[key] {
+        Yaml::BadValue | Yaml::Null => Ok(vec![]),
+        Yaml::Array(a) => Ok(a.clone()),
+        other => Err(Error::input(format!(
+            "cloud-config userdata: {key} must be a list, found {}",
+            kind(other)
+        ))),
+    }
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Our `write_files` items, each as lines relative to the item's dash.
+fn file_items(payload: &Payload) -> Vec<Vec<String>> {
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let item = |path: &str, perm: u32, contents: &[u8]| {
+        vec![
+            format!("path: {}", quote(path)),
+            "encoding: b64".into(),
+            format!("content: {}", b64(contents)),
+            format!("permissions: '{perm:04o}'"),
+            "owner: 'root:root'".into(),
+        ]
+    };
+    let mut items: Vec<Vec<String>> = payload
+        .files
+        .iter()
+        .map(|f| item(&f.path, f.mode, &f.contents))
+        .collect();
+    for u in &payload.units {
+        items.push(item(
+            &format!("{UNIT_DIR}/{}", u.name),
+            0o644,
+            u.contents.as_bytes(),
+        ));
+    }
+    items
+}
+
+fn command_items(payload: &Payload) -> Vec<Vec<String>> {
+    commands(payload)
+        .iter()
+        .map(|c| {
+            vec![format!(
+                "[{}]",
+                c.iter().map(|a| quote(a)).collect::<Vec<_>>().join(", ")
+            )]
+        })
+        .collect()
+}
+
+/// Whether `line` opens the top-level block key `key`, and what follows its colon.
+fn key_rest<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let rest = line.strip_prefix(key)?.trim_start_matches([' ', '\t']);
+    rest.strip_prefix(':')
+}
+
+/// Appends `items` to the top-level block list `key`, or adds the key at the end.
+fn insert(text: &str, key: &str, items: &[Vec<String>], nl: &str) -> Result<String> {
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let found: Vec<usize> = (0..lines.len())
+        .filter(|&i| key_rest(lines[i], key).is_some())
+        .collect();
+    let render = |indent: &str| -> String {
+        let mut s = String::new();
+        for item in items {
+            for (j, l) in item.iter().enumerate() {
+                let lead = if j == 0 { "- " } else { "  " };
+                s.push_str(&format!("{indent}{lead}{l}{nl}"));
+            }
+        }
+        s
+    };
+    match found.as_slice() {
+        [] => {
+            let mut out = text.to_string();
+            if !out.is_empty() && !out.ends_with('\n') {
+                out.push_str(nl);
+            }
+            out.push_str(&format!("{key}:{nl}"));
+            out.push_str(&render("  "));
+            Ok(out)
+        }
+        [k] => {
+            let rest = key_rest(lines[*k], key).unwrap().trim();
+            if !(rest.is_empty() || rest.starts_with('#')) {
+                return Err(Error::input(format!(
+                    "cloud-config userdata: line {}: `{key}` is written in flow style; \
+                     write it as a block list (one `- ` item per line) so entries can be added",
+                    k + 1
+                )));
+            }
+            // The block runs while lines are indented, list items at column 0, blank or
+            // comments; it ends before the next top-level key.
+            let mut last = *k;
+            let mut indent: Option<String> = None;
+            for (i, l) in lines.iter().enumerate().skip(k + 1) {
+                let t = l.trim_end_matches(['\r', '\n']);
+                let content = t.trim_start();
+                if content.is_empty() || content.starts_with('#') {
+                    continue;
+                }
+                let at_col0 = t.len() == content.len();
+                if at_col0 && !content.starts_with('-') {
+                    break;
+                }
+                if indent.is_none() && content.starts_with('-') {
+                    indent = Some(t[..t.len() - content.len()].to_string());
+                }
+                last = i;
+            }
+            let indent = indent.unwrap_or_else(|| "  ".into());
+            let mut out: String = lines[..=last].concat();
+            if !out.ends_with('\n') {
+                out.push_str(nl);
+            }
+            out.push_str(&render(&indent));
+            out.push_str(&lines[last + 1..].concat());
+            Ok(out)
+        }
+        many => Err(Error::input(format!(
+            "cloud-config userdata has `{key}` {} times (lines {}); PyYAML would silently keep only the last",
+            many.len(),
+            many.iter()
+                .map(|i| (i + 1).to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// The merged text must hold exactly the user's document plus our list items.
+fn verify(before: &Yaml, out: &str, n_files: usize, n_cmds: usize) -> Result<()> {
+    let after = parse(out, "the merged cloud-config")?;
+    let (Yaml::Hash(b), Yaml::Hash(a)) = (before, &after) else {
+        return Err(Error::input(
+            "the merged cloud-config is not a mapping; the userdata's layout is not one we can extend safely",
+        ));
+    };
+    let mismatch = |what: &str| {
+        Error::input(format!(
+            "merging into this cloud-config would change {what}; its layout is not one we can extend safely \
+             (write `write_files` and `runcmd` as top-level block lists)"
+        ))
+    };
+    for (k, v) in b {
+        let key = k.as_str().unwrap_or_default();
+        if key == "write_files" || key == "runcmd" {
+            let prefix = v.as_vec().cloned().unwrap_or_default();
+            let now = a
+                .get(k)
+                .and_then(|x| x.as_vec())
+                .ok_or_else(|| mismatch(key))?;
+            if now.len() < prefix.len() || now[..prefix.len()] != prefix[..] {
+                return Err(mismatch(key));
+            }
+        } else if a.get(k) != Some(v) {
+            return Err(mismatch(&format!("`{key}`")));
+        }
+    }
+    let len = |k: &str| after[k].as_vec().map_or(0, Vec::len);
+    if len("write_files") != n_files || len("runcmd") != n_cmds || a.len() < b.len() {
+        return Err(mismatch("the lists"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payload::{AgentSettings, MeshSettings, Secret};
+
+    fn payload() -> Payload {
+        Payload::new(
+            &MeshSettings {
+                login_server: "https://hs.test".into(),
+                hostname: "m1".into(),
+                ca_pem: None,
+                agent: AgentSettings::default(),
+            },
+            &Secret::new("hskey-auth-x"),
+        )
+    }
+
+    const USER: &str = "#cloud-config\n# keep me\nhostname: fw-1 # trailing\nwrite_files:\n  - path: /etc/motd\n    content: hi\n    permissions: 0644\n\n# between\nruncmd:\n- echo one\npackages: [yes, on, 1:20]\n";
+
+    #[test]
+    fn inserts_into_existing_lists_and_keeps_everything_else() {
+        let out = merge(USER, &payload()).unwrap();
+        assert!(out.starts_with("#cloud-config\n# keep me\nhostname: fw-1 # trailing\nwrite_files:\n  - path: /etc/motd\n    content: hi\n    permissions: 0644\n  - path: '/etc/vpn-agent/tailscaled.conf'"), "{out}");
+        assert!(
+            out.contains("\n\n# between\nruncmd:\n- echo one\n- ['systemctl', 'daemon-reload']\n"),
+            "{out}"
+        );
+        assert!(out.ends_with("packages: [yes, on, 1:20]\n"), "{out}");
+        assert_eq!(out.matches("write_files:").count(), 1);
+        assert_eq!(out.matches("runcmd:").count(), 1);
+    }
+
+    #[test]
+    fn adds_missing_lists_at_the_end() {
+        let out = merge("#cloud-config\nhostname: x", &payload()).unwrap();
+        assert!(out.starts_with("#cloud-config\nhostname: x\nwrite_files:\n  - path: "));
+        let out = merge("#cloud-config\n", &payload()).unwrap();
+        let y = parse(&out, "t").unwrap();
+        assert_eq!(y["runcmd"].as_vec().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_extend_safely() {
+        for (text, want) in [
+            ("#cloud-config\nwrite_files: []\n", "flow style"),
+            ("#cloud-config\nruncmd: echo hi\n", "runcmd must be a list"),
+            (
+                "#cloud-config\nruncmd:\n- a\nruncmd:\n- b\n",
+                "duplicated key",
+            ),
+            ("#cloud-config\n- a\n", "mapping at the top level"),
+            ("#cloud-config\na: [\n", "not valid cloud-config YAML"),
+            ("#cloud-config\na: 1\n---\nb: 2\n", "2 YAML documents"),
+            (
+                "#cloud-config\nwrite_files:\n- path: /etc/vpn-agent/../vpn-agent/authkey\n",
+                "write_files[0]",
+            ),
+        ] {
+            let e = merge(text, &payload()).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{text}");
+            assert!(e.to_string().contains(want), "{text}: {e}");
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! What we add to the firewall: the agent's configuration files and our systemd units.
+
+use serde::{Deserialize, Serialize};
+
+/// The directory holding the agent's configuration on the firewall.
+pub const CONFIG_DIR: &str = "/etc/vpn-agent";
+/// The mesh settings in tailscaled's own `--config` format (`alpha0`).
+pub const MESH_CONFIG_PATH: &str = "/etc/vpn-agent/tailscaled.conf";
+/// The pre-auth key, referenced from the mesh settings as `file:`; scrubbed once used.
+pub const AUTH_KEY_PATH: &str = "/etc/vpn-agent/authkey";
+/// The agent's own settings (interface, SSH port, ports to close).
+pub const AGENT_SETTINGS_PATH: &str = "/etc/vpn-agent/agent.json";
+/// The CA that signed headscale's certificate, when it is not a public one.
+pub const CA_PATH: &str = "/etc/vpn-agent/ca.pem";
+/// Where systemd units go.
+pub const UNIT_DIR: &str = "/etc/systemd/system";
+
+/// Our units, from `systemd/` at the repository root: one source for the repo and the userdata.
+pub const UNITS: &[(&str, &str)] = &[
+    (
+        "vpn-agent-firewall.service",
+        include_str!("../../systemd/vpn-agent-firewall.service"),
+    ),
+    (
+        "tailscaled.service",
+        include_str!("../../systemd/tailscaled.service"),
+    ),
+];
+
+/// A secret string (pre-auth key, API key). It never prints itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the one place that must send or write it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The agent-only settings, written to [`AGENT_SETTINGS_PATH`] as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSettings {
+    /// Format version of this file.
+    pub version: u32,
+    /// The tunnel interface; `tailscale0` so rules written for tailscale keep matching.
+    pub interface: String,
+    /// The SSH port accepted on the tunnel interface.
+    pub ssh_port: u16,
+    /// TCP ports closed on every interface but the tunnel.
+    pub closed_tcp_ports: Vec<u16>,
+    /// The UDP port for WireGuard and disco.
+    pub listen_port: u16,
+    /// Tags the agent asks for when it registers (also set on the pre-auth key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advertise_tags: Vec<String>,
+    /// A CA file to trust for headscale, besides the system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            version: 1,
+            interface: "tailscale0".into(),
+            ssh_port: 22,
+            closed_tcp_ports: vec![22],
+            listen_port: 41641,
+            advertise_tags: vec![],
+            ca_file: None,
+        }
+    }
+}
+
+/// Everything that decides what goes onto the firewall, besides the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshSettings {
+    /// headscale's URL as clients log in to it.
+    pub login_server: String,
+    /// The node's hostname in the mesh: the machine id.
+    pub hostname: String,
+    /// PEM of a CA to trust for headscale, if not a public one.
+    pub ca_pem: Option<String>,
+    pub agent: AgentSettings,
+}
+
+/// One file we add.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadFile {
+    pub path: String,
+    pub mode: u32,
+    pub contents: Vec<u8>,
+}
+
+/// One unit we add, enabled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadUnit {
+    pub name: String,
+    pub contents: String,
+}
+
+/// The files and units we add, in the order they are added.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Payload {
+    pub files: Vec<PayloadFile>,
+    pub units: Vec<PayloadUnit>,
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // File contents include the key: list paths only.
+        f.debug_struct("Payload")
+            .field("files", &self.file_paths())
+            .field("units", &self.unit_names())
+            .finish()
+    }
+}
+
+impl Payload {
+    /// Builds our files and units for `settings`, with `auth_key` in its own 0600 file.
+    pub fn new(settings: &MeshSettings, auth_key: &Secret) -> Payload {
+        let mut agent = settings.agent.clone();
+        let mut files = vec![];
+        if let Some(ca) = &settings.ca_pem {
+            agent.ca_file = Some(CA_PATH.into());
+            files.push(PayloadFile {
+                path: CA_PATH.into(),
+                mode: 0o644,
+                contents: ca.as_bytes().to_vec(),
+            });
+        }
+        files.push(PayloadFile {
+            path: MESH_CONFIG_PATH.into(),
+            mode: 0o600,
+            contents: mesh_config(settings).into_bytes(),
+        });
+        files.push(PayloadFile {
+            path: AUTH_KEY_PATH.into(),
+            mode: 0o600,
+            contents: auth_key.expose().as_bytes().to_vec(),
+        });
+        files.push(PayloadFile {
+            path: AGENT_SETTINGS_PATH.into(),
+            mode: 0o644,
+            contents: (serde_json::to_string_pretty(&agent).expect("settings serialize") + "\n")
+                .into_bytes(),
+        });
+        let units = UNITS
+            .iter()
+            .map(|(name, contents)| PayloadUnit {
+                name: name.to_string(),
+                contents: contents.to_string(),
+            })
+            .collect();
+        Payload { files, units }
+    }
+
+    pub fn file_paths(&self) -> Vec<String> {
+        self.files.iter().map(|f| f.path.clone()).collect()
+    }
+
+    pub fn unit_names(&self) -> Vec<String> {
+        self.units.iter().map(|u| u.name.clone()).collect()
+    }
+
+    /// Every path on the firewall that our additions own: our files, our unit files and
+    /// their drop-in directories.
+    pub fn owned_paths(&self) -> Vec<String> {
+        let mut out = self.file_paths();
+        for u in &self.units {
+            out.push(format!("{UNIT_DIR}/{}", u.name));
+            out.push(format!("{UNIT_DIR}/{}.d", u.name));
+        }
+        out
+    }
+}
+
+/// The mesh settings in tailscaled's `--config` format, so a stock tailscaled could run
+/// from the same file. `alpha0` has no field for tags: they are on the pre-auth key and in
+/// the agent's settings.
+pub fn mesh_config(settings: &MeshSettings) -> String {
+    let v = serde_json::json!({
+        "Version": "alpha0",
+        "ServerURL": settings.login_server,
+        "AuthKey": format!("file:{AUTH_KEY_PATH}"),
+        "Hostname": settings.hostname,
+        "Enabled": true,
+    });
+    serde_json::to_string_pretty(&v).expect("config serializes") + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> MeshSettings {
+        MeshSettings {
+            login_server: "https://hs.example:443".into(),
+            hostname: "machine-1".into(),
+            ca_pem: None,
+            agent: AgentSettings::default(),
+        }
+    }
+
+    #[test]
+    fn the_key_is_only_in_its_own_file() {
+        let p = Payload::new(&settings(), &Secret::new("hskey-auth-SECRET"));
+        let holders: Vec<_> = p
+            .files
+            .iter()
+            .filter(|f| String::from_utf8_lossy(&f.contents).contains("SECRET"))
+            .map(|f| (f.path.as_str(), f.mode))
+            .collect();
+        assert_eq!(holders, vec![(AUTH_KEY_PATH, 0o600)]);
+        assert!(!format!("{p:?}").contains("SECRET"));
+        assert!(!format!("{:?}", Secret::new("SECRET")).contains("SECRET"));
+    }
+
+    #[test]
+    fn mesh_config_is_tailscale_alpha0() {
+        let v: serde_json::Value = serde_json::from_str(&mesh_config(&settings())).unwrap();
+        assert_eq!(v["Version"], "alpha0");
+        assert_eq!(v["AuthKey"], "file:/etc/vpn-agent/authkey");
+        assert_eq!(v["Hostname"], "machine-1");
+        assert_eq!(v["ServerURL"], "https://hs.example:443");
+    }
+
+    #[test]
+    fn a_ca_is_shipped_and_referenced() {
+        let mut s = settings();
+        s.ca_pem = Some("-----BEGIN CERTIFICATE-----\n".into());
+        let p = Payload::new(&s, &Secret::new("k"));
+        assert!(p.file_paths().contains(&CA_PATH.to_string()));
+        let agent = p
+            .files
+            .iter()
+            .find(|f| f.path == AGENT_SETTINGS_PATH)
+            .unwrap();
+        let a: AgentSettings = serde_json::from_slice(&agent.contents).unwrap();
+        assert_eq!(a.ca_file.as_deref(), Some(CA_PATH));
+    }
+
+    #[test]
+    fn units_come_from_the_systemd_directory() {
+        let p = Payload::new(&settings(), &Secret::new("k"));
+        assert_eq!(
+            p.unit_names(),
+            vec!["vpn-agent-firewall.service", "tailscaled.service"]
+        );
+        assert!(p.units[1].contents.contains("Type=notify"));
+    }
+}
