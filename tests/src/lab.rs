@@ -271,11 +271,34 @@ impl Lab {
     /// Starts a stock tailscaled on host `name`.
     pub fn start_tailscaled(&self, name: &str) -> Result<Tailscaled> {
         let host = self.host(name);
-        let (ts, child) = Tailscaled::start(
+        let started = Tailscaled::start(
             &host.ns(),
             &self.host_dir(name).join("tailscaled"),
             &self.headscale.ca_path(),
         )?;
+        self.adopt_tailscaled(name, started)
+    }
+
+    /// Starts a stock tailscaled on host `name` from the files Ignition wrote into `root`,
+    /// as the firewall would boot: see [`Tailscaled::start_from_root`].
+    pub fn start_tailscaled_from_root(
+        &self,
+        name: &str,
+        root: &Path,
+        config: &str,
+        ca: &str,
+    ) -> Result<Tailscaled> {
+        let started = Tailscaled::start_from_root(
+            &self.host(name).ns(),
+            &self.host_dir(name).join("tailscaled"),
+            root,
+            config,
+            ca,
+        )?;
+        self.adopt_tailscaled(name, started)
+    }
+
+    fn adopt_tailscaled(&self, name: &str, (ts, child): (Tailscaled, Child)) -> Result<Tailscaled> {
         self.children
             .lock()
             .unwrap()

@@ -13,6 +13,7 @@
 
 pub mod cmd;
 pub mod headscale;
+pub mod ignition;
 pub mod lab;
 pub mod netns;
 pub mod pki;

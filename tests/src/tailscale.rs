@@ -43,21 +43,45 @@ impl Tailscaled {
     /// Starts tailscaled in `ns` with a real TUN device (`tailscale0`), trusting the lab
     /// CA (`ca`), with logging to the outside world turned off.
     pub fn start(ns: &Netns, dir: &Path, ca: &Path) -> Result<(Self, Child)> {
+        let mut c = ns.command("env");
+        c.arg(format!("SSL_CERT_FILE={}", ca.display()));
+        Self::spawn(ns, dir, c, &[])
+    }
+
+    /// Starts tailscaled as a firewall would after Ignition wrote `root`: in a private
+    /// mount namespace where `root/etc` is `/etc`, driven by the config file `config` (a path
+    /// inside that `/etc`), trusting the CA file `ca` (also a path there).
+    pub fn start_from_root(
+        ns: &Netns,
+        dir: &Path,
+        root: &Path,
+        config: &str,
+        ca: &str,
+    ) -> Result<(Self, Child)> {
+        let mut c = ns.command("unshare");
+        c.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$0/etc" /etc && exec "$@""#)
+            .arg(root)
+            .arg("env")
+            .arg(format!("SSL_CERT_FILE={ca}"));
+        Self::spawn(ns, dir, c, &[format!("--config={config}")])
+    }
+
+    fn spawn(ns: &Netns, dir: &Path, mut c: Command, extra: &[String]) -> Result<(Self, Child)> {
         std::fs::create_dir_all(dir.join("state"))?;
         let me = Self {
             ns: ns.clone(),
             dir: dir.to_path_buf(),
         };
         let log = std::fs::File::create(me.log_path())?;
-        let child = ns
-            .command("env")
-            .arg(format!("SSL_CERT_FILE={}", ca.display()))
+        let child = c
             .arg(tools::tailscaled_bin())
             .arg("--tun=tailscale0")
             .arg(format!("--statedir={}", dir.join("state").display()))
             .arg(format!("--socket={}", me.socket().display()))
             .arg(format!("--port={PORT}"))
             .arg("--no-logs-no-support")
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -145,6 +145,21 @@ pub fn flatcar_ignition_validate_bin() -> PathBuf {
     FLATCAR_IGNITION.bin("ignition-validate")
 }
 
+/// A binary of this workspace, as `cargo build --workspace --bins` leaves it (`cargo xtask
+/// test` builds them before the end-to-end suite). `$VDC_BIN_DIR` overrides the directory.
+pub fn project_bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("VDC_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join("debug").join(name)
+}
+
+/// The workspace's own binaries that the end-to-end suite runs.
+pub const PROJECT_BINARIES: &[&str] = &["userdata-gen", "vpn-agent"];
+
 /// Every binary the lab needs, with a name for error messages.
 pub fn required_binaries() -> Vec<(String, PathBuf)> {
     let mut out: Vec<(String, PathBuf)> = GO_TOOLS
@@ -155,6 +170,12 @@ pub fn required_binaries() -> Vec<(String, PathBuf)> {
                 .map(move |(_, b)| (format!("{b} {}", t.version), t.bin(b)))
         })
         .collect();
+    for b in PROJECT_BINARIES {
+        out.push((
+            format!("{b} (run `cargo build --workspace --bins`)"),
+            project_bin(b),
+        ));
+    }
     for (prog, pkg) in APT_PROGRAMS {
         let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
             .iter()

@@ -61,6 +61,10 @@ fn test() -> Result<()> {
         "unit tests",
         cargo(&["test", "--workspace", "--lib", "--bins"]),
     )?;
+    step(
+        "build the binaries the end-to-end suite runs",
+        cargo(&["build", "--workspace", "--bins"]),
+    )?;
     // The end-to-end suite must run, never skip, where `cargo xtask test` runs.
     if let Some(why) = vdc::lab_unavailable() {
         bail!("the end-to-end suite cannot run here: {why}");
