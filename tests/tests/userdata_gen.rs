@@ -384,6 +384,8 @@ fn generated_userdata_joins_a_stock_tailscaled_to_real_headscale() {
             ca.to_str().unwrap(),
             "--userdata",
             dir.join("user.ign").to_str().unwrap(),
+            "--tags",
+            "tag:firewall",
             "--output",
             out_path.to_str().unwrap(),
             "--metadata-out",
@@ -445,7 +447,12 @@ fn generated_userdata_joins_a_stock_tailscaled_to_real_headscale() {
         )
         .unwrap();
     let node = nodes.iter().find(|n| n.name == machine).unwrap();
-    assert_eq!(node.user, "project-a");
+    // headscale v0.28 hands a node registered with a tagged key to the tags: it lists such
+    // nodes under its pseudo-user `tagged-devices`; the key itself belongs to the project.
+    assert_eq!(key["user"]["name"], "project-a");
+    assert_eq!(node.user, "tagged-devices");
+    assert_eq!(node.tags, vec!["tag:firewall".to_string()], "{node:?}");
+    assert_eq!(key["aclTags"], serde_json::json!(["tag:firewall"]));
     drop(ts);
 
     // The same key a second time: headscale refuses it.
