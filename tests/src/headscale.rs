@@ -161,16 +161,20 @@ impl Headscale {
         }
     }
 
-    /// Runs the headscale CLI (over its unix socket) with JSON output.
+    /// A `headscale` CLI command aimed at this server (over its unix socket), uncoloured.
+    pub fn cli(&self) -> std::process::Command {
+        let mut c = self.ns.command("env");
+        c.arg("NO_COLOR=1")
+            .arg(tools::headscale_bin())
+            .arg("-c")
+            .arg(self.config_path());
+        c
+    }
+
+    /// Runs the headscale CLI with JSON output. Never echoed: some of its answers are
+    /// secrets, and polling would flood the demo.
     pub fn cli_json(&self, args: &[&str]) -> Result<Value> {
-        let out = cmd::run(
-            self.ns
-                .command(tools::headscale_bin())
-                .arg("-c")
-                .arg(self.config_path())
-                .args(args)
-                .args(["-o", "json"]),
-        )?;
+        let out = cmd::run_quiet(self.cli().args(args).args(["-o", "json"]))?;
         serde_json::from_str(&out)
             .with_context(|| format!("headscale {} printed no JSON: {out}", args.join(" ")))
     }

@@ -54,6 +54,18 @@ pub const FLATCAR_IGNITION: GoTool = GoTool {
 
 pub const GO_TOOLS: &[GoTool] = &[HEADSCALE, TAILSCALE, FLATCAR_IGNITION];
 
+/// cargo-fuzz, installed with `cargo install` at a pinned version; it runs on the
+/// machine's nightly toolchain.
+pub const CARGO_FUZZ: (&str, &str) = ("cargo-fuzz", "0.13.2");
+
+/// Where cargo-fuzz is installed (`bin/cargo-fuzz` below it).
+pub fn cargo_fuzz_root() -> PathBuf {
+    tools_dir().join(format!("{}-{}", CARGO_FUZZ.0, CARGO_FUZZ.1))
+}
+
+/// The fuzz targets `cargo xtask test` runs briefly: (crate directory, target name).
+pub const FUZZ_TARGETS: &[(&str, &str)] = &[("userdata-gen", "merge")];
+
 /// Debian packages the lab, the tests and the demo use.
 pub const APT_PACKAGES: &[&str] = &[
     "iproute2",

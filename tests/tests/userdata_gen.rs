@@ -523,7 +523,10 @@ fn headscale_failures_are_exit_3_with_a_reason() {
     let good_key = hs.create_api_key().unwrap();
     let (code, err) = run(base(&["--ca-file", other_ca.to_str().unwrap()]), &good_key);
     assert_eq!(code, Some(3), "{err}");
-    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    assert!(
+        err.contains("TLS certificate was not accepted") && err.contains("--ca-file"),
+        "{err}"
+    );
     // headscale unreachable.
     lab.cut_off("ctl").unwrap();
     let (code, err) = run(base(&["--ca-file", ca.to_str().unwrap()]), &good_key);

@@ -104,7 +104,15 @@ impl Client {
             req = req.json(&b);
         }
         let resp = req.send().map_err(|e| {
-            Error::Headscale(format!("cannot reach headscale ({what}): {}", chain(&e)))
+            let cause = chain(&e);
+            if cause.contains("certificate") {
+                Error::Headscale(format!(
+                    "headscale's TLS certificate was not accepted ({what}): {cause}; \
+                     give the CA that signed it with --ca-file"
+                ))
+            } else {
+                Error::Headscale(format!("cannot reach headscale ({what}): {cause}"))
+            }
         })?;
         let status = resp.status();
         let text = resp.text().unwrap_or_default();

@@ -74,12 +74,6 @@ pub fn empty(spec: Spec) -> String {
     json!({ "ignition": { "version": spec.to_string() } }).to_string()
 }
 
-/// Reads the spec version of an Ignition document without merging.
-pub fn spec_of(text: &str) -> Result<Spec> {
-    let doc = parse_doc(text, "userdata")?;
-    version(&doc, "userdata")
-}
-
 /// Adds `payload` to the Ignition config `text`, after the user's own entries.
 pub fn merge(text: &str, payload: &Payload) -> Result<Merged> {
     let mut doc = parse_doc(text, "userdata")?;
@@ -258,11 +252,22 @@ fn redact_url(url: &str) -> String {
 }
 
 pub(crate) fn check_conflicts(payload: &Payload, taken: &[Taken]) -> Result<()> {
-    let owned = payload.owned_paths();
+    // Each owned path with a trailing slash, built once: `taken` can hold thousands of entries.
+    let owned: Vec<(String, String)> = payload
+        .owned_paths()
+        .into_iter()
+        .map(|p| {
+            let dir = format!("{p}/");
+            (p, dir)
+        })
+        .collect();
     for t in taken {
-        for ours in &owned {
-            let inside_ours = t.path == *ours || t.path.starts_with(&format!("{ours}/"));
-            let blocks_ours = !t.is_dir && ours.starts_with(&format!("{}/", t.path));
+        for (ours, ours_dir) in &owned {
+            let inside_ours = t.path == *ours || t.path.starts_with(ours_dir.as_str());
+            let blocks_ours = !t.is_dir
+                && ours.len() > t.path.len()
+                && ours.starts_with(t.path.as_str())
+                && ours.as_bytes()[t.path.len()] == b'/';
             if inside_ours || blocks_ours {
                 return Err(Error::Conflict(format!(
                     "{} claims {}, which the mesh agent owns ({}); remove that entry",

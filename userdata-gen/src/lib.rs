@@ -14,6 +14,7 @@
 
 pub mod cloud_config;
 pub mod error;
+#[cfg(feature = "client")]
 pub mod headscale;
 pub mod ignition;
 pub mod payload;

@@ -152,11 +152,7 @@ fn exec(host: &str, cmd: &[String]) -> Result<()> {
                 .with_context(|| format!("no tailscaled runs on {host}"))?;
             ts.cli()
         }
-        "headscale" => {
-            let mut c = lab.host(host).ns().command(vdc::tools::headscale_bin());
-            c.arg("-c").arg(lab.headscale().config_path());
-            c
-        }
+        "headscale" => lab.headscale().cli(),
         prog => lab.host(host).ns().command(prog),
     };
     c.args(&cmd[1..]);
@@ -207,7 +203,111 @@ pub fn smoke(demo: bool) -> Result<()> {
 }
 
 pub fn demo() -> Result<()> {
-    println!("demo: the virtual data center with real headscale and real tailscale.");
-    println!("      Later steps (userdata, vpn-agent, closed ports) arrive with their issues.");
-    smoke(true)
+    println!("demo: the virtual data center with real headscale, tailscale and Ignition.");
+    crate::step(
+        "build userdata-gen and vpn-agent",
+        crate::cargo(&["build", "--workspace", "--bins"]),
+    )?;
+    smoke(true)?;
+    userdata_demo()
+}
+
+/// metal-api's part: userdata-gen mints a key from headscale and merges the agent into the
+/// user's Ignition; the real flatcar Ignition writes it into the firewall's root, and a stock
+/// tailscaled started from those files joins the mesh under the machine id.
+fn userdata_demo() -> Result<()> {
+    use std::time::Duration;
+    vdc::cmd::set_echo(true);
+    println!("\n[userdata] a fresh lab: ctl (headscale), fw");
+    let lab = Lab::start(LabOptions::hosts(&["fw"]))?;
+    let result = (|| {
+        let hs = lab.headscale();
+        let ctl = lab.host_dir("ctl");
+        println!("[1] metal-api's API key for headscale, in a file only root can read");
+        let key = hs.create_api_key()?;
+        vdc::headscale::write_private(&ctl.join("api.key"), key.as_bytes())?;
+        println!("[2] the user's userdata: firewall-controller-manager's Ignition 2.3.0");
+        std::fs::copy(
+            vdc::tools::workspace_root().join("ignition/fixtures/fcm-firewall-2.3.0.json"),
+            ctl.join("user.ign"),
+        )?;
+        println!("[3] userdata-gen, as metal-api runs it while allocating the firewall");
+        let machine = "0cfc7e24-aaaa-4bbb-8ccc-000000000001";
+        let p = |f: &str| ctl.join(f).display().to_string();
+        vdc::cmd::run(
+            lab.host("ctl")
+                .ns()
+                .command(vdc::tools::project_bin("userdata-gen"))
+                .args([
+                    "generate",
+                    "--machine-id",
+                    machine,
+                    "--project",
+                    "project-a",
+                ])
+                .args([
+                    "--login-server",
+                    &hs.url(),
+                    "--headscale-api-key-file",
+                    &p("api.key"),
+                ])
+                .args(["--ca-file", &hs.ca_path().display().to_string()])
+                .args(["--userdata", &p("user.ign"), "--output", &p("userdata.ign")])
+                .args(["--metadata-out", &p("meta.json")]),
+        )?;
+        vdc::cmd::run(std::process::Command::new("cat").arg(p("meta.json")))?;
+        let merged: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(ctl.join("userdata.ign"))?)?;
+        println!(
+            "    merged files: {}",
+            merged["storage"]["files"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .filter_map(|f| f["path"].as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default()
+        );
+        println!(
+            "    merged units: {}",
+            merged["systemd"]["units"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .filter_map(|u| u["name"].as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default()
+        );
+        println!(
+            "[4] flatcar Ignition v0.36.2 writes it into the firewall's root, as os-installer runs it"
+        );
+        let root = lab.host_dir("fw").join("root");
+        let config = std::fs::read_to_string(ctl.join("userdata.ign"))?;
+        vdc::ignition::apply_flatcar(&config, &root, &lab.host_dir("fw").join("ignition"))?;
+        vdc::cmd::run(
+            std::process::Command::new("find")
+                .arg(&root)
+                .args(["-type", "f", "-exec", "stat", "-c", "%a %U %n", "{}", "+"]),
+        )?;
+        println!("[5] a stock tailscaled started from exactly those files joins the mesh");
+        lab.start_tailscaled_from_root(
+            "fw",
+            &root,
+            "/etc/vpn-agent/tailscaled.conf",
+            "/etc/vpn-agent/ca.pem",
+        )?;
+        hs.wait_nodes("the firewall online", Duration::from_secs(60), |n| {
+            n.iter().any(|n| n.name == machine && n.online)
+        })?;
+        vdc::cmd::run(hs.cli().args(["nodes", "list"]))?;
+        anyhow::Ok(())
+    })();
+    if let Err(e) = result {
+        lab.dump_logs();
+        return Err(e.context("the userdata part of the demo failed"));
+    }
+    println!("demo: ok. The vpn-agent itself replaces tailscaled in the next issues.");
+    Ok(())
 }

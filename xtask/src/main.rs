@@ -1,5 +1,6 @@
 //! `cargo xtask`: everything a newcomer or CI runs, in Rust, with no hand-installed tools.
 
+mod bench;
 mod lab;
 mod setup;
 
@@ -23,6 +24,8 @@ enum Cmd {
     Test,
     /// The whole flow in the virtual data center, step by step.
     Demo,
+    /// Benchmarks; writes the results as tables into the README.
+    Bench,
     /// Bring the virtual data center up and down by hand.
     Lab {
         #[command(subcommand)]
@@ -38,6 +41,7 @@ fn main() -> Result<()> {
             setup::run()?;
             lab::demo()
         }
+        Cmd::Bench => bench::run(),
         Cmd::Lab { cmd } => lab::run(cmd),
     }
 }
@@ -72,8 +76,47 @@ fn test() -> Result<()> {
     let mut e2e = cargo(&["test", "--workspace", "--test", "*"]);
     e2e.env("VDC_REQUIRE_LAB", "1");
     step("end-to-end suite (virtual data center)", e2e)?;
+    for (dir, target) in vdc::tools::FUZZ_TARGETS {
+        step(
+            &format!("fuzz {dir}/{target} for {FUZZ_SECONDS} s"),
+            fuzz(dir, target),
+        )?;
+    }
     println!("xtask test: all green in {:.0?}", start.elapsed());
     Ok(())
+}
+
+/// How long `cargo xtask test` fuzzes each target: a smoke run, not a campaign.
+const FUZZ_SECONDS: u32 = 30;
+
+/// `cargo +nightly fuzz run`, with new inputs kept under target/ and the committed corpus
+/// read as seeds.
+fn fuzz(dir: &str, target: &str) -> Command {
+    let root = vdc::tools::workspace_root();
+    let work = root.join("target/fuzz-corpus").join(target);
+    let _ = std::fs::create_dir_all(&work);
+    let path = format!(
+        "{}:{}",
+        vdc::tools::cargo_fuzz_root().join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut c = Command::new("cargo");
+    c.current_dir(root.join(dir))
+        .env("PATH", path)
+        .env("CARGO_TARGET_DIR", root.join("target/fuzz"))
+        // rustup's proxy picks nightly from this; the outer cargo's own variables would pin stable.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .args(["+nightly", "fuzz", "run", target])
+        .arg(&work)
+        .arg(format!("fuzz/corpus/{target}"))
+        .args([
+            "--",
+            &format!("-max_total_time={FUZZ_SECONDS}"),
+            "-print_final_stats=1",
+        ]);
+    c
 }
 
 fn cargo(args: &[&str]) -> Command {

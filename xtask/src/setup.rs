@@ -14,6 +14,7 @@ pub fn run() -> Result<()> {
     for tool in GO_TOOLS {
         go_tool(tool)?;
     }
+    cargo_fuzz()?;
     println!("setup: done in {:.1?}", start.elapsed());
     Ok(())
 }
@@ -128,6 +129,47 @@ fn go_tool(tool: &GoTool) -> Result<()> {
         "setup: built {} {} in {:.0?}",
         tool.name,
         tool.version,
+        start.elapsed()
+    );
+    Ok(())
+}
+
+/// cargo-fuzz at its pinned version, and the nightly toolchain it needs.
+fn cargo_fuzz() -> Result<()> {
+    let nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output();
+    if !nightly.as_ref().is_ok_and(|o| o.status.success()) {
+        bail!(
+            "setup: the fuzz targets need a nightly Rust toolchain (`rustup toolchain install nightly`)"
+        );
+    }
+    let (name, version) = tools::CARGO_FUZZ;
+    let root = tools::cargo_fuzz_root();
+    if root.join("bin").join(name).is_file() {
+        println!("setup: {name} {version} cached in {}", root.display());
+        return Ok(());
+    }
+    let start = Instant::now();
+    println!("setup: installing {name} {version}");
+    let status = Command::new("cargo")
+        .args([
+            "install",
+            "--locked",
+            "--quiet",
+            name,
+            "--version",
+            version,
+            "--root",
+        ])
+        .arg(&root)
+        .status()
+        .context("cannot run `cargo install`")?;
+    if !status.success() {
+        bail!("setup: `cargo install {name} --version {version}` failed ({status})");
+    }
+    println!(
+        "setup: installed {name} {version} in {:.0?}",
         start.elapsed()
     );
     Ok(())
