@@ -83,9 +83,16 @@ pub struct Node {
 impl Headscale {
     /// Writes config, TLS material and state dir under `dir`, starts headscale in `ns`
     /// listening on `addr`, and waits until it answers its health check over TLS.
-    pub fn start(ns: &Netns, addr: Ipv4Addr, dir: &Path) -> Result<(Self, Child)> {
+    /// With `expired_tls`, headscale's certificate and its CA have expired (to test that
+    /// clients refuse them); headscale then cannot be health-checked and is not waited for.
+    pub fn start(
+        ns: &Netns,
+        addr: Ipv4Addr,
+        dir: &Path,
+        expired_tls: bool,
+    ) -> Result<(Self, Child)> {
         std::fs::create_dir_all(dir)?;
-        let pki = pki::generate(addr.into(), "headscale.vdc.test")?;
+        let pki = pki::generate_with(addr.into(), "headscale.vdc.test", expired_tls)?;
         std::fs::write(dir.join("ca.pem"), &pki.ca_pem)?;
         std::fs::write(dir.join("tls.pem"), &pki.cert_pem)?;
         write_private(&dir.join("tls.key"), pki.key_pem.as_bytes())?;
@@ -106,7 +113,9 @@ impl Headscale {
             .stderr(log)
             .spawn()
             .context("cannot start headscale")?;
-        hs.wait_healthy(Duration::from_secs(30))?;
+        if !expired_tls {
+            hs.wait_healthy(Duration::from_secs(30))?;
+        }
         Ok((hs, child))
     }
 

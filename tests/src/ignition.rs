@@ -1,16 +1,48 @@
 //! Running the real Ignition on a config, into a root directory, the way the target image
 //! would: flatcar Ignition v0.36.2 (spec 2.x) as metal-stack's os-installer runs it, and
-//! Debian's coreos Ignition (spec 3.0-3.3) through its `ignition-apply` entry point.
+//! coreos Ignition (spec 3.x) through its `ignition-apply` entry point: Debian's 2.14 for
+//! 3.0-3.3, a pinned current release for 3.4 and later.
 
 use crate::cmd;
 use crate::tools;
 use anyhow::{Context, Result, bail};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Debian's coreos Ignition binary; `ignition-apply` is the same binary under another name.
-pub const DEBIAN_IGNITION: &str = "/usr/lib/dracut/modules.d/30ignition/ignition";
-pub const DEBIAN_IGNITION_VALIDATE: &str = "/usr/bin/ignition-validate";
+/// A coreos Ignition: the binary (`ignition-apply` is the same binary under another name)
+/// and its validator.
+#[derive(Debug, Clone)]
+pub struct Coreos {
+    pub ignition: PathBuf,
+    pub validate: PathBuf,
+}
+
+impl Coreos {
+    /// Debian bookworm's Ignition 2.14 (spec 3.0-3.3).
+    pub fn debian() -> Coreos {
+        Coreos {
+            ignition: "/usr/lib/dracut/modules.d/30ignition/ignition".into(),
+            validate: "/usr/bin/ignition-validate".into(),
+        }
+    }
+
+    /// The pinned current release that `cargo xtask setup` builds (spec 3.0-3.6).
+    pub fn current() -> Coreos {
+        Coreos {
+            ignition: tools::COREOS_IGNITION.bin("ignition"),
+            validate: tools::COREOS_IGNITION.bin("ignition-validate"),
+        }
+    }
+
+    /// The one that reads spec `3.minor`.
+    pub fn for_spec_3(minor: u8) -> Coreos {
+        if minor <= 3 {
+            Self::debian()
+        } else {
+            Self::current()
+        }
+    }
+}
 
 /// Applies a spec 2.x `config` into `root` with flatcar Ignition's files stage, exactly as
 /// os-installer does (`-oem file`, `config.ign` in the working directory, a fresh config
@@ -43,17 +75,16 @@ pub fn apply_flatcar(config: &str, root: &Path, work: &Path) -> Result<String> {
     Ok(log)
 }
 
-/// Applies a spec 3.0-3.3 `config` into `root` with Debian's `ignition-apply`.
-pub fn apply_coreos(config: &str, root: &Path, work: &Path) -> Result<String> {
+/// Applies a spec 3.x `config` into `root` with `ignition-apply` of `ignition`.
+pub fn apply_coreos(ignition: &Coreos, config: &str, root: &Path, work: &Path) -> Result<String> {
     std::fs::create_dir_all(root)?;
     std::fs::create_dir_all(work)?;
     let cfg = work.join("config.ign");
     std::fs::write(&cfg, config)?;
     let apply = work.join("ignition-apply");
-    if !apply.exists() {
-        std::os::unix::fs::symlink(DEBIAN_IGNITION, &apply)
-            .with_context(|| format!("cannot link {}", apply.display()))?;
-    }
+    let _ = std::fs::remove_file(&apply);
+    std::os::unix::fs::symlink(&ignition.ignition, &apply)
+        .with_context(|| format!("cannot link {}", apply.display()))?;
     let out = cmd::quiet_output(
         Command::new(&apply)
             // It refuses to run outside a container unless told it is in one.
@@ -65,17 +96,21 @@ pub fn apply_coreos(config: &str, root: &Path, work: &Path) -> Result<String> {
     let log =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        bail!("ignition-apply failed ({}):\n{log}", out.status);
+        bail!(
+            "ignition-apply ({}) failed ({}):\n{log}",
+            ignition.ignition.display(),
+            out.status
+        );
     }
     Ok(log)
 }
 
-/// `ignition-validate` (Debian, spec 3.0-3.3) on `config`: `Ok` when valid.
-pub fn validate_coreos(config: &str, work: &Path) -> Result<()> {
+/// `ignition-validate` of `ignition` on a spec 3.x `config`: `Ok` when valid.
+pub fn validate_coreos(ignition: &Coreos, config: &str, work: &Path) -> Result<()> {
     std::fs::create_dir_all(work)?;
     let cfg = work.join("validate.ign");
     std::fs::write(&cfg, config)?;
-    cmd::run_quiet(Command::new(DEBIAN_IGNITION_VALIDATE).arg(&cfg)).map(drop)
+    cmd::run_quiet(Command::new(&ignition.validate).arg(&cfg)).map(drop)
 }
 
 /// `ignition-validate` of flatcar v0.36.2 (spec 2.x) on `config`: `Ok` when valid.

@@ -28,7 +28,7 @@ pub const NAT_GATEWAY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub const CTL: &str = "ctl";
 
 /// What lab to build.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LabOptions {
     /// Hosts on the underlay besides `ctl`, e.g. `["fw", "op"]`.
     pub hosts: Vec<String>,
@@ -37,14 +37,15 @@ pub struct LabOptions {
     pub behind_nat: Vec<String>,
     /// A fixed id whose lab outlives this process (`lab up`); `None` for a test's own lab.
     pub persistent_id: Option<String>,
+    /// headscale's certificate and its CA have expired (clients must refuse them).
+    pub expired_tls: bool,
 }
 
 impl LabOptions {
     pub fn hosts(names: &[&str]) -> Self {
         Self {
             hosts: names.iter().map(|s| s.to_string()).collect(),
-            behind_nat: vec![],
-            persistent_id: None,
+            ..Self::default()
         }
     }
 }
@@ -185,7 +186,8 @@ impl Lab {
         }
         apply_knobs(&sw, &Knobs::default())?;
         let ctl = guard.0.as_ref().unwrap().hosts[CTL].clone();
-        let (headscale, hs_child) = Headscale::start(&ctl.ns(), ctl.addr, &dir.join(CTL))?;
+        let (headscale, hs_child) =
+            Headscale::start(&ctl.ns(), ctl.addr, &dir.join(CTL), opts.expired_tls)?;
         let state = guard.0.take().unwrap();
         let lab = Lab {
             state: Mutex::new(state),

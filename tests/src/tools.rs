@@ -52,7 +52,17 @@ pub const FLATCAR_IGNITION: GoTool = GoTool {
     cgo: true,
 };
 
-pub const GO_TOOLS: &[GoTool] = &[HEADSCALE, TAILSCALE, FLATCAR_IGNITION];
+/// A current coreos Ignition, for spec 3.4-3.6 that Debian's 2.14 does not read.
+pub const COREOS_IGNITION: GoTool = GoTool {
+    name: "coreos-ignition",
+    module: "github.com/coreos/ignition/v2",
+    version: "v2.26.0",
+    binaries: &[("internal", "ignition"), ("validate", "ignition-validate")],
+    ldflags: "-X github.com/coreos/ignition/v2/internal/version.Raw=v{v}",
+    cgo: true,
+};
+
+pub const GO_TOOLS: &[GoTool] = &[HEADSCALE, TAILSCALE, FLATCAR_IGNITION, COREOS_IGNITION];
 
 /// cargo-fuzz, installed with `cargo install` at a pinned version; it runs on the
 /// machine's nightly toolchain.

@@ -81,7 +81,7 @@ fn a_tailscale_node_behind_nat_reaches_a_peer_directly_through_its_gateway() {
     let lab = Lab::start(LabOptions {
         hosts: vec!["fw".into()],
         behind_nat: vec!["home".into()],
-        persistent_id: None,
+        ..LabOptions::default()
     })
     .unwrap();
     lab.assert_isolated("home").unwrap();

@@ -47,3 +47,10 @@ fn flatcar_ignition_is_the_pinned_version_and_reads_only_spec_2() {
     assert!(!validate("3.3.0"), "flatcar v0.36.2 must reject spec 3.x");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn coreos_ignition_is_the_pinned_version() {
+    require_lab!();
+    let out = stdout(Command::new(tools::COREOS_IGNITION.bin("ignition")).arg("-version"));
+    assert!(out.contains(tools::COREOS_IGNITION.version), "{out}");
+}

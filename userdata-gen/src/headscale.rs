@@ -120,7 +120,8 @@ impl Client {
         match status.as_u16() {
             200..=299 => serde_json::from_str(&text).map_err(|_| {
                 Error::Headscale(format!(
-                    "{what} answered with something that is not JSON ({snippet:?}); is this headscale v0.28?"
+                    "{what} answered with something that is not JSON ({snippet:?}); \
+                     this server does not speak headscale v0.28's REST API"
                 ))
             }),
             401 | 403 => Err(Error::Headscale(format!(
@@ -130,7 +131,10 @@ impl Client {
             404 | 405 => Err(Error::Headscale(format!(
                 "{what}: HTTP {status}; this server does not speak headscale v0.28's REST API"
             ))),
-            _ => Err(Error::Headscale(format!("{what}: HTTP {status}: {}", snippet.trim()))),
+            _ => Err(Error::Headscale(format!(
+                "{what}: HTTP {status}: {}",
+                snippet.trim()
+            ))),
         }
     }
 

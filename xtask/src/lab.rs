@@ -48,8 +48,8 @@ fn up() -> Result<()> {
     let start = Instant::now();
     let lab = Lab::start(LabOptions {
         hosts: vec!["fw".into(), "op".into()],
-        behind_nat: vec![],
         persistent_id: Some(DEV_ID.into()),
+        ..LabOptions::default()
     })?;
     let result = (|| {
         let hs = lab.headscale();
