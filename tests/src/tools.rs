@@ -86,6 +86,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "ignition",
     "iputils-ping",
     "procps",
+    // cloud-init's own schema check and its YAML 1.1 parser judge generated cloud-config.
+    "cloud-init",
+    "python3-yaml",
     // flatcar Ignition links libblkid through cgo.
     "libblkid-dev",
     "pkg-config",

@@ -620,3 +620,75 @@ fn a_server_that_does_not_speak_headscales_api_is_exit_3() {
         "{err}"
     );
 }
+
+/// `cloud-init schema` on a file: its exit status and its list of schema errors.
+fn cloud_init_schema(path: &Path) -> (bool, Vec<String>) {
+    let o = udg(Command::new("cloud-init")
+        .args(["schema", "--config-file"])
+        .arg(path));
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    let errors = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("Cloud config schema errors: "))
+        .flat_map(|l| l.split(", ").map(str::to_string).collect::<Vec<_>>())
+        .collect();
+    (o.status.success(), errors)
+}
+
+#[test]
+fn cloud_init_accepts_generated_cloud_config() {
+    require_lab!();
+    let s = Scratch::new("cloud-init");
+    // A fresh cloud-config passes cloud-init's own schema check.
+    let (out, path) = generate_offline(&s, None, &["--format", "cloud-config"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, errors) = cloud_init_schema(&path);
+    assert!(ok, "{errors:?}");
+    // The user's fixture has YAML 1.1 mistakes of its own; merging adds none.
+    let user = fixture("user-cloud-config.yaml");
+    std::fs::write(s.path("user.yaml"), &user).unwrap();
+    let (_, before) = cloud_init_schema(&s.path("user.yaml"));
+    let (out, path) = generate_offline(&s, Some(&user), &[]);
+    assert!(out.status.success());
+    let (_, after) = cloud_init_schema(&path);
+    assert_eq!(before, after);
+    // PyYAML (what cloud-init parses with) reads our entries as meant.
+    let py = udg(Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(&path));
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+    let key = doc["write_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "/etc/vpn-agent/authkey")
+        .unwrap();
+    assert_eq!(key["permissions"], "0600");
+    assert_eq!(key["owner"], "root:root");
+    assert_eq!(key["encoding"], "b64");
+    let content = base64::engine::general_purpose::STANDARD
+        .decode(key["content"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(content, KEY.as_bytes());
+    assert_eq!(doc["hostname"], "fw-1", "the user's keys keep their values");
+    assert_eq!(
+        doc["write_files"][0]["permissions"], 420,
+        "the user's YAML 1.1 octal stays theirs"
+    );
+    let runcmd = doc["runcmd"].as_array().unwrap();
+    assert_eq!(runcmd[0], "echo hello");
+    assert_eq!(runcmd.last().unwrap()[1], "enable");
+}
