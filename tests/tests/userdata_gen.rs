@@ -279,6 +279,7 @@ fn bad_input_fails_with_exit_2_and_writes_nothing() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{input}: {stderr}");
         assert!(stderr.contains(want), "{input}: {stderr}");
+        assert!(stderr.contains("--userdata /"), "names the file: {stderr}");
         assert!(!stderr.contains(KEY));
         assert!(!path.exists(), "output written despite the error");
         assert!(!s.path("meta.json").exists());

@@ -263,13 +263,24 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             ..AgentSettings::default()
         },
     };
+    let source = match &a.userdata {
+        Some(p) if p.as_os_str() == "-" => "userdata from stdin".to_string(),
+        Some(p) => format!("--userdata {}", p.display()),
+        None => "no userdata".to_string(),
+    };
+    let named = |e: Error| match e {
+        Error::Input(m) => Error::Input(format!("{source}: {m}")),
+        Error::Conflict(m) => Error::Conflict(format!("{source}: {m}")),
+        other => other,
+    };
     // Check the userdata before a key is minted, so bad input never burns one.
     generate(
         &input,
         &Payload::new(&settings, &Secret::new("")),
         fresh,
         a.target,
-    )?;
+    )
+    .map_err(named)?;
 
     let minted: Option<MintedKey>;
     let key = match &a.auth_key_file {
@@ -295,7 +306,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         }
     };
     let payload = Payload::new(&settings, &key);
-    let out = generate(&input, &payload, fresh, a.target)?;
+    let out = generate(&input, &payload, fresh, a.target).map_err(named)?;
     for w in &out.warnings {
         eprintln!("userdata-gen: warning: {w}");
     }
