@@ -1,20 +1,67 @@
-//! `vpn-agent`: the firewall's mesh agent, a Rust equivalent of `tailscaled`.
-//!
-//! This binary so far only identifies itself; the control plane, the data plane and the
-//! firewall arrive in their own issues (see ARCHITECTURE.md).
+//! `vpn-agent`: the firewall's mesh agent.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use vpn_agent::config::Config;
+use vpn_agent::daemon::Daemon;
 
 /// Joins this firewall to the headscale mesh and keeps SSH reachable only through it.
-#[derive(Parser, Debug)]
+#[derive(Parser)]
 #[command(name = "vpn-agent", version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Join headscale and follow the network map (the daemon).
+    Run {
+        /// The mesh settings, in tailscale's `--config` format (alpha0).
+        #[arg(long, default_value = "/etc/vpn-agent/tailscaled.conf")]
+        config: PathBuf,
+        /// The agent's own settings.
+        #[arg(long, default_value = "/etc/vpn-agent/agent.json")]
+        settings: PathBuf,
+        /// Where the machine and node keys are kept.
+        #[arg(long, default_value = "/var/lib/vpn-agent")]
+        state_dir: PathBuf,
+    },
+}
 
 fn main() {
-    let _cli = Cli::parse();
-    eprintln!(
-        "vpn-agent {}: no command is implemented yet; see --help",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VPN_AGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Run {
+            config,
+            settings,
+            state_dir,
+        } => run(config, settings, state_dir),
+    };
+    if let Err(e) = res {
+        eprintln!("vpn-agent: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(config: PathBuf, settings: PathBuf, state_dir: PathBuf) -> vpn_agent::Result<()> {
+    let cfg = Config::load(&config, &settings)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| vpn_agent::Error::io("tokio runtime", e))?;
+    rt.block_on(async move {
+        let mut d = Daemon::new(cfg, state_dir)?;
+        tokio::select! {
+            r = d.run() => r,
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    })
 }

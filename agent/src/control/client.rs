@@ -1,0 +1,498 @@
+//! The control connection's IO: dial (TCP, TLS with rustls), fetch the server's Noise key,
+//! upgrade `/ts2021`, run the handshake, skip the early payload, then HTTP/2 with `h2`.
+
+use super::conn::NoiseStream;
+use super::noise::{INITIATION_LEN, Initiator};
+use super::types::{
+    CAPABILITY_VERSION, MapRequest, MapResponse, RegisterRequest, RegisterResponse,
+};
+use crate::error::{Error, Result};
+use crate::keys;
+use base64::Engine;
+use bytes::Bytes;
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+/// Largest map message we accept (tailscale uses the same bound for early payloads).
+const MAX_MESSAGE: usize = 10 << 20;
+const EARLY_MAGIC: &[u8] = b"\xff\xff\xffTS";
+
+/// headscale's address, from the config's ServerURL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerUrl {
+    pub https: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl ServerUrl {
+    pub fn parse(url: &str) -> Result<ServerUrl> {
+        let bad = || Error::Config(format!("ServerURL {url:?} is not http(s)://host[:port]"));
+        let (https, rest) = match url.split_once("://") {
+            Some(("https", r)) => (true, r),
+            Some(("http", r)) => (false, r),
+            _ => return Err(bad()),
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse() {
+                Ok(p) => (h, p),
+                Err(_) => return Err(bad()),
+            },
+            _ => (authority, if https { 443 } else { 80 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad());
+        }
+        Ok(ServerUrl {
+            https,
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    fn host_header(&self) -> String {
+        let default = if self.https { 443 } else { 80 };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == default {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+}
+
+/// TLS settings: the system's roots, plus a CA file if the config names one.
+pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| Error::Config(format!("ca_file {}: {e}", path.display())))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::Config(format!("ca_file {}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(Error::Config(format!(
+                "ca_file {} holds no PEM certificate",
+                path.display()
+            )));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| Error::Config(format!("ca_file {}: {e}", path.display())))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+async fn dial(url: &ServerUrl, tls: &Arc<rustls::ClientConfig>) -> Result<Box<dyn Io>> {
+    let tcp = TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .map_err(|e| Error::Control(format!("cannot connect to {}:{}: {e}", url.host, url.port)))?;
+    let _ = tcp.set_nodelay(true);
+    if !url.https {
+        return Ok(Box::new(tcp));
+    }
+    let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+        .map_err(|e| Error::Config(format!("ServerURL host {:?}: {e}", url.host)))?;
+    let tls = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| Error::Control(format!("TLS with {}:{} failed: {e}", url.host, url.port)))?;
+    Ok(Box::new(tls))
+}
+
+/// Reads an HTTP/1.1 response head; returns the status, the head text and the bytes after it.
+async fn read_head(io: &mut Box<dyn Io>) -> Result<(u16, String, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| {
+                    Error::Control(format!("not an HTTP answer: {:?}", head.lines().next()))
+                })?;
+            return Ok((status, head, buf[end + 4..].to_vec()));
+        }
+        if buf.len() > 64 * 1024 {
+            return Err(Error::Control("HTTP answer head too long".into()));
+        }
+        let n = io
+            .read(&mut chunk)
+            .await
+            .map_err(|e| Error::Control(format!("reading the HTTP answer: {e}")))?;
+        if n == 0 {
+            return Err(Error::Control(
+                "the server closed the connection mid-answer".into(),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = vec![];
+    while let Some(line_end) = body.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&body[..line_end]).trim(), 16)
+            .unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = line_end + 2;
+        let end = (start + size).min(body.len());
+        out.extend_from_slice(&body[start..end]);
+        body = &body[(end + 2).min(body.len())..];
+    }
+    out
+}
+
+/// `GET /key?v=<capver>`: the control server's Noise public key.
+pub async fn server_key(url: &ServerUrl, tls: &Arc<rustls::ClientConfig>) -> Result<PublicKey> {
+    let mut io = dial(url, tls).await?;
+    let req = format!(
+        "GET /key?v={CAPABILITY_VERSION} HTTP/1.1\r\nHost: {}\r\nUser-Agent: vpn-agent\r\nConnection: close\r\n\r\n",
+        url.host_header()
+    );
+    io.write_all(req.as_bytes())
+        .await
+        .map_err(|e| Error::Control(format!("sending GET /key: {e}")))?;
+    let (status, head, mut body) = read_head(&mut io).await?;
+    io.read_to_end(&mut body)
+        .await
+        .map_err(|e| Error::Control(format!("reading GET /key: {e}")))?;
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    if status != 200 {
+        return Err(Error::Control(format!(
+            "GET /key answered HTTP {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        )));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        Error::Control(format!(
+            "GET /key: not JSON ({e}); is this a headscale server?"
+        ))
+    })?;
+    v["publicKey"]
+        .as_str()
+        .and_then(|s| keys::parse_public("mkey", s))
+        .ok_or_else(|| {
+            Error::Control(
+                "GET /key: no publicKey in the answer; is this a headscale server?".into(),
+            )
+        })
+}
+
+/// An established control session: HTTP/2 over Noise.
+pub struct Session {
+    h2: h2::client::SendRequest<Bytes>,
+    authority: String,
+    conn: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+/// Connects to control as `machine`: key fetch, upgrade, handshake, HTTP/2.
+pub async fn connect(
+    url: &ServerUrl,
+    tls: &Arc<rustls::ClientConfig>,
+    machine: &StaticSecret,
+) -> Result<Session> {
+    let server = server_key(url, tls).await?;
+    let mut io = dial(url, tls).await?;
+    let (init, msg) = Initiator::start(machine, &server, CAPABILITY_VERSION, keys::generate());
+    debug_assert_eq!(msg.len(), INITIATION_LEN);
+    let req = format!(
+        "POST /ts2021 HTTP/1.1\r\nHost: {}\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: {}\r\n\r\n",
+        url.host_header(),
+        base64::engine::general_purpose::STANDARD.encode(msg)
+    );
+    io.write_all(req.as_bytes())
+        .await
+        .map_err(|e| Error::Control(format!("sending the /ts2021 upgrade: {e}")))?;
+    let (status, head, mut rest) = read_head(&mut io).await?;
+    if status != 101
+        || !head
+            .to_ascii_lowercase()
+            .contains("upgrade: tailscale-control-protocol")
+    {
+        return Err(Error::Control(format!(
+            "the server did not switch to the control protocol (HTTP {status}); is {} a headscale server?",
+            url.host_header()
+        )));
+    }
+    while rest.len() < 3 {
+        read_more(&mut io, &mut rest).await?;
+    }
+    let need = 3 + u16::from_be_bytes([rest[1], rest[2]]) as usize;
+    while rest.len() < need {
+        read_more(&mut io, &mut rest).await?;
+    }
+    let transport = init
+        .finish(&rest[..need])
+        .map_err(|e| Error::Control(e.to_string()))?;
+    let mut stream = NoiseStream::new(io, transport, &rest[need..]);
+    skip_early_payload(&mut stream).await?;
+    let (h2, conn) = h2::client::Builder::new()
+        .initial_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .map_err(|e| Error::Control(format!("HTTP/2 over the control channel: {e}")))?;
+    let conn = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "control HTTP/2 connection ended");
+        }
+    });
+    Ok(Session {
+        h2,
+        authority: url.host_header(),
+        conn,
+    })
+}
+
+async fn read_more(io: &mut Box<dyn Io>, buf: &mut Vec<u8>) -> Result<()> {
+    let mut chunk = [0u8; 512];
+    let n = io
+        .read(&mut chunk)
+        .await
+        .map_err(|e| Error::Control(format!("reading the handshake answer: {e}")))?;
+    if n == 0 {
+        return Err(Error::Control(
+            "the server closed the connection during the handshake (it may reject our protocol version)".into(),
+        ));
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+/// headscale first sends `ff ff ff 'T' 'S'`, a big-endian length and JSON (a node-key
+/// challenge we do not need); anything else is already the server's HTTP/2 preface.
+async fn skip_early_payload<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut NoiseStream<S>,
+) -> Result<()> {
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head)
+        .await
+        .map_err(|e| Error::Control(format!("reading the first control bytes: {e}")))?;
+    if &head[..5] != EARLY_MAGIC {
+        s.unread(&head);
+        return Ok(());
+    }
+    let len = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) as usize;
+    if len > MAX_MESSAGE {
+        return Err(Error::Control(format!(
+            "early payload of {len} bytes is too large"
+        )));
+    }
+    let mut json = vec![0u8; len];
+    s.read_exact(&mut json)
+        .await
+        .map_err(|e| Error::Control(format!("reading the early payload: {e}")))?;
+    Ok(())
+}
+
+/// A streamed HTTP/2 response body.
+pub struct Body {
+    recv: h2::RecvStream,
+    buf: Vec<u8>,
+}
+
+impl Body {
+    /// More bytes, or `None` at the end of the body.
+    async fn fill(&mut self) -> Result<bool> {
+        match self.recv.data().await {
+            Some(Ok(chunk)) => {
+                let _ = self.recv.flow_control().release_capacity(chunk.len());
+                self.buf.extend_from_slice(&chunk);
+                Ok(true)
+            }
+            Some(Err(e)) => Err(Error::Control(format!("control stream failed: {e}"))),
+            None => Ok(false),
+        }
+    }
+
+    pub async fn read_all(mut self) -> Result<Vec<u8>> {
+        while self.fill().await? {
+            if self.buf.len() > MAX_MESSAGE {
+                return Err(Error::Control("control response too large".into()));
+            }
+        }
+        Ok(self.buf)
+    }
+
+    /// The next length-prefixed (u32 little-endian) map message, zstd-decoded.
+    pub async fn next_message(&mut self) -> Result<Option<MapResponse>> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
+                if len > MAX_MESSAGE {
+                    return Err(Error::Control(format!(
+                        "map message of {len} bytes is too large"
+                    )));
+                }
+                if self.buf.len() >= 4 + len {
+                    let raw: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
+                    return decode_map_message(&raw).map(Some);
+                }
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// One map message: zstd-compressed JSON.
+pub fn decode_map_message(raw: &[u8]) -> Result<MapResponse> {
+    let mut json = vec![];
+    zstd::stream::read::Decoder::new(raw)
+        .map_err(|e| Error::Control(format!("map message: {e}")))?
+        .take(MAX_MESSAGE as u64 + 1)
+        .read_to_end(&mut json)
+        .map_err(|e| Error::Control(format!("map message is not valid zstd: {e}")))?;
+    if json.len() > MAX_MESSAGE {
+        return Err(Error::Control(
+            "map message decompresses to more than 10 MiB".into(),
+        ));
+    }
+    serde_json::from_slice(&json)
+        .map_err(|e| Error::Control(format!("map message is not a MapResponse: {e}")))
+}
+
+impl Session {
+    async fn post(&mut self, path: &str, body: Vec<u8>) -> Result<(u16, Body)> {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("https://{}{path}", self.authority))
+            .header("content-type", "application/json")
+            .body(())
+            .expect("valid request");
+        let mut h2 = self
+            .h2
+            .clone()
+            .ready()
+            .await
+            .map_err(|e| Error::Control(format!("control HTTP/2: {e}")))?;
+        let (resp, mut send) = h2
+            .send_request(req, false)
+            .map_err(|e| Error::Control(format!("POST {path}: {e}")))?;
+        send.send_data(Bytes::from(body), true)
+            .map_err(|e| Error::Control(format!("POST {path}: {e}")))?;
+        let resp = resp
+            .await
+            .map_err(|e| Error::Control(format!("POST {path}: {e}")))?;
+        let status = resp.status().as_u16();
+        Ok((
+            status,
+            Body {
+                recv: resp.into_body(),
+                buf: vec![],
+            },
+        ))
+    }
+
+    /// `POST /machine/register`. headscale reports refusals as HTTP 200 with `Error` set.
+    pub async fn register(&mut self, req: &RegisterRequest) -> Result<RegisterResponse> {
+        let (status, body) = self
+            .post(
+                "/machine/register",
+                serde_json::to_vec(req).expect("serializes"),
+            )
+            .await?;
+        let bytes = body.read_all().await?;
+        if status != 200 {
+            return Err(Error::Control(format!(
+                "POST /machine/register: HTTP {status}: {}",
+                String::from_utf8_lossy(&bytes).trim()
+            )));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| {
+            Error::Control(format!(
+                "POST /machine/register: not a RegisterResponse: {e}"
+            ))
+        })
+    }
+
+    /// `POST /machine/map`: with `Stream: true`, a body of map messages that lasts as long as
+    /// the session.
+    pub async fn map(&mut self, req: &MapRequest) -> Result<Body> {
+        let (status, body) = self
+            .post("/machine/map", serde_json::to_vec(req).expect("serializes"))
+            .await?;
+        if status != 200 {
+            let bytes = body.read_all().await.unwrap_or_default();
+            return Err(Error::Control(format!(
+                "POST /machine/map: HTTP {status}: {}",
+                String::from_utf8_lossy(&bytes).trim()
+            )));
+        }
+        Ok(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_urls() {
+        let u = ServerUrl::parse("https://192.0.2.1:443").unwrap();
+        assert_eq!((u.https, u.host.as_str(), u.port), (true, "192.0.2.1", 443));
+        assert_eq!(u.host_header(), "192.0.2.1");
+        let u = ServerUrl::parse("https://hs.example:8443/").unwrap();
+        assert_eq!(u.host_header(), "hs.example:8443");
+        let u = ServerUrl::parse("http://[fd00::1]:8080").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("fd00::1", 8080));
+        assert_eq!(u.host_header(), "[fd00::1]:8080");
+        assert!(ServerUrl::parse("hs.example").is_err());
+        assert!(ServerUrl::parse("https://:443").is_err());
+    }
+
+    #[test]
+    fn chunked_bodies() {
+        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), b"abcde");
+    }
+
+    #[test]
+    fn map_messages_are_zstd_json() {
+        let raw = zstd::encode_all(&br#"{"KeepAlive":true}"#[..], 3).unwrap();
+        assert!(decode_map_message(&raw).unwrap().keep_alive);
+        assert!(decode_map_message(b"not zstd").is_err());
+    }
+}

@@ -1,0 +1,9 @@
+//! The control plane: tailscale's ts2021 protocol to headscale. `noise`, `record`, `types`
+//! and `netmap` are pure; `conn` and `client` move bytes.
+
+pub mod client;
+pub mod conn;
+pub mod netmap;
+pub mod noise;
+pub mod record;
+pub mod types;

@@ -1,0 +1,217 @@
+//! The JSON of tailscale's control protocol (tailcfg), as much as the agent uses. Go's field
+//! names; unknown fields are ignored and `null` is accepted wherever Go may send it.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The capability version we claim: tailscale v1.90's (headscale v0.28 accepts ≥ 106).
+pub const CAPABILITY_VERSION: u16 = 130;
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct NetInfo {
+    #[serde(rename = "PreferredDERP", skip_serializing_if = "is_zero")]
+    pub preferred_derp: u32,
+    #[serde(rename = "WorkingUDP", skip_serializing_if = "Option::is_none")]
+    pub working_udp: Option<bool>,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Hostinfo {
+    #[serde(rename = "IPNVersion")]
+    pub ipn_version: String,
+    #[serde(rename = "OS")]
+    pub os: String,
+    #[serde(rename = "Hostname")]
+    pub hostname: String,
+    #[serde(rename = "GoArch")]
+    pub arch: String,
+    #[serde(rename = "RequestTags", skip_serializing_if = "Vec::is_empty")]
+    pub request_tags: Vec<String>,
+    #[serde(rename = "NetInfo", skip_serializing_if = "Option::is_none")]
+    pub net_info: Option<NetInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuthInfo {
+    #[serde(rename = "AuthKey")]
+    pub auth_key: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RegisterRequest {
+    #[serde(rename = "Version")]
+    pub version: u16,
+    #[serde(rename = "NodeKey")]
+    pub node_key: String,
+    #[serde(rename = "OldNodeKey")]
+    pub old_node_key: String,
+    #[serde(rename = "Auth", skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthInfo>,
+    #[serde(rename = "Expiry")]
+    pub expiry: String,
+    #[serde(rename = "Hostinfo")]
+    pub hostinfo: Hostinfo,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct RegisterResponse {
+    #[serde(rename = "MachineAuthorized")]
+    pub machine_authorized: bool,
+    #[serde(rename = "NodeKeyExpired")]
+    pub node_key_expired: bool,
+    #[serde(rename = "AuthURL")]
+    pub auth_url: String,
+    #[serde(rename = "Error")]
+    pub error: String,
+    #[serde(rename = "User")]
+    pub user: Option<RegisterUser>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct RegisterUser {
+    #[serde(rename = "DisplayName")]
+    pub display_name: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MapRequest {
+    #[serde(rename = "Version")]
+    pub version: u16,
+    #[serde(rename = "Compress")]
+    pub compress: String,
+    #[serde(rename = "KeepAlive")]
+    pub keep_alive: bool,
+    #[serde(rename = "NodeKey")]
+    pub node_key: String,
+    #[serde(rename = "DiscoKey")]
+    pub disco_key: String,
+    #[serde(rename = "Stream")]
+    pub stream: bool,
+    #[serde(rename = "OmitPeers")]
+    pub omit_peers: bool,
+    #[serde(rename = "Hostinfo")]
+    pub hostinfo: Hostinfo,
+    #[serde(rename = "Endpoints", skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    #[serde(rename = "EndpointTypes", skip_serializing_if = "Vec::is_empty")]
+    pub endpoint_types: Vec<u8>,
+}
+
+/// A node in the map (self or peer).
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct Node {
+    #[serde(rename = "ID")]
+    pub id: i64,
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "Key")]
+    pub key: String,
+    #[serde(rename = "DiscoKey")]
+    pub disco_key: String,
+    #[serde(rename = "Addresses", deserialize_with = "null_vec")]
+    pub addresses: Vec<String>,
+    #[serde(rename = "AllowedIPs", deserialize_with = "null_vec")]
+    pub allowed_ips: Vec<String>,
+    #[serde(rename = "Endpoints", deserialize_with = "null_vec")]
+    pub endpoints: Vec<String>,
+    #[serde(rename = "HomeDERP")]
+    pub home_derp: u32,
+    #[serde(rename = "Online")]
+    pub online: Option<bool>,
+    #[serde(rename = "Tags", deserialize_with = "null_vec")]
+    pub tags: Vec<String>,
+    #[serde(rename = "User")]
+    pub user: i64,
+}
+
+/// A partial update of one peer.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct PeerChange {
+    #[serde(rename = "NodeID")]
+    pub node_id: i64,
+    #[serde(rename = "DERPRegion")]
+    pub derp_region: Option<u32>,
+    #[serde(rename = "Endpoints")]
+    pub endpoints: Option<Vec<String>>,
+    #[serde(rename = "Key")]
+    pub key: Option<String>,
+    #[serde(rename = "DiscoKey")]
+    pub disco_key: Option<String>,
+    #[serde(rename = "Online")]
+    pub online: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct DerpNode {
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "RegionID")]
+    pub region_id: u32,
+    #[serde(rename = "HostName")]
+    pub host_name: String,
+    #[serde(rename = "IPv4")]
+    pub ipv4: String,
+    #[serde(rename = "STUNPort")]
+    pub stun_port: i32,
+    #[serde(rename = "DERPPort")]
+    pub derp_port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct DerpRegion {
+    #[serde(rename = "RegionID")]
+    pub region_id: u32,
+    #[serde(rename = "RegionCode")]
+    pub region_code: String,
+    #[serde(rename = "Nodes", deserialize_with = "null_vec")]
+    pub nodes: Vec<DerpNode>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct DerpMap {
+    #[serde(rename = "Regions")]
+    pub regions: BTreeMap<String, DerpRegion>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct MapResponse {
+    #[serde(rename = "KeepAlive")]
+    pub keep_alive: bool,
+    #[serde(rename = "Node")]
+    pub node: Option<Node>,
+    #[serde(rename = "DERPMap")]
+    pub derp_map: Option<DerpMap>,
+    #[serde(rename = "Peers")]
+    pub peers: Option<Vec<Node>>,
+    #[serde(rename = "PeersChanged", deserialize_with = "null_vec")]
+    pub peers_changed: Vec<Node>,
+    #[serde(rename = "PeersRemoved", deserialize_with = "null_vec")]
+    pub peers_removed: Vec<i64>,
+    #[serde(rename = "PeersChangedPatch", deserialize_with = "null_vec")]
+    pub peers_changed_patch: Vec<PeerChange>,
+    #[serde(rename = "PacketFilters")]
+    pub packet_filters: Option<BTreeMap<String, Option<serde_json::Value>>>,
+}
+
+fn null_vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
+/// The zero time, Go's "not set".
+pub const ZERO_TIME: &str = "0001-01-01T00:00:00Z";

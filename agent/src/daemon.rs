@@ -1,0 +1,216 @@
+//! `vpn-agent run`: keep a control session up, registered, and the netmap current.
+
+use crate::backoff::{Backoff, jitter};
+use crate::config::{AuthKey, Config};
+use crate::control::client::{self, ServerUrl, Session};
+use crate::control::netmap::Netmap;
+use crate::control::types::{
+    AuthInfo, CAPABILITY_VERSION, Hostinfo, MapRequest, NetInfo, RegisterRequest, ZERO_TIME,
+};
+use crate::error::{Error, Result};
+use crate::keys::{self, Identity};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{error, info, warn};
+use userdata_gen::payload::Secret;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+/// tailscaled's watchdog: no message (keep-alives included) for this long means a dead stream.
+const MAP_WATCHDOG: Duration = Duration::from_secs(120);
+
+pub struct Daemon {
+    cfg: Config,
+    url: ServerUrl,
+    tls: Arc<rustls::ClientConfig>,
+    state_dir: PathBuf,
+    identity: Identity,
+    disco: StaticSecret,
+    pub netmap: Netmap,
+}
+
+impl Daemon {
+    pub fn new(cfg: Config, state_dir: PathBuf) -> Result<Daemon> {
+        let url = ServerUrl::parse(&cfg.server_url)?;
+        let tls = client::tls_config(cfg.settings.ca_file.as_deref().map(Path::new))?;
+        std::fs::create_dir_all(&state_dir).map_err(|e| Error::io(&state_dir, e))?;
+        let identity = Identity::load_or_create(&state_dir)?;
+        Ok(Daemon {
+            cfg,
+            url,
+            tls,
+            state_dir,
+            identity,
+            disco: keys::generate(),
+            netmap: Netmap::default(),
+        })
+    }
+
+    fn hostinfo(&self) -> Hostinfo {
+        Hostinfo {
+            ipn_version: format!("vpn-agent-{}", env!("CARGO_PKG_VERSION")),
+            os: "linux".into(),
+            hostname: self.cfg.hostname.clone(),
+            arch: std::env::consts::ARCH
+                .replace("x86_64", "amd64")
+                .replace("aarch64", "arm64"),
+            request_tags: self.cfg.settings.advertise_tags.clone(),
+            net_info: Some(NetInfo {
+                preferred_derp: 0,
+                working_udp: None,
+            }),
+        }
+    }
+
+    fn node_key_text(&self) -> String {
+        keys::public_text("nodekey", &self.identity.node_public())
+    }
+
+    /// Runs until the process is stopped: reconnects with capped, jittered backoff.
+    pub async fn run(&mut self) -> Result<()> {
+        if !self.cfg.enabled {
+            info!("Enabled is false in the mesh config: not connecting");
+            std::future::pending::<()>().await;
+        }
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let mut refused = Backoff::new(Duration::from_secs(30), Duration::from_secs(600));
+        loop {
+            let delay = match self.session().await {
+                Ok(()) => {
+                    backoff.reset();
+                    refused.reset();
+                    backoff.next(jitter())
+                }
+                Err(Error::Refused(msg)) => {
+                    let d = refused.next(jitter());
+                    error!(reason = %msg, retry_in = ?d, "headscale refused the registration");
+                    d
+                }
+                Err(e) => {
+                    let d = backoff.next(jitter());
+                    warn!(error = %e, retry_in = ?d, "control connection failed");
+                    d
+                }
+            };
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One control session: connect, register if needed, follow the map stream.
+    async fn session(&mut self) -> Result<()> {
+        let mut s = client::connect(&self.url, &self.tls, &self.identity.machine).await?;
+        self.ensure_registered(&mut s).await?;
+        let req = MapRequest {
+            version: CAPABILITY_VERSION,
+            compress: "zstd".into(),
+            keep_alive: true,
+            node_key: self.node_key_text(),
+            disco_key: keys::public_text("discokey", &PublicKey::from(&self.disco)),
+            stream: true,
+            omit_peers: false,
+            hostinfo: self.hostinfo(),
+            endpoints: vec![],
+            endpoint_types: vec![],
+        };
+        let mut body = s.map(&req).await?;
+        info!(server = %self.cfg.server_url, "map stream open");
+        loop {
+            let msg = tokio::time::timeout(MAP_WATCHDOG, body.next_message())
+                .await
+                .map_err(|_| Error::Control(format!("no map message for {MAP_WATCHDOG:?}")))??;
+            let Some(msg) = msg else {
+                return Err(Error::Control("the map stream ended".into()));
+            };
+            if msg.keep_alive {
+                continue;
+            }
+            let c = self.netmap.apply(msg);
+            if c.self_changed {
+                info!(addresses = ?self.netmap.addresses(), "self node");
+            }
+            if c.peers_changed + c.peers_removed > 0 {
+                info!(peers = self.netmap.peers.len(), "peers updated");
+            }
+        }
+    }
+
+    async fn ensure_registered(&mut self, s: &mut Session) -> Result<()> {
+        let mut req = RegisterRequest {
+            version: CAPABILITY_VERSION,
+            node_key: self.node_key_text(),
+            old_node_key: keys::public_text("nodekey", &PublicKey::from([0u8; 32])),
+            auth: None,
+            expiry: ZERO_TIME.into(),
+            hostinfo: self.hostinfo(),
+        };
+        if self.identity.registered {
+            // A known node key re-attaches without a key (a restart).
+            let r = s.register(&req).await?;
+            if r.error.is_empty() && r.machine_authorized {
+                info!("re-attached to headscale with the stored node key");
+                return Ok(());
+            }
+            warn!(error = %r.error, "stored node key not accepted; registering with the auth key");
+        }
+        let key = self.auth_key()?;
+        req.auth = Some(AuthInfo {
+            auth_key: key.expose().to_string(),
+        });
+        let r = s.register(&req).await?;
+        if !r.error.is_empty() {
+            return Err(Error::Refused(explain(&r.error)));
+        }
+        if !r.machine_authorized {
+            return Err(Error::Refused(
+                "headscale did not authorize this node (an interactive login is not supported)"
+                    .into(),
+            ));
+        }
+        self.identity.registered = true;
+        self.identity.save(&self.state_dir)?;
+        info!(hostname = %self.cfg.hostname, "registered with headscale");
+        if let Some(AuthKey::File(path)) = &self.cfg.auth_key {
+            match crate::fsutil::scrub(path) {
+                Ok(()) => info!(path = %path.display(), "used pre-auth key scrubbed"),
+                Err(e) => warn!(error = %e, "could not scrub the used pre-auth key"),
+            }
+        }
+        Ok(())
+    }
+
+    fn auth_key(&self) -> Result<Secret> {
+        match &self.cfg.auth_key {
+            Some(AuthKey::Inline(k)) => Ok(k.clone()),
+            Some(AuthKey::File(p)) => match std::fs::read_to_string(p) {
+                Ok(t) if !t.trim().is_empty() => Ok(Secret::new(t.trim())),
+                Ok(_) => Err(Error::Refused(format!(
+                    "the pre-auth key file {} is empty",
+                    p.display()
+                ))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Refused(format!(
+                    "this node is not registered and its pre-auth key file {} is gone (already used?); \
+                     a new key is needed",
+                    p.display()
+                ))),
+                Err(e) => Err(Error::io(p, e)),
+            },
+            None => Err(Error::Refused(
+                "this node is not registered and the config holds no AuthKey".into(),
+            )),
+        }
+    }
+}
+
+/// headscale's refusal texts, said in words an operator can act on.
+pub fn explain(error: &str) -> String {
+    let hint = if error.contains("already used") {
+        "the single-use pre-auth key was used before; generate the userdata again"
+    } else if error.contains("expired") {
+        "the pre-auth key expired; generate the userdata again"
+    } else if error.contains("not found") || error.contains("failed to parse") {
+        "headscale does not know this pre-auth key (a key for another server?)"
+    } else {
+        "see headscale's log"
+    };
+    format!("{error} ({hint})")
+}

@@ -1,0 +1,15 @@
+//! vpn-agent: a Rust equivalent of `tailscaled` for bare-metal firewalls.
+//!
+//! Pure cores (`control::noise`, `control::record`, `control::netmap`, `backoff`) take bytes
+//! and events and return results; `control::client`, `control::conn` and `daemon` move bytes.
+//! Invariant: the pre-auth key and private keys never appear in logs or errors.
+
+pub mod backoff;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod error;
+pub mod fsutil;
+pub mod keys;
+
+pub use error::{Error, Result};
