@@ -192,7 +192,7 @@ impl Lab {
         let lab = Lab {
             state: Mutex::new(state),
             headscale,
-            children: Mutex::new(vec![("headscale".into(), hs_child)]),
+            children: Mutex::new(vec![("headscale@ctl".into(), hs_child)]),
             persistent: opts.persistent_id.is_some(),
         };
         lab.save()?;
@@ -266,8 +266,66 @@ impl Lab {
             .stderr(file)
             .spawn()
             .with_context(|| format!("cannot start `{}`", cmd::render(&command)))?;
-        self.children.lock().unwrap().push((log.into(), child));
+        self.children
+            .lock()
+            .unwrap()
+            .push((format!("{log}@{host}"), child));
         Ok(())
+    }
+
+    /// Stops the process started as `log` on `host` (SIGTERM, then SIGKILL) and reaps it.
+    pub fn stop(&self, host: &str, log: &str) -> Result<()> {
+        let mut children = self.children.lock().unwrap();
+        let i = children
+            .iter()
+            .position(|(n, _)| n == &format!("{log}@{host}"))
+            .with_context(|| format!("no process {log} runs on {host}"))?;
+        let (_, mut child) = children.remove(i);
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..50 {
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// The log of the process started as `log` on `host`.
+    pub fn log(&self, host: &str, log: &str) -> String {
+        std::fs::read_to_string(self.host_dir(host).join(format!("{log}.log"))).unwrap_or_default()
+    }
+
+    /// The last lines of the log of `log` on `host`.
+    pub fn log_tail(&self, host: &str, log: &str) -> String {
+        tail_str(&self.log(host, log), 30)
+    }
+
+    /// Waits until the log of `log` on `host` contains `text`.
+    pub fn wait_log(
+        &self,
+        host: &str,
+        log: &str,
+        text: &str,
+        timeout: std::time::Duration,
+    ) -> Result<String> {
+        let start = std::time::Instant::now();
+        loop {
+            let l = self.log(host, log);
+            if l.contains(text) {
+                return Ok(l);
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "{log} on {host} did not log {text:?} within {timeout:?}:\n{}",
+                    tail_str(&l, 30)
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 
     /// Starts a stock tailscaled on host `name`.
@@ -632,7 +690,10 @@ pub fn gc_stale() -> Vec<String> {
 
 /// The last `n` lines of a file, for error messages.
 pub fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    tail_str(&std::fs::read_to_string(path).unwrap_or_default(), n)
+}
+
+fn tail_str(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -12,6 +12,7 @@
 //! The lab is test infrastructure, so it reports errors with `anyhow` like a binary does.
 
 pub mod cmd;
+pub mod firewall;
 pub mod headscale;
 pub mod ignition;
 pub mod lab;

@@ -46,6 +46,21 @@ impl Netns {
         c
     }
 
+    /// A command that runs `program` inside this namespace as the firewall would after
+    /// Ignition wrote `root`: in a private mount namespace where `root/etc` is `/etc`.
+    pub fn command_in_root(
+        &self,
+        root: &std::path::Path,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Command {
+        let mut c = self.command("unshare");
+        c.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$0/etc" /etc && exec "$@""#)
+            .arg(root)
+            .arg(program);
+        c
+    }
+
     /// Runs `f` on a new thread that has entered this namespace. Sockets it opens stay in
     /// the namespace, so the test process can talk to a lab host without any route from
     /// the host's own namespace.

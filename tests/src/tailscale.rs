@@ -58,12 +58,8 @@ impl Tailscaled {
         config: &str,
         ca: &str,
     ) -> Result<(Self, Child)> {
-        let mut c = ns.command("unshare");
-        c.args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg(r#"mount --bind "$0/etc" /etc && exec "$@""#)
-            .arg(root)
-            .arg("env")
-            .arg(format!("SSL_CERT_FILE={ca}"));
+        let mut c = ns.command_in_root(root, "env");
+        c.arg(format!("SSL_CERT_FILE={ca}"));
         Self::spawn(ns, dir, c, &[format!("--config={config}")])
     }
 

@@ -1,0 +1,103 @@
+//! Provisioning a lab host as a metal-stack firewall: userdata from `userdata-gen` against the
+//! lab's headscale, written by the real flatcar Ignition into the host's root, and the
+//! `vpn-agent` started from exactly those files, as its unit would start it.
+
+use crate::Lab;
+use crate::cmd;
+use crate::tools;
+use anyhow::{Context, Result, bail};
+use std::path::PathBuf;
+
+/// What `provision` made.
+pub struct Provisioned {
+    /// The firewall's root directory as Ignition wrote it.
+    pub root: PathBuf,
+    /// userdata-gen's metadata.
+    pub meta: serde_json::Value,
+}
+
+/// Runs `userdata-gen generate` in `ctl` for `machine` of `project` (`extra` adds flags),
+/// then flatcar Ignition into `<host dir>/root`.
+pub fn provision(
+    lab: &Lab,
+    host: &str,
+    machine: &str,
+    project: &str,
+    extra: &[&str],
+) -> Result<Provisioned> {
+    let hs = lab.headscale();
+    let dir = lab.host_dir(host);
+    let api_key = dir.join("api.key");
+    crate::headscale::write_private(&api_key, hs.create_api_key()?.as_bytes())?;
+    let out = dir.join("userdata.ign");
+    let meta = dir.join("meta.json");
+    cmd::run_quiet(
+        lab.host("ctl")
+            .ns()
+            .command(tools::project_bin("userdata-gen"))
+            .args(["generate", "--machine-id", machine, "--project", project])
+            .args(["--login-server", &hs.url()])
+            .arg("--headscale-api-key-file")
+            .arg(&api_key)
+            .arg("--ca-file")
+            .arg(hs.ca_path())
+            .arg("--output")
+            .arg(&out)
+            .arg("--metadata-out")
+            .arg(&meta)
+            .args(extra),
+    )?;
+    let root = dir.join("root");
+    let config = std::fs::read_to_string(&out)?;
+    crate::ignition::apply_flatcar(&config, &root, &dir.join("ignition"))?;
+    Ok(Provisioned {
+        root,
+        meta: serde_json::from_str(&std::fs::read_to_string(meta)?)?,
+    })
+}
+
+/// The log name of the agent on a host.
+pub const AGENT_LOG: &str = "vpn-agent";
+
+/// Starts `vpn-agent run` on `host` from `root` (its `/etc`), with its state in
+/// `<root>/var/lib/vpn-agent`, the unit's paths.
+pub fn start_agent(lab: &Lab, host: &str, root: &std::path::Path) -> Result<()> {
+    let state = root.join("var/lib/vpn-agent");
+    std::fs::create_dir_all(&state)?;
+    let mut c = lab
+        .host(host)
+        .ns()
+        .command_in_root(root, tools::project_bin("vpn-agent"));
+    c.args([
+        "run",
+        "--config",
+        "/etc/vpn-agent/tailscaled.conf",
+        "--settings",
+        "/etc/vpn-agent/agent.json",
+    ])
+    .arg("--state-dir")
+    .arg(&state)
+    .env("NO_COLOR", "1")
+    .env("VPN_AGENT_LOG", "info");
+    lab.spawn(host, AGENT_LOG, c)
+}
+
+/// Waits until headscale lists `machine` (the agent on `host`) online; returns its node.
+pub fn wait_online(lab: &Lab, host: &str, machine: &str) -> Result<crate::headscale::Node> {
+    let nodes = lab
+        .headscale()
+        .wait_nodes(
+            &format!("{machine} online"),
+            std::time::Duration::from_secs(60),
+            |n| n.iter().any(|n| n.name == machine && n.online),
+        )
+        .with_context(|| format!("agent log:\n{}", lab.log_tail(host, AGENT_LOG)))?;
+    let matching: Vec<_> = nodes.into_iter().filter(|n| n.name == machine).collect();
+    if matching.len() != 1 {
+        bail!(
+            "headscale lists {} nodes named {machine}: {matching:?}",
+            matching.len()
+        );
+    }
+    Ok(matching.into_iter().next().unwrap())
+}
