@@ -9,8 +9,10 @@ use crate::control::types::{
 };
 use crate::error::{Error, Result};
 use crate::keys::{self, Identity};
+use crate::netlink::Tunnel;
+use crate::status::{PeerStatus, Status, now_secs};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{error, info, warn};
 use userdata_gen::payload::Secret;
@@ -20,6 +22,12 @@ use x25519_dalek::{PublicKey, StaticSecret};
 const MAP_WATCHDOG: Duration = Duration::from_secs(120);
 
 pub struct Daemon {
+    status: Arc<Mutex<Status>>,
+    socket: PathBuf,
+    tunnel: Option<Tunnel>,
+    /// The UDP socket for WireGuard and disco; bound now so its port is reported to control.
+    udp: Option<tokio::net::UdpSocket>,
+    announced_ready: bool,
     cfg: Config,
     url: ServerUrl,
     tls: Arc<rustls::ClientConfig>,
@@ -30,12 +38,29 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn new(cfg: Config, state_dir: PathBuf) -> Result<Daemon> {
+    pub fn new(cfg: Config, state_dir: PathBuf, socket: PathBuf) -> Result<Daemon> {
         let url = ServerUrl::parse(&cfg.server_url)?;
         let tls = client::tls_config(cfg.settings.ca_file.as_deref().map(Path::new))?;
         std::fs::create_dir_all(&state_dir).map_err(|e| Error::io(&state_dir, e))?;
         let identity = Identity::load_or_create(&state_dir)?;
+        let status = Status {
+            backend_state: if identity.registered {
+                "Starting"
+            } else {
+                "NeedsLogin"
+            }
+            .into(),
+            hostname: cfg.hostname.clone(),
+            server_url: cfg.server_url.clone(),
+            interface: cfg.settings.interface.clone(),
+            ..Status::default()
+        };
         Ok(Daemon {
+            status: Arc::new(Mutex::new(status)),
+            socket,
+            tunnel: None,
+            udp: None,
+            announced_ready: false,
             cfg,
             url,
             tls,
@@ -66,8 +91,47 @@ impl Daemon {
         keys::public_text("nodekey", &self.identity.node_public())
     }
 
+    fn set(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().expect("status lock"));
+    }
+
+    /// Brings up what does not need control: the status socket, the TUN device, the UDP port.
+    async fn start_local(&mut self) -> Result<()> {
+        crate::status::serve(&self.socket, self.status.clone())?;
+        self.tunnel = Some(Tunnel::create(&self.cfg.settings.interface).await?);
+        let port = self.cfg.settings.listen_port;
+        let udp = tokio::net::UdpSocket::bind(("0.0.0.0", port))
+            .await
+            .map_err(|e| Error::io(format!("UDP port {port}"), e))?;
+        self.udp = Some(udp);
+        info!(interface = %self.cfg.settings.interface, udp_port = port, "local setup done");
+        Ok(())
+    }
+
+    async fn endpoints(&self) -> Vec<String> {
+        let (Some(t), Some(udp)) = (&self.tunnel, &self.udp) else {
+            return vec![];
+        };
+        let port = udp
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or(self.cfg.settings.listen_port);
+        match t.local_addresses().await {
+            Ok(ips) => ips
+                .into_iter()
+                .filter(|ip| ip.is_ipv4())
+                .map(|ip| std::net::SocketAddr::new(ip, port).to_string())
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot list local addresses for endpoints");
+                vec![]
+            }
+        }
+    }
+
     /// Runs until the process is stopped: reconnects with capped, jittered backoff.
     pub async fn run(&mut self) -> Result<()> {
+        self.start_local().await?;
         if !self.cfg.enabled {
             info!("Enabled is false in the mesh config: not connecting");
             std::future::pending::<()>().await;
@@ -84,11 +148,20 @@ impl Daemon {
                 Err(Error::Refused(msg)) => {
                     let d = refused.next(jitter());
                     error!(reason = %msg, retry_in = ?d, "headscale refused the registration");
+                    self.set(|s| {
+                        s.backend_state = "NeedsLogin".into();
+                        s.error = Some(msg);
+                        s.control_connected = false;
+                    });
                     d
                 }
                 Err(e) => {
                     let d = backoff.next(jitter());
                     warn!(error = %e, retry_in = ?d, "control connection failed");
+                    self.set(|s| {
+                        s.error = Some(e.to_string());
+                        s.control_connected = false;
+                    });
                     d
                 }
             };
@@ -100,6 +173,7 @@ impl Daemon {
     async fn session(&mut self) -> Result<()> {
         let mut s = client::connect(&self.url, &self.tls, &self.identity.machine).await?;
         self.ensure_registered(&mut s).await?;
+        let endpoints = self.endpoints().await;
         let req = MapRequest {
             version: CAPABILITY_VERSION,
             compress: "zstd".into(),
@@ -109,11 +183,19 @@ impl Daemon {
             stream: true,
             omit_peers: false,
             hostinfo: self.hostinfo(),
-            endpoints: vec![],
-            endpoint_types: vec![],
+            endpoint_types: vec![1; endpoints.len()],
+            endpoints,
         };
         let mut body = s.map(&req).await?;
-        info!(server = %self.cfg.server_url, "map stream open");
+        info!(server = %self.cfg.server_url, endpoints = ?req.endpoints, "map stream open");
+        self.set(|s| {
+            s.control_connected = true;
+            s.last_contact = Some(now_secs());
+            s.error = None;
+            if s.backend_state == "NeedsLogin" {
+                s.backend_state = "Starting".into();
+            }
+        });
         loop {
             let msg = tokio::time::timeout(MAP_WATCHDOG, body.next_message())
                 .await
@@ -121,17 +203,46 @@ impl Daemon {
             let Some(msg) = msg else {
                 return Err(Error::Control("the map stream ended".into()));
             };
+            self.set(|s| s.last_contact = Some(now_secs()));
             if msg.keep_alive {
                 continue;
             }
             let c = self.netmap.apply(msg);
             if c.self_changed {
+                let addrs = crate::netlink::plan(&self.netmap.addresses())?;
+                if let Some(t) = &self.tunnel {
+                    t.set_addresses(&addrs).await?;
+                }
                 info!(addresses = ?self.netmap.addresses(), "self node");
+                self.set(|s| s.self_addresses = self.netmap.addresses());
             }
             if c.peers_changed + c.peers_removed > 0 {
                 info!(peers = self.netmap.peers.len(), "peers updated");
+                let peers = self.peer_status();
+                self.set(|s| s.peers = peers);
+            }
+            if !self.announced_ready && self.netmap.self_node.is_some() {
+                self.announced_ready = true;
+                self.set(|s| s.backend_state = "Running".into());
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                info!("running");
             }
         }
+    }
+
+    fn peer_status(&self) -> Vec<PeerStatus> {
+        self.netmap
+            .peers
+            .values()
+            .map(|p| PeerStatus {
+                name: p.name.clone(),
+                addresses: p.addresses.clone(),
+                online: p.online,
+                node_key: p.key.clone(),
+                home_derp: p.home_derp,
+                endpoints: p.endpoints.clone(),
+            })
+            .collect()
     }
 
     async fn ensure_registered(&mut self, s: &mut Session) -> Result<()> {

@@ -11,5 +11,7 @@ pub mod daemon;
 pub mod error;
 pub mod fsutil;
 pub mod keys;
+pub mod netlink;
+pub mod status;
 
 pub use error::{Error, Result};

@@ -26,8 +26,21 @@ enum Cmd {
         /// Where the machine and node keys are kept.
         #[arg(long, default_value = "/var/lib/vpn-agent")]
         state_dir: PathBuf,
+        /// The status socket (root only).
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Show the agent's state and peers, like `tailscale status`.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
 }
+
+const DEFAULT_SOCKET: &str = "/run/vpn-agent/vpn-agent.sock";
 
 fn main() {
     tracing_subscriber::fmt()
@@ -43,7 +56,18 @@ fn main() {
             config,
             settings,
             state_dir,
-        } => run(config, settings, state_dir),
+            socket,
+        } => run(config, settings, state_dir, socket),
+        Cmd::Status { json, socket } => vpn_agent::status::fetch(&socket).map(|s| {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s).expect("serializes"));
+            } else {
+                print!(
+                    "{}",
+                    vpn_agent::status::render(&s, vpn_agent::status::now_secs())
+                );
+            }
+        }),
     };
     if let Err(e) = res {
         eprintln!("vpn-agent: error: {e}");
@@ -51,14 +75,19 @@ fn main() {
     }
 }
 
-fn run(config: PathBuf, settings: PathBuf, state_dir: PathBuf) -> vpn_agent::Result<()> {
+fn run(
+    config: PathBuf,
+    settings: PathBuf,
+    state_dir: PathBuf,
+    socket: PathBuf,
+) -> vpn_agent::Result<()> {
     let cfg = Config::load(&config, &settings)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| vpn_agent::Error::io("tokio runtime", e))?;
     rt.block_on(async move {
-        let mut d = Daemon::new(cfg, state_dir)?;
+        let mut d = Daemon::new(cfg, state_dir, socket)?;
         tokio::select! {
             r = d.run() => r,
             _ = tokio::signal::ctrl_c() => Ok(()),

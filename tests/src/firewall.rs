@@ -77,6 +77,8 @@ pub fn start_agent(lab: &Lab, host: &str, root: &std::path::Path) -> Result<()> 
     ])
     .arg("--state-dir")
     .arg(&state)
+    .arg("--socket")
+    .arg(agent_socket(lab, host))
     .env("NO_COLOR", "1")
     .env("VPN_AGENT_LOG", "info");
     lab.spawn(host, AGENT_LOG, c)
@@ -100,4 +102,44 @@ pub fn wait_online(lab: &Lab, host: &str, machine: &str) -> Result<crate::headsc
         );
     }
     Ok(matching.into_iter().next().unwrap())
+}
+
+/// The agent's status socket on `host` (per lab: `/run` is shared by all namespaces).
+pub fn agent_socket(lab: &Lab, host: &str) -> PathBuf {
+    lab.host_dir(host).join("vpn-agent.sock")
+}
+
+/// `vpn-agent status --json` on `host`.
+pub fn agent_status(lab: &Lab, host: &str) -> Result<serde_json::Value> {
+    let out = cmd::run_quiet(
+        std::process::Command::new(tools::project_bin("vpn-agent"))
+            .args(["status", "--json", "--socket"])
+            .arg(agent_socket(lab, host)),
+    )?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// Waits until the agent's status on `host` satisfies `pred`.
+pub fn wait_status(
+    lab: &Lab,
+    host: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let start = std::time::Instant::now();
+    loop {
+        let s = agent_status(lab, host);
+        if let Ok(s) = &s
+            && pred(s)
+        {
+            return Ok(s.clone());
+        }
+        if start.elapsed() > std::time::Duration::from_secs(30) {
+            bail!(
+                "agent status on {host}: {what} not seen within 30 s; status now: {s:?}\nlog:\n{}",
+                lab.log_tail(host, AGENT_LOG)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

@@ -102,21 +102,32 @@ impl Headscale {
             addr,
             dir: dir.to_path_buf(),
         };
-        let log = std::fs::File::create(dir.join("headscale.log"))?;
-        let child = ns
+        let child = hs.spawn(!expired_tls)?;
+        Ok((hs, child))
+    }
+
+    /// Starts the server process on the prepared config (again, for a restart: same keys,
+    /// database and certificate), waiting for its health check when `wait`.
+    pub fn spawn(&self, wait: bool) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = self
+            .ns
             .command(tools::headscale_bin())
             .arg("-c")
-            .arg(hs.config_path())
+            .arg(self.config_path())
             .arg("serve")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("cannot start headscale")?;
-        if !expired_tls {
-            hs.wait_healthy(Duration::from_secs(30))?;
+        if wait {
+            self.wait_healthy(Duration::from_secs(30))?;
         }
-        Ok((hs, child))
+        Ok(child)
     }
 
     /// Reattaches to a headscale started earlier (a persistent `lab up`).

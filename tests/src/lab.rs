@@ -294,6 +294,31 @@ impl Lab {
         Ok(())
     }
 
+    /// Stops headscale and starts it again on the same state, as an operator's restart or a
+    /// crash would.
+    pub fn restart_headscale(&self) -> Result<()> {
+        self.stop(CTL, "headscale")?;
+        let child = self.headscale.spawn(true)?;
+        self.children
+            .lock()
+            .unwrap()
+            .push((format!("headscale@{CTL}"), child));
+        Ok(())
+    }
+
+    /// Kills the process started as `log` on `host` with SIGKILL, as a crash would.
+    pub fn kill9(&self, host: &str, log: &str) -> Result<()> {
+        let mut children = self.children.lock().unwrap();
+        let i = children
+            .iter()
+            .position(|(n, _)| n == &format!("{log}@{host}"))
+            .with_context(|| format!("no process {log} runs on {host}"))?;
+        let (_, mut child) = children.remove(i);
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
     /// The log of the process started as `log` on `host`.
     pub fn log(&self, host: &str, log: &str) -> String {
         std::fs::read_to_string(self.host_dir(host).join(format!("{log}.log"))).unwrap_or_default()

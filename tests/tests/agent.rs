@@ -2,7 +2,7 @@
 //! the files real Ignition wrote, restarts without a key, and refusals.
 
 use std::time::Duration;
-use vdc::firewall::{AGENT_LOG, provision, start_agent, wait_online};
+use vdc::firewall::{AGENT_LOG, agent_status, provision, start_agent, wait_online, wait_status};
 use vdc::headscale::KeyOptions;
 use vdc::{Lab, LabOptions, require_lab};
 
@@ -11,7 +11,7 @@ const MACHINE: &str = "0cfc7e24-aaaa-4bbb-8ccc-0000000000f1";
 #[test]
 fn agent_joins_with_the_generated_userdata_and_rejoins_without_a_key() {
     require_lab!();
-    let lab = Lab::start(LabOptions::hosts(&["fw"])).unwrap();
+    let lab = Lab::start(LabOptions::hosts(&["fw", "op"])).unwrap();
     let fw = provision(&lab, "fw", MACHINE, "project-a", &[]).unwrap();
     let key_file = fw.root.join("etc/vpn-agent/authkey");
     assert!(key_file.exists());
@@ -40,6 +40,97 @@ fn agent_joins_with_the_generated_userdata_and_rejoins_without_a_key() {
         0o600
     );
 
+    // The tunnel interface: MTU 1280, the mesh addresses, the mesh prefixes routed into it.
+    let ns = lab.host("fw").ns();
+    let link = ns.ip(&["-o", "link", "show", "tailscale0"]).unwrap();
+    assert!(link.contains("mtu 1280") && link.contains("UP"), "{link}");
+    let addrs = ns.ip(&["-o", "addr", "show", "dev", "tailscale0"]).unwrap();
+    for a in &node.addresses {
+        assert!(
+            addrs.contains(&format!(" {a}/")),
+            "{a} not on tailscale0: {addrs}"
+        );
+    }
+    let routes4 = ns.ip(&["route", "show", "dev", "tailscale0"]).unwrap();
+    assert!(routes4.contains("100.64.0.0/10"), "{routes4}");
+    let routes6 = ns
+        .ip(&["-6", "route", "show", "dev", "tailscale0"])
+        .unwrap();
+    assert!(routes6.contains("fd7a:115c:a1e0::/48"), "{routes6}");
+
+    // Status over the socket, and the netmap following headscale: a stock node joins...
+    let st = wait_status(&lab, "fw", "Running", |s| s["backend_state"] == "Running").unwrap();
+    assert_eq!(st["control_connected"], true);
+    let hs = lab.headscale();
+    let ops = hs.create_user("ops").unwrap();
+    let op_key = hs.create_preauth_key(&ops, &KeyOptions::default()).unwrap();
+    let op = lab.start_tailscaled("op").unwrap();
+    op.up(&hs.url(), &op_key.key, "op").unwrap();
+    let op_ip = format!("{}/32", op.ipv4().unwrap());
+    let has_op = |s: &serde_json::Value| {
+        s["peers"].as_array().is_some_and(|p| {
+            p.iter().any(|p| {
+                p["addresses"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|a| a.as_str() == Some(op_ip.as_str())))
+            })
+        })
+    };
+    let st = wait_status(&lab, "fw", "the operator's node", has_op).unwrap();
+    let op_node = hs
+        .nodes()
+        .unwrap()
+        .into_iter()
+        .find(|n| n.name == "op")
+        .unwrap();
+    let peer = st["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str().unwrap().starts_with("op."))
+        .unwrap();
+    let want: Vec<String> = op_node
+        .addresses
+        .iter()
+        .map(|a| {
+            if a.contains(':') {
+                format!("{a}/128")
+            } else {
+                format!("{a}/32")
+            }
+        })
+        .collect();
+    assert_eq!(peer["addresses"], serde_json::json!(want));
+    // ... and is deleted: it leaves the netmap.
+    lab.stop("op", "tailscaled").unwrap();
+    vdc::cmd::run_quiet(hs.cli().args([
+        "nodes",
+        "delete",
+        "--identifier",
+        &op_node.id.to_string(),
+        "--force",
+    ]))
+    .unwrap();
+    wait_status(&lab, "fw", "the deleted node gone", |s| {
+        s["peers"].as_array().is_some_and(|p| p.is_empty())
+    })
+    .unwrap();
+
+    // headscale restarts under the running agent: it reconnects and the map resumes.
+    lab.restart_headscale().unwrap();
+    lab.wait_log(
+        "fw",
+        AGENT_LOG,
+        "control connection failed",
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    wait_status(&lab, "fw", "control again", |s| {
+        s["control_connected"] == true && s["error"].is_null()
+    })
+    .unwrap();
+    wait_online(&lab, "fw", MACHINE).unwrap();
+
     // A restart (the key is gone) re-attaches the same node: headscale keeps one, not two.
     lab.stop("fw", AGENT_LOG).unwrap();
     lab.headscale()
@@ -58,6 +149,19 @@ fn agent_joins_with_the_generated_userdata_and_rejoins_without_a_key() {
         Duration::from_secs(10),
     )
     .unwrap();
+
+    // And after kill -9.
+    lab.kill9("fw", AGENT_LOG).unwrap();
+    start_agent(&lab, "fw", &fw.root).unwrap();
+    lab.wait_log(
+        "fw",
+        AGENT_LOG,
+        "re-attached to headscale",
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let after = wait_online(&lab, "fw", MACHINE).unwrap();
+    assert_eq!(after.id, node.id);
 }
 
 #[test]
@@ -110,6 +214,12 @@ fn refused_keys_say_why_and_back_off() {
             )
             .unwrap();
         assert!(log.contains(want), "case {i}: {log}");
+        let st = agent_status(&lab, "fw").unwrap();
+        assert_eq!(st["backend_state"], "NeedsLogin", "case {i}: {st}");
+        assert!(
+            st["error"].as_str().unwrap().contains(want),
+            "case {i}: {st}"
+        );
         assert!(log.contains("retry_in="), "case {i}: no backoff in {log}");
         assert!(!log.contains(&key), "case {i}: the key is in the log");
         lab.stop("fw", AGENT_LOG).unwrap();

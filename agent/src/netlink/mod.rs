@@ -1,0 +1,194 @@
+//! The tunnel interface: created with the `tun` crate (MTU 1280, up), addresses and routes
+//! to the mesh prefixes applied with rtnetlink. `plan` is pure; `Tunnel` does the IO.
+
+use crate::error::{Error, Result};
+use futures::TryStreamExt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// tailscale's MTU, so packets fit in WireGuard over any path.
+pub const MTU: u16 = 1280;
+/// The mesh prefixes routed into the tunnel: tailscale's CGNAT range and its ULA.
+pub const MESH_ROUTES: &[(IpAddr, u8)] = &[
+    (IpAddr::V4(Ipv4Addr::new(100, 64, 0, 0)), 10),
+    (
+        IpAddr::V6(Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0)),
+        48,
+    ),
+];
+
+/// Parses the netmap's self addresses (`100.64.0.1/32`, `fd7a:…::1/128`).
+pub fn plan(addresses: &[String]) -> Result<Vec<(IpAddr, u8)>> {
+    addresses
+        .iter()
+        .map(|a| {
+            let (ip, len) = a.split_once('/').unwrap_or((a, ""));
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| Error::Control(format!("headscale sent an invalid address {a:?}")))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let len = if len.is_empty() {
+                max
+            } else {
+                len.parse::<u8>()
+                    .ok()
+                    .filter(|l| *l <= max)
+                    .ok_or_else(|| {
+                        Error::Control(format!("headscale sent an invalid prefix {a:?}"))
+                    })?
+            };
+            Ok((ip, len))
+        })
+        .collect()
+}
+
+/// Whether `ip` can be offered to peers as a direct endpoint.
+pub fn usable_endpoint(ip: IpAddr) -> bool {
+    let in_mesh = MESH_ROUTES.iter().any(|(net, len)| match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => u32::from(a) >> (32 - len) == u32::from(*n) >> (32 - len),
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            u128::from(a) >> (128 - len) == u128::from(*n) >> (128 - len)
+        }
+        _ => false,
+    });
+    let link_local = match ip {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
+    };
+    !ip.is_loopback() && !ip.is_unspecified() && !link_local && !in_mesh
+}
+
+fn net(e: impl std::fmt::Display, what: &str) -> Error {
+    Error::Control(format!("netlink: {what}: {e}"))
+}
+
+/// The TUN device and a netlink handle to configure it. Dropping it removes the device.
+pub struct Tunnel {
+    pub name: String,
+    pub device: tun::AsyncDevice,
+    index: u32,
+    handle: rtnetlink::Handle,
+}
+
+impl Tunnel {
+    /// Creates `name` (MTU 1280, up) and routes the mesh prefixes into it.
+    pub async fn create(name: &str) -> Result<Tunnel> {
+        let mut cfg = tun::Configuration::default();
+        cfg.tun_name(name).mtu(MTU).up();
+        let device = tun::create_as_async(&cfg).map_err(|e| {
+            Error::Control(format!(
+                "cannot create the TUN device {name}: {e} (needs CAP_NET_ADMIN and /dev/net/tun)"
+            ))
+        })?;
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| net(e, "open"))?;
+        tokio::spawn(conn);
+        let link = handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_next()
+            .await
+            .map_err(|e| net(e, "find the TUN link"))?
+            .ok_or_else(|| Error::Control(format!("netlink: the TUN link {name} vanished")))?;
+        let t = Tunnel {
+            name: name.to_string(),
+            device,
+            index: link.header.index,
+            handle,
+        };
+        for (ip, len) in MESH_ROUTES {
+            t.route(*ip, *len).await?;
+        }
+        Ok(t)
+    }
+
+    async fn route(&self, ip: IpAddr, len: u8) -> Result<()> {
+        let msg = match ip {
+            IpAddr::V4(v4) => rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(v4, len)
+                .output_interface(self.index)
+                .build(),
+            IpAddr::V6(v6) => rtnetlink::RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(v6, len)
+                .output_interface(self.index)
+                .build(),
+        };
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| net(e, &format!("route {ip}/{len} to {}", self.name)))
+    }
+
+    /// This host's addresses that peers could reach us on: not loopback, link-local, the
+    /// tunnel's own, or inside the mesh prefixes.
+    pub async fn local_addresses(&self) -> Result<Vec<IpAddr>> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let mut out = vec![];
+        let mut msgs = self.handle.address().get().execute();
+        while let Some(m) = msgs
+            .try_next()
+            .await
+            .map_err(|e| net(e, "list addresses"))?
+        {
+            if m.header.index == self.index {
+                continue;
+            }
+            for a in m.attributes {
+                if let AddressAttribute::Address(ip) = a
+                    && usable_endpoint(ip)
+                    && !out.contains(&ip)
+                {
+                    out.push(ip);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Assigns the mesh addresses (idempotent).
+    pub async fn set_addresses(&self, addrs: &[(IpAddr, u8)]) -> Result<()> {
+        for (ip, len) in addrs {
+            self.handle
+                .address()
+                .add(self.index, *ip, *len)
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| net(e, &format!("address {ip}/{len} on {}", self.name)))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_addresses() {
+        let p = plan(&["100.64.0.1/32".into(), "fd7a:115c:a1e0::1/128".into()]).unwrap();
+        assert_eq!(p[0], ("100.64.0.1".parse().unwrap(), 32));
+        assert_eq!(p[1], ("fd7a:115c:a1e0::1".parse().unwrap(), 128));
+        assert!(plan(&["100.64.0.1/33".into()]).is_err());
+        assert!(plan(&["nope/32".into()]).is_err());
+    }
+
+    #[test]
+    fn endpoints_exclude_loopback_link_local_and_the_mesh() {
+        for (ip, ok) in [
+            ("192.0.2.11", true),
+            ("127.0.0.1", false),
+            ("169.254.1.1", false),
+            ("fe80::1", false),
+            ("100.64.0.7", false),
+            ("100.128.0.1", true),
+            ("fd7a:115c:a1e0::5", false),
+            ("2001:db8::1", true),
+        ] {
+            assert_eq!(usable_endpoint(ip.parse().unwrap()), ok, "{ip}");
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! `vpn-agent status`: a snapshot the daemon keeps current, served as JSON on a Unix socket
+//! that only root can open, and rendered like `tailscale status`.
+
+use serde::{Deserialize, Serialize};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    pub name: String,
+    pub addresses: Vec<String>,
+    pub online: Option<bool>,
+    pub node_key: String,
+    pub home_derp: u32,
+    pub endpoints: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    /// NeedsLogin, Starting, Running.
+    pub backend_state: String,
+    /// The last error that stopped progress, if any (a refused key, an unreachable server).
+    pub error: Option<String>,
+    pub hostname: String,
+    pub server_url: String,
+    pub self_addresses: Vec<String>,
+    pub interface: String,
+    pub control_connected: bool,
+    /// Unix seconds of the last message from control.
+    pub last_contact: Option<u64>,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// Serves `status` as JSON to every client of the Unix socket at `path` (mode 0600).
+pub fn serve(
+    path: &std::path::Path,
+    status: std::sync::Arc<std::sync::Mutex<Status>>,
+) -> crate::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::AsyncWriteExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| crate::Error::io(path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| crate::Error::io(path, e))?;
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let body =
+                serde_json::to_vec(&*status.lock().expect("status lock")).unwrap_or_default();
+            tokio::spawn(async move {
+                let _ = conn.write_all(&body).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Reads the status from the daemon's socket.
+pub fn fetch(path: &std::path::Path) -> crate::Result<Status> {
+    use std::io::Read;
+    let mut conn = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+        crate::Error::Control(format!(
+            "cannot reach the agent at {}: {e} (is vpn-agent running, and are you root?)",
+            path.display()
+        ))
+    })?;
+    let mut buf = vec![];
+    conn.read_to_end(&mut buf)
+        .map_err(|e| crate::Error::io(path, e))?;
+    serde_json::from_slice(&buf)
+        .map_err(|e| crate::Error::Control(format!("status socket answered garbage: {e}")))
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn first_v4(addrs: &[String]) -> String {
+    addrs
+        .iter()
+        .map(|a| a.split('/').next().unwrap_or_default())
+        .find(|a| a.contains('.'))
+        .or_else(|| {
+            addrs
+                .first()
+                .map(|a| a.split('/').next().unwrap_or_default())
+        })
+        .unwrap_or("-")
+        .to_string()
+}
+
+/// The human form, shaped like `tailscale status`.
+pub fn render(s: &Status, now: u64) -> String {
+    let mut out = String::new();
+    let contact = match s.last_contact {
+        Some(t) => format!("last contact {}s ago", now.saturating_sub(t)),
+        None => "no contact yet".into(),
+    };
+    out.push_str(&format!(
+        "# {} ({}, control {}, {contact})\n",
+        s.backend_state,
+        s.server_url,
+        if s.control_connected {
+            "connected"
+        } else {
+            "disconnected"
+        },
+    ));
+    if let Some(e) = &s.error {
+        out.push_str(&format!("# error: {e}\n"));
+    }
+    let short = |n: &str| n.split('.').next().unwrap_or(n).to_string();
+    out.push_str(&format!(
+        "{:<15} {:<38} {}\n",
+        first_v4(&s.self_addresses),
+        s.hostname,
+        "self"
+    ));
+    for p in &s.peers {
+        let state = match p.online {
+            Some(true) => "online",
+            Some(false) => "offline",
+            None => "-",
+        };
+        out.push_str(&format!(
+            "{:<15} {:<38} {state}\n",
+            first_v4(&p.addresses),
+            short(&p.name)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_like_tailscale_status() {
+        let s = Status {
+            backend_state: "Running".into(),
+            hostname: "fw-1".into(),
+            server_url: "https://hs".into(),
+            self_addresses: vec!["fd7a::1/128".into(), "100.64.0.2/32".into()],
+            control_connected: true,
+            last_contact: Some(100),
+            peers: vec![PeerStatus {
+                name: "op.mesh.vdc.test.".into(),
+                addresses: vec!["100.64.0.1/32".into()],
+                online: Some(true),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let r = render(&s, 103);
+        assert!(
+            r.starts_with("# Running (https://hs, control connected, last contact 3s ago)\n"),
+            "{r}"
+        );
+        assert!(r.contains("100.64.0.2      fw-1"), "{r}");
+        assert!(r.contains("100.64.0.1      op "), "{r}");
+        assert!(r.contains("online"));
+    }
+}
