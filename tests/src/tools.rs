@@ -74,7 +74,11 @@ pub fn cargo_fuzz_root() -> PathBuf {
 }
 
 /// The fuzz targets `cargo xtask test` runs briefly: (crate directory, target name).
-pub const FUZZ_TARGETS: &[(&str, &str)] = &[("userdata-gen", "merge")];
+pub const FUZZ_TARGETS: &[(&str, &str)] = &[
+    ("userdata-gen", "merge"),
+    ("agent", "control_records"),
+    ("agent", "map_message"),
+];
 
 /// Debian packages the lab, the tests and the demo use.
 pub const APT_PACKAGES: &[&str] = &[

@@ -185,7 +185,7 @@ pub struct CipherState {
 }
 
 impl CipherState {
-    fn new(key: [u8; 32]) -> Self {
+    pub fn new(key: [u8; 32]) -> Self {
         Self { key, n: 0 }
     }
 
