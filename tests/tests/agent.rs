@@ -70,9 +70,10 @@ fn agent_joins_with_the_generated_userdata_and_rejoins_without_a_key() {
     let has_op = |s: &serde_json::Value| {
         s["peers"].as_array().is_some_and(|p| {
             p.iter().any(|p| {
-                p["addresses"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|a| a.as_str() == Some(op_ip.as_str())))
+                p["online"] == true
+                    && p["addresses"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|a| a.as_str() == Some(op_ip.as_str())))
             })
         })
     };

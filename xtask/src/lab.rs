@@ -212,17 +212,24 @@ pub fn demo() -> Result<()> {
     userdata_demo()
 }
 
-/// metal-api's part: userdata-gen mints a key from headscale and merges the agent into the
-/// user's Ignition; the real flatcar Ignition writes it into the firewall's root, and a stock
-/// tailscaled started from those files joins the mesh under the machine id.
+/// metal-api's part and the firewall's: userdata-gen mints a key from headscale and merges
+/// the agent into the user's Ignition; the real flatcar Ignition writes it into the
+/// firewall's root; vpn-agent starts from exactly those files and joins; an operator joins
+/// with stock tailscale and shows up in `vpn-agent status`.
 fn userdata_demo() -> Result<()> {
-    use std::time::Duration;
+    use vdc::firewall::{AGENT_LOG, agent_socket, start_agent, wait_online, wait_status};
     vdc::cmd::set_echo(true);
-    println!("\n[userdata] a fresh lab: ctl (headscale), fw");
-    let lab = Lab::start(LabOptions::hosts(&["fw"]))?;
+    println!("\n[firewall] a fresh lab: ctl (headscale), fw (the firewall), op (an operator)");
+    let lab = Lab::start(LabOptions::hosts(&["fw", "op"]))?;
     let result = (|| {
         let hs = lab.headscale();
         let ctl = lab.host_dir("ctl");
+        let p = |f: &str| ctl.join(f).display().to_string();
+        let udg = || {
+            lab.host("ctl")
+                .ns()
+                .command(vdc::tools::project_bin("userdata-gen"))
+        };
         println!("[1] metal-api's API key for headscale, in a file only root can read");
         let key = hs.create_api_key()?;
         vdc::headscale::write_private(&ctl.join("api.key"), key.as_bytes())?;
@@ -233,11 +240,8 @@ fn userdata_demo() -> Result<()> {
         )?;
         println!("[3] userdata-gen, as metal-api runs it while allocating the firewall");
         let machine = "0cfc7e24-aaaa-4bbb-8ccc-000000000001";
-        let p = |f: &str| ctl.join(f).display().to_string();
         vdc::cmd::run(
-            lab.host("ctl")
-                .ns()
-                .command(vdc::tools::project_bin("userdata-gen"))
+            udg()
                 .args([
                     "generate",
                     "--machine-id",
@@ -258,27 +262,23 @@ fn userdata_demo() -> Result<()> {
         vdc::cmd::run(std::process::Command::new("cat").arg(p("meta.json")))?;
         let merged: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(ctl.join("userdata.ign"))?)?;
+        let names = |v: &serde_json::Value, key: &str| {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x[key].as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default()
+        };
         println!(
             "    merged files: {}",
-            merged["storage"]["files"]
-                .as_array()
-                .map(|a| a
-                    .iter()
-                    .filter_map(|f| f["path"].as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "))
-                .unwrap_or_default()
+            names(&merged["storage"]["files"], "path")
         );
         println!(
             "    merged units: {}",
-            merged["systemd"]["units"]
-                .as_array()
-                .map(|a| a
-                    .iter()
-                    .filter_map(|u| u["name"].as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "))
-                .unwrap_or_default()
+            names(&merged["systemd"]["units"], "name")
         );
         println!(
             "[4] flatcar Ignition v0.36.2 writes it into the firewall's root, as os-installer runs it"
@@ -291,23 +291,73 @@ fn userdata_demo() -> Result<()> {
                 .arg(&root)
                 .args(["-type", "f", "-exec", "stat", "-c", "%a %U %n", "{}", "+"]),
         )?;
-        println!("[5] a stock tailscaled started from exactly those files joins the mesh");
-        lab.start_tailscaled_from_root(
-            "fw",
-            &root,
-            "/etc/vpn-agent/tailscaled.conf",
-            "/etc/vpn-agent/ca.pem",
+        println!("[5] vpn-agent starts from exactly those files, as its unit would, and joins");
+        start_agent(&lab, "fw", &root)?;
+        wait_online(&lab, "fw", machine)?;
+        wait_status(&lab, "fw", "Running", |s| s["backend_state"] == "Running")?;
+        print!("{}", indent(&lab.log("fw", AGENT_LOG)));
+        vdc::cmd::run(lab.host("fw").ns().command("ip").args([
+            "-br",
+            "addr",
+            "show",
+            "dev",
+            "tailscale0",
+        ]))?;
+        println!(
+            "    the used pre-auth key is gone: {}",
+            !root.join("etc/vpn-agent/authkey").exists()
+        );
+        println!("[6] an operator mints a key for their laptop and joins with stock tailscale");
+        let op_key = vdc::cmd::run_quiet(
+            udg()
+                .env("HEADSCALE_API_KEY", &key)
+                .args([
+                    "auth-key",
+                    "--project",
+                    "project-a",
+                    "--headscale-api-url",
+                    &hs.url(),
+                ])
+                .args(["--ca-file", &hs.ca_path().display().to_string()]),
         )?;
-        hs.wait_nodes("the firewall online", Duration::from_secs(60), |n| {
-            n.iter().any(|n| n.name == machine && n.online)
+        println!(
+            "  $ userdata-gen auth-key --project project-a --headscale-api-url {} ... (key not shown)",
+            hs.url()
+        );
+        let op = lab.start_tailscaled("op")?;
+        op.up(&hs.url(), op_key.trim(), "op")?;
+        println!("[7] vpn-agent status on the firewall lists the operator's node");
+        let op_ip = format!("{}/32", op.ipv4()?);
+        wait_status(&lab, "fw", "the operator", |s| {
+            s["peers"].as_array().is_some_and(|p| {
+                p.iter().any(|p| {
+                    p["online"] == true
+                        && p["addresses"]
+                            .as_array()
+                            .is_some_and(|a| a.iter().any(|a| a.as_str() == Some(op_ip.as_str())))
+                })
+            })
         })?;
+        vdc::cmd::run(
+            lab.host("fw")
+                .ns()
+                .command(vdc::tools::project_bin("vpn-agent"))
+                .args(["status", "--socket"])
+                .arg(agent_socket(&lab, "fw")),
+        )?;
         vdc::cmd::run(hs.cli().args(["nodes", "list"]))?;
         anyhow::Ok(())
     })();
     if let Err(e) = result {
         lab.dump_logs();
-        return Err(e.context("the userdata part of the demo failed"));
+        return Err(e.context("the firewall part of the demo failed"));
     }
-    println!("demo: ok. The vpn-agent itself replaces tailscaled in the next issues.");
+    println!(
+        "demo: ok. Traffic over the mesh (WireGuard, disco, DERP) and the closed ports come next."
+    );
     Ok(())
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
 }
