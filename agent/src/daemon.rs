@@ -71,6 +71,9 @@ impl Daemon {
         })
     }
 
+    /// What we tell control about this node. No `RequestTags`: tags come with the pre-auth
+    /// key, and asking for them again makes headscale v0.28 check them against its policy's
+    /// tagOwners and refuse the whole registration when the policy does not list them.
     fn hostinfo(&self) -> Hostinfo {
         Hostinfo {
             ipn_version: format!("vpn-agent-{}", env!("CARGO_PKG_VERSION")),
@@ -79,7 +82,6 @@ impl Daemon {
             arch: std::env::consts::ARCH
                 .replace("x86_64", "amd64")
                 .replace("aarch64", "arm64"),
-            request_tags: self.cfg.settings.advertise_tags.clone(),
             net_info: Some(NetInfo {
                 preferred_derp: 0,
                 working_udp: None,

@@ -226,3 +226,65 @@ fn refused_keys_say_why_and_back_off() {
         lab.stop("fw", AGENT_LOG).unwrap();
     }
 }
+
+#[test]
+fn tags_from_the_generated_userdata_reach_headscale() {
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw"])).unwrap();
+    let fw = provision(
+        &lab,
+        "fw",
+        MACHINE,
+        "project-c",
+        &["--tags", "tag:firewall"],
+    )
+    .unwrap();
+    start_agent(&lab, "fw", &fw.root).unwrap();
+    let node = wait_online(&lab, "fw", MACHINE).unwrap();
+    assert_eq!(node.tags, vec!["tag:firewall".to_string()]);
+    // headscale v0.28 lists tagged nodes under its pseudo-user; the key was the project's.
+    assert_eq!(node.user, "tagged-devices");
+}
+
+#[test]
+fn a_bad_config_fails_before_touching_anything() {
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw"])).unwrap();
+    let dir = lab.host_dir("fw");
+    std::fs::write(
+        dir.join("bad.conf"),
+        r#"{"Version":"alpha0","AuthKey":"file:/x"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("agent.json"),
+        serde_json::to_string(&userdata_gen::AgentSettings::default()).unwrap(),
+    )
+    .unwrap();
+    let out = vdc::cmd::quiet_output(
+        lab.host("fw")
+            .ns()
+            .command(vdc::tools::project_bin("vpn-agent"))
+            .args(["run", "--config"])
+            .arg(dir.join("bad.conf"))
+            .arg("--settings")
+            .arg(dir.join("agent.json"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--socket")
+            .arg(dir.join("s.sock")),
+    )
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bad.conf") && err.contains("ServerURL is missing"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("state").exists(),
+        "state written despite the bad config"
+    );
+    let links = lab.host("fw").ns().ip(&["-o", "link"]).unwrap();
+    assert!(!links.contains("tailscale0"), "{links}");
+}

@@ -68,7 +68,8 @@ pub struct AgentSettings {
     pub closed_tcp_ports: Vec<u16>,
     /// The UDP port for WireGuard and disco.
     pub listen_port: u16,
-    /// Tags the agent asks for when it registers (also set on the pre-auth key).
+    /// The tags minted into the pre-auth key, for the operator's information; the agent
+    /// does not request them again (headscale applies the key's tags).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub advertise_tags: Vec<String>,
     /// A CA file to trust for headscale, besides the system roots.

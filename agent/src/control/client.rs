@@ -494,5 +494,9 @@ mod tests {
         let raw = zstd::encode_all(&br#"{"KeepAlive":true}"#[..], 3).unwrap();
         assert!(decode_map_message(&raw).unwrap().keep_alive);
         assert!(decode_map_message(b"not zstd").is_err());
+        let bad_json = zstd::encode_all(&b"{\"Peers\": 3}"[..], 3).unwrap();
+        assert!(decode_map_message(&bad_json).is_err());
+        let truncated = &raw[..raw.len() - 2];
+        assert!(decode_map_message(truncated).is_err());
     }
 }

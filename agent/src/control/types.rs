@@ -29,8 +29,6 @@ pub struct Hostinfo {
     pub hostname: String,
     #[serde(rename = "GoArch")]
     pub arch: String,
-    #[serde(rename = "RequestTags", skip_serializing_if = "Vec::is_empty")]
-    pub request_tags: Vec<String>,
     #[serde(rename = "NetInfo", skip_serializing_if = "Option::is_none")]
     pub net_info: Option<NetInfo>,
 }
