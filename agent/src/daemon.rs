@@ -18,6 +18,9 @@ use tracing::{error, info, warn};
 use userdata_gen::payload::Secret;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+/// How often the firewall table is compared with the intended one.
+const FIREWALL_CHECK: Duration = Duration::from_secs(2);
+
 /// tailscaled's watchdog: no message (keep-alives included) for this long means a dead stream.
 const MAP_WATCHDOG: Duration = Duration::from_secs(120);
 
@@ -97,8 +100,11 @@ impl Daemon {
         f(&mut self.status.lock().expect("status lock"));
     }
 
-    /// Brings up what does not need control: the status socket, the TUN device, the UDP port.
+    /// Brings up what does not need control: the firewall table (again: the early unit
+    /// loaded it already), the status socket, the TUN device, the UDP port.
     async fn start_local(&mut self) -> Result<()> {
+        crate::firewall::apply(&self.cfg.settings)?;
+        self.guard_firewall();
         crate::status::serve(&self.socket, self.status.clone())?;
         self.tunnel = Some(Tunnel::create(&self.cfg.settings.interface).await?);
         let port = self.cfg.settings.listen_port;
@@ -108,6 +114,28 @@ impl Daemon {
         self.udp = Some(udp);
         info!(interface = %self.cfg.settings.interface, udp_port = port, "local setup done");
         Ok(())
+    }
+
+    /// Puts the table back whenever someone else removes or changes it.
+    fn guard_firewall(&self) {
+        let settings = self.cfg.settings.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(FIREWALL_CHECK);
+            loop {
+                tick.tick().await;
+                let s = settings.clone();
+                match tokio::task::spawn_blocking(move || crate::firewall::restore_if_changed(&s))
+                    .await
+                {
+                    Ok(Ok(d)) if !d.is_empty() => {
+                        warn!(differences = ?d, "nftables table was changed by someone else; restored")
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => error!(error = %e, "cannot check the nftables table"),
+                    Err(e) => error!(error = %e, "firewall check task failed"),
+                }
+            }
+        });
     }
 
     async fn endpoints(&self) -> Vec<String> {

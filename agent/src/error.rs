@@ -15,6 +15,9 @@ pub enum Error {
     /// The control server could not be reached or spoke something unexpected.
     #[error("control: {0}")]
     Control(String),
+    /// nftables could not be read or changed.
+    #[error("firewall: {0}")]
+    Firewall(String),
     /// headscale refused the registration; retrying with the same key will not help.
     #[error("registration refused: {0}")]
     Refused(String),

@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod firewall;
 pub mod fsutil;
 pub mod keys;
 pub mod netlink;

@@ -30,6 +30,14 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// The agent's nftables table: SSH only over the mesh, the public ports closed.
+    Firewall {
+        #[command(subcommand)]
+        cmd: FirewallCmd,
+        /// The agent's own settings.
+        #[arg(long, global = true, default_value = "/etc/vpn-agent/agent.json")]
+        settings: PathBuf,
+    },
     /// Show the agent's state and peers, like `tailscale status`.
     Status {
         /// Print JSON.
@@ -41,6 +49,16 @@ enum Cmd {
 }
 
 const DEFAULT_SOCKET: &str = "/run/vpn-agent/vpn-agent.sock";
+
+#[derive(Subcommand)]
+enum FirewallCmd {
+    /// Load the agent's nftables table (one transaction; other tables untouched).
+    Apply,
+    /// Print the live table.
+    Show,
+    /// Compare the live table with the intended one; exit 1 when they differ.
+    Check,
+}
 
 fn main() {
     tracing_subscriber::fmt()
@@ -58,6 +76,7 @@ fn main() {
             state_dir,
             socket,
         } => run(config, settings, state_dir, socket),
+        Cmd::Firewall { cmd, settings } => firewall(cmd, &settings),
         Cmd::Status { json, socket } => vpn_agent::status::fetch(&socket).map(|s| {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s).expect("serializes"));
@@ -93,4 +112,32 @@ fn run(
             _ = tokio::signal::ctrl_c() => Ok(()),
         }
     })
+}
+
+fn firewall(cmd: FirewallCmd, settings: &std::path::Path) -> vpn_agent::Result<()> {
+    let s = vpn_agent::config::load_settings(settings)?;
+    match cmd {
+        FirewallCmd::Apply => vpn_agent::firewall::apply(&s),
+        FirewallCmd::Show => {
+            let out = std::process::Command::new("nft")
+                .args(["list", "table", "inet", vpn_agent::firewall::TABLE])
+                .output()
+                .map_err(|e| vpn_agent::Error::io("nft", e))?;
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
+            Ok(())
+        }
+        FirewallCmd::Check => {
+            let d = vpn_agent::firewall::check(&s)?;
+            if d.is_empty() {
+                println!("table inet {} is as intended", vpn_agent::firewall::TABLE);
+                Ok(())
+            } else {
+                for line in &d {
+                    println!("{line}");
+                }
+                std::process::exit(1);
+            }
+        }
+    }
 }

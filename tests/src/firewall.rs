@@ -143,3 +143,86 @@ pub fn wait_status(
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+/// Gives `host` an interface named `tailscale0` that leads to a namespace of its own (returned,
+/// with the address to reach `host` through it): a stand-in for the mesh tunnel, so the
+/// nftables rules can be tested on real packets before the data plane exists.
+pub fn fake_tunnel(lab: &Lab, host: &str) -> Result<(crate::netns::Netns, std::net::Ipv4Addr)> {
+    let h = lab.host(host).ns();
+    let mesh = crate::netns::Netns::create(&format!("{}-{host}mesh", lab.id()))?;
+    cmd::run_quiet(std::process::Command::new("ip").args([
+        "link",
+        "add",
+        "tailscale0",
+        "netns",
+        h.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        mesh.name(),
+    ]))?;
+    h.ip(&["addr", "add", "100.64.99.1/30", "dev", "tailscale0"])?;
+    h.ip(&["link", "set", "tailscale0", "up"])?;
+    mesh.ip(&["addr", "add", "100.64.99.2/30", "dev", "eth0"])?;
+    mesh.ip(&["link", "set", "eth0", "up"])?;
+    Ok((mesh, std::net::Ipv4Addr::new(100, 64, 99, 1)))
+}
+
+/// Starts the real OpenSSH server on `host`, port 22, with a host key of its own; returns the
+/// path of its `authorized_keys` file.
+pub fn start_sshd(lab: &Lab, host: &str) -> Result<PathBuf> {
+    let dir = lab.host_dir(host).join("sshd");
+    std::fs::create_dir_all(&dir)?;
+    let key = dir.join("host_ed25519");
+    if !key.exists() {
+        cmd::run_quiet(
+            std::process::Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(&key),
+        )?;
+    }
+    let auth = dir.join("authorized_keys");
+    std::fs::write(&auth, "")?;
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port 22\nListenAddress 0.0.0.0\nHostKey {}\nPidFile {}\nAuthorizedKeysFile {}\n\
+             UsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PermitRootLogin prohibit-password\n",
+            key.display(),
+            dir.join("sshd.pid").display(),
+            auth.display()
+        ),
+    )?;
+    // sshd insists on its privilege separation directory.
+    std::fs::create_dir_all("/run/sshd")?;
+    let mut c = lab.host(host).ns().command("/usr/sbin/sshd");
+    c.args(["-D", "-e", "-f"]).arg(&config);
+    lab.spawn(host, "sshd", c)?;
+    Ok(auth)
+}
+
+/// Connects from namespace `ns` to `addr` and returns the first line the server sends (an
+/// SSH banner); an error when nothing answers within `timeout`.
+pub fn banner(
+    ns: &crate::netns::Netns,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> Result<String> {
+    ns.enter(move || {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string())
+    })
+}

@@ -58,6 +58,16 @@ fn agent_joins_with_the_generated_userdata_and_rejoins_without_a_key() {
         .unwrap();
     assert!(routes6.contains("fd7a:115c:a1e0::/48"), "{routes6}");
 
+    // Someone deletes the agent's nftables table: the agent puts it back.
+    vdc::cmd::run_quiet(
+        ns.command("nft")
+            .args(["delete", "table", "inet", "vpn_agent"]),
+    )
+    .unwrap();
+    lab.wait_log("fw", AGENT_LOG, "restored", Duration::from_secs(15))
+        .unwrap();
+    assert!(firewall_intact(&lab, &fw.root));
+
     // Status over the socket, and the netmap following headscale: a stock node joins...
     let st = wait_status(&lab, "fw", "Running", |s| s["backend_state"] == "Running").unwrap();
     assert_eq!(st["control_connected"], true);
@@ -151,8 +161,9 @@ fn agent_joins_with_the_generated_userdata_and_rejoins_without_a_key() {
     )
     .unwrap();
 
-    // And after kill -9.
+    // And after kill -9; meanwhile the public ports stay closed (fail closed).
     lab.kill9("fw", AGENT_LOG).unwrap();
+    assert!(firewall_intact(&lab, &fw.root));
     start_agent(&lab, "fw", &fw.root).unwrap();
     lab.wait_log(
         "fw",
@@ -287,4 +298,18 @@ fn a_bad_config_fails_before_touching_anything() {
     );
     let links = lab.host("fw").ns().ip(&["-o", "link"]).unwrap();
     assert!(!links.contains("tailscale0"), "{links}");
+}
+
+/// `vpn-agent firewall check` on fw, with the settings Ignition wrote.
+fn firewall_intact(lab: &Lab, root: &std::path::Path) -> bool {
+    vdc::cmd::quiet_output(
+        lab.host("fw")
+            .ns()
+            .command(vdc::tools::project_bin("vpn-agent"))
+            .args(["firewall", "check", "--settings"])
+            .arg(root.join("etc/vpn-agent/agent.json")),
+    )
+    .unwrap()
+    .status
+    .success()
 }

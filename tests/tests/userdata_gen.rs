@@ -537,7 +537,7 @@ fn headscale_failures_are_exit_3_with_a_reason() {
 }
 
 #[test]
-fn an_expired_tls_is_exit_3() {
+fn an_expired_certificate_is_exit_3() {
     require_lab!();
     let lab = Lab::start(LabOptions {
         hosts: vec!["fw".into()],

@@ -89,21 +89,27 @@ pub fn parse_mesh(
     ))
 }
 
+/// Reads the agent's own settings file.
+pub fn load_settings(path: &Path) -> Result<AgentSettings> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let s: AgentSettings = serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    if s.version != 1 {
+        return Err(Error::Config(format!(
+            "{}: version {} is not supported (expected 1)",
+            path.display(),
+            s.version
+        )));
+    }
+    Ok(s)
+}
+
 impl Config {
     /// Reads both files; any problem names the file and the field.
     pub fn load(mesh: &Path, settings: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(mesh).map_err(|e| Error::io(mesh, e))?;
         let (server_url, auth_key, hostname, enabled) = parse_mesh(&text, mesh)?;
-        let stext = std::fs::read_to_string(settings).map_err(|e| Error::io(settings, e))?;
-        let settings_v: AgentSettings = serde_json::from_str(&stext)
-            .map_err(|e| Error::Config(format!("{}: {e}", settings.display())))?;
-        if settings_v.version != 1 {
-            return Err(Error::Config(format!(
-                "{}: version {} is not supported (expected 1)",
-                settings.display(),
-                settings_v.version
-            )));
-        }
+        let settings_v = load_settings(settings)?;
         let hostname = match hostname {
             Some(h) => h,
             None => std::fs::read_to_string("/proc/sys/kernel/hostname")
