@@ -226,3 +226,15 @@ pub fn banner(
             .to_string())
     })
 }
+
+/// Whether an agent status lists an online peer with mesh address `ip` (`100.64.x.y/32`).
+pub fn lists_online_peer(status: &serde_json::Value, ip: &str) -> bool {
+    status["peers"].as_array().is_some_and(|p| {
+        p.iter().any(|p| {
+            p["online"] == true
+                && p["addresses"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|a| a.as_str() == Some(ip)))
+        })
+    })
+}

@@ -266,21 +266,26 @@ impl Lab {
             .stderr(file)
             .spawn()
             .with_context(|| format!("cannot start `{}`", cmd::render(&command)))?;
-        self.children
-            .lock()
-            .unwrap()
-            .push((format!("{log}@{host}"), child));
+        self.push_child(format!("{log}@{host}"), child);
         Ok(())
     }
 
-    /// Stops the process started as `log` on `host` (SIGTERM, then SIGKILL) and reaps it.
-    pub fn stop(&self, host: &str, log: &str) -> Result<()> {
+    fn push_child(&self, name: String, child: Child) {
+        self.children.lock().unwrap().push((name, child));
+    }
+
+    fn take_child(&self, host: &str, log: &str) -> Result<Child> {
         let mut children = self.children.lock().unwrap();
         let i = children
             .iter()
             .position(|(n, _)| n == &format!("{log}@{host}"))
             .with_context(|| format!("no process {log} runs on {host}"))?;
-        let (_, mut child) = children.remove(i);
+        Ok(children.remove(i).1)
+    }
+
+    /// Stops the process started as `log` on `host` (SIGTERM, then SIGKILL) and reaps it.
+    pub fn stop(&self, host: &str, log: &str) -> Result<()> {
+        let mut child = self.take_child(host, log)?;
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         for _ in 0..50 {
@@ -298,22 +303,13 @@ impl Lab {
     /// crash would.
     pub fn restart_headscale(&self) -> Result<()> {
         self.stop(CTL, "headscale")?;
-        let child = self.headscale.spawn(true)?;
-        self.children
-            .lock()
-            .unwrap()
-            .push((format!("headscale@{CTL}"), child));
+        self.push_child(format!("headscale@{CTL}"), self.headscale.spawn(true)?);
         Ok(())
     }
 
     /// Kills the process started as `log` on `host` with SIGKILL, as a crash would.
     pub fn kill9(&self, host: &str, log: &str) -> Result<()> {
-        let mut children = self.children.lock().unwrap();
-        let i = children
-            .iter()
-            .position(|(n, _)| n == &format!("{log}@{host}"))
-            .with_context(|| format!("no process {log} runs on {host}"))?;
-        let (_, mut child) = children.remove(i);
+        let mut child = self.take_child(host, log)?;
         child.kill()?;
         child.wait()?;
         Ok(())
@@ -384,10 +380,7 @@ impl Lab {
     }
 
     fn adopt_tailscaled(&self, name: &str, (ts, child): (Tailscaled, Child)) -> Result<Tailscaled> {
-        self.children
-            .lock()
-            .unwrap()
-            .push((format!("tailscaled@{name}"), child));
+        self.push_child(format!("tailscaled@{name}"), child);
         self.state.lock().unwrap().tailscaled.push(name.into());
         self.save()?;
         Ok(ts)

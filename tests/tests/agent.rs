@@ -77,16 +77,7 @@ fn agent_joins_with_the_generated_userdata_and_rejoins_without_a_key() {
     let op = lab.start_tailscaled("op").unwrap();
     op.up(&hs.url(), &op_key.key, "op").unwrap();
     let op_ip = format!("{}/32", op.ipv4().unwrap());
-    let has_op = |s: &serde_json::Value| {
-        s["peers"].as_array().is_some_and(|p| {
-            p.iter().any(|p| {
-                p["online"] == true
-                    && p["addresses"]
-                        .as_array()
-                        .is_some_and(|a| a.iter().any(|a| a.as_str() == Some(op_ip.as_str())))
-            })
-        })
-    };
+    let has_op = |s: &serde_json::Value| vdc::firewall::lists_online_peer(s, &op_ip);
     let st = wait_status(&lab, "fw", "the operator's node", has_op).unwrap();
     let op_node = hs
         .nodes()

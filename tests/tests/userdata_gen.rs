@@ -335,28 +335,33 @@ fn generated_userdata_joins_a_stock_tailscaled_to_real_headscale() {
     let out_path = dir.join("userdata.ign");
     let meta_path = dir.join("meta.json");
     let machine = "0cfc7e24-aaaa-4bbb-8ccc-000000000042";
-    let out = udg_in(
-        &lab,
-        "ctl",
-        &[
+    let generate = |userdata: &str, extra: &[&str]| {
+        let mut args = vec![
             "generate",
             "--machine-id",
             machine,
             "--project",
             "project-a",
-            "--login-server",
-            &hs.url(),
-            "--ca-file",
+        ];
+        let url = hs.url();
+        let (ca, out, meta) = (
             ca.to_str().unwrap(),
-            "--userdata",
-            dir.join("none").to_str().unwrap(),
-            "--output",
             out_path.to_str().unwrap(),
-            "--metadata-out",
             meta_path.to_str().unwrap(),
-        ],
-        Some(&api_key),
-    );
+        );
+        args.extend([
+            "--login-server",
+            &url,
+            "--ca-file",
+            ca,
+            "--userdata",
+            userdata,
+        ]);
+        args.extend(["--output", out, "--metadata-out", meta]);
+        args.extend(extra);
+        udg_in(&lab, "ctl", &args, Some(&api_key))
+    };
+    let out = generate(dir.join("none").to_str().unwrap(), &[]);
     // --userdata names a file that does not exist: bad input, nothing minted.
     assert_eq!(
         out.status.code(),
@@ -371,30 +376,11 @@ fn generated_userdata_joins_a_stock_tailscaled_to_real_headscale() {
     );
 
     std::fs::write(dir.join("user.ign"), fixture("fcm-firewall-2.3.0.json")).unwrap();
-    let out = udg_in(
-        &lab,
-        "ctl",
-        &[
-            "generate",
-            "--machine-id",
-            machine,
-            "--project",
-            "project-a",
-            "--login-server",
-            &hs.url(),
-            "--ca-file",
-            ca.to_str().unwrap(),
-            "--userdata",
-            dir.join("user.ign").to_str().unwrap(),
-            "--tags",
-            "tag:firewall",
-            "--output",
-            out_path.to_str().unwrap(),
-            "--metadata-out",
-            meta_path.to_str().unwrap(),
-        ],
-        Some(&api_key),
+    let out = generate(
+        dir.join("user.ign").to_str().unwrap(),
+        &["--tags", "tag:firewall"],
     );
+
     assert!(
         out.status.success(),
         "{}",

@@ -258,18 +258,9 @@ fn verify(before: &Yaml, out: &str, n_files: usize, n_cmds: usize) -> Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::payload::{AgentSettings, MeshSettings, Secret};
 
     fn payload() -> Payload {
-        Payload::new(
-            &MeshSettings {
-                login_server: "https://hs.test".into(),
-                hostname: "m1".into(),
-                ca_pem: None,
-                agent: AgentSettings::default(),
-            },
-            &Secret::new("hskey-auth-x"),
-        )
+        crate::payload::test_payload()
     }
 
     const USER: &str = "#cloud-config\n# keep me\nhostname: fw-1 # trailing\nwrite_files:\n  - path: /etc/motd\n    content: hi\n    permissions: 0644\n\n# between\nruncmd:\n- echo one\npackages: [yes, on, 1:20]\n";

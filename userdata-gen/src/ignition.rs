@@ -426,18 +426,9 @@ fn add(doc: &mut Value, spec: Spec, payload: &Payload) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::payload::{AgentSettings, MeshSettings, Secret};
 
     fn payload() -> Payload {
-        Payload::new(
-            &MeshSettings {
-                login_server: "https://hs.test".into(),
-                hostname: "m1".into(),
-                ca_pem: None,
-                agent: AgentSettings::default(),
-            },
-            &Secret::new("hskey-auth-x"),
-        )
+        crate::payload::test_payload()
     }
 
     #[test]

@@ -208,6 +208,20 @@ pub fn mesh_config(settings: &MeshSettings) -> String {
     serde_json::to_string_pretty(&v).expect("config serializes") + "\n"
 }
 
+/// The payload the unit tests merge: defaults, a dummy key.
+#[cfg(test)]
+pub(crate) fn test_payload() -> Payload {
+    Payload::new(
+        &MeshSettings {
+            login_server: "https://hs.test".into(),
+            hostname: "m1".into(),
+            ca_pem: None,
+            agent: AgentSettings::default(),
+        },
+        &Secret::new("hskey-auth-x"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

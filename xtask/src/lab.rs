@@ -329,14 +329,7 @@ fn userdata_demo() -> Result<()> {
         println!("[7] vpn-agent status on the firewall lists the operator's node");
         let op_ip = format!("{}/32", op.ipv4()?);
         wait_status(&lab, "fw", "the operator", |s| {
-            s["peers"].as_array().is_some_and(|p| {
-                p.iter().any(|p| {
-                    p["online"] == true
-                        && p["addresses"]
-                            .as_array()
-                            .is_some_and(|a| a.iter().any(|a| a.as_str() == Some(op_ip.as_str())))
-                })
-            })
+            vdc::firewall::lists_online_peer(s, &op_ip)
         })?;
         vdc::cmd::run(
             lab.host("fw")
