@@ -679,3 +679,35 @@ fn cloud_init_accepts_generated_cloud_config() {
     assert_eq!(runcmd[0], "echo hello");
     assert_eq!(runcmd.last().unwrap()[1], "enable");
 }
+
+#[test]
+fn a_vrf_runs_the_agent_through_ip_vrf_exec() {
+    require_lab!();
+    let s = Scratch::new("vrf");
+    let fcm = fixture("fcm-firewall-2.3.0.json");
+    let (out, path) = generate_offline(&s, Some(&fcm), &["--vrf", "vrf104009"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = s.path("root");
+    vdc::ignition::apply_flatcar(
+        &std::fs::read_to_string(&path).unwrap(),
+        &root,
+        &s.path("work"),
+    )
+    .unwrap();
+    assert_mesh_installed(&root);
+    let dropin =
+        std::fs::read_to_string(root.join("etc/systemd/system/tailscaled.service.d/10-vrf.conf"))
+            .unwrap();
+    assert!(
+        dropin.contains(
+            "ExecStart=\nExecStart=/bin/ip vrf exec vrf104009 /usr/local/bin/vpn-agent run "
+        ),
+        "{dropin}"
+    );
+    let (out, _) = generate_offline(&s, Some(&fcm), &["--vrf", "vrf; rm -rf /"]);
+    assert_eq!(out.status.code(), Some(2));
+}

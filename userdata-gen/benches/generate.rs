@@ -67,6 +67,7 @@ fn main() {
             login_server: "https://headscale.example:443".into(),
             hostname: "0cfc7e24-aaaa-4bbb-8ccc-000000000001".into(),
             ca_pem: None,
+            vrf: None,
             agent: AgentSettings::default(),
         },
         &Secret::new("hskey-auth-bench"),

@@ -55,12 +55,13 @@ pub fn merge(text: &str, payload: &Payload) -> Result<String> {
     let mut out = insert(text, "write_files", &file_items(payload), nl)?;
     out = insert(&out, "runcmd", &command_items(payload), nl)?;
 
-    verify(
-        &root,
-        &out,
-        files.len() + payload.files.len() + payload.units.len(),
-        cmds.len() + 2,
-    )?;
+    let ours = payload.files.len()
+        + payload
+            .units
+            .iter()
+            .map(|u| 1 + u.dropins.len())
+            .sum::<usize>();
+    verify(&root, &out, files.len() + ours, cmds.len() + 2)?;
     Ok(out)
 }
 
@@ -123,6 +124,10 @@ fn file_items(payload: &Payload) -> Vec<Vec<String>> {
             0o644,
             u.contents.as_bytes(),
         ));
+        for (name, contents) in &u.dropins {
+            let path = format!("{UNIT_DIR}/{}.d/{name}", u.name);
+            items.push(item(&path, 0o644, contents.as_bytes()));
+        }
     }
     items
 }

@@ -82,6 +82,10 @@ struct GenerateArgs {
     /// The Ignition on the target image; a format it cannot run is reported.
     #[arg(long, value_enum, default_value = "metal-stack-v036")]
     target: Target,
+    /// Run the agent inside this VRF (`ip vrf exec`), as metal-stack runs tailscaled on
+    /// firewalls whose default route lives in a VRF, e.g. vrf104009.
+    #[arg(long)]
+    vrf: Option<String>,
     /// The tunnel interface name on the firewall.
     #[arg(long, default_value = "tailscale0")]
     interface: String,
@@ -245,6 +249,13 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         return write_outputs(&outs);
     };
     let fresh: Format = a.format.parse()?;
+    if let Some(v) = &a.vrf
+        && !userdata_gen::payload::valid_vrf(v)
+    {
+        return Err(Error::Input(format!(
+            "--vrf {v:?} is not a VRF device name (1-15 letters, digits, '-' or '_')"
+        )));
+    }
     let ca = ca_pem(&a.headscale)?;
     let ca_text = ca
         .as_ref()
@@ -255,6 +266,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         login_server: login_server.clone(),
         hostname: a.machine_id.clone(),
         ca_pem: ca_text,
+        vrf: a.vrf.clone(),
         agent: AgentSettings {
             interface: a.interface.clone(),
             ssh_port: a.ssh_port,

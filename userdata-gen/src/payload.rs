@@ -27,6 +27,28 @@ pub const UNITS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The agent's unit, the one a VRF drop-in wraps.
+pub const AGENT_UNIT: &str = "tailscaled.service";
+pub const VRF_DROPIN: &str = "10-vrf.conf";
+
+/// Whether `name` is a usable VRF device name (an interface name: 1-15 safe characters).
+pub fn valid_vrf(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A drop-in that runs the unit's own command inside `vrf`, as metal-stack runs tailscaled:
+/// `ip vrf exec` binds to the VRF and execs, so the agent stays the main PID (Type=notify).
+pub fn vrf_dropin(unit: &str, vrf: &str) -> String {
+    let cmd = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("the agent unit has an ExecStart");
+    format!("[Service]\nExecStart=\nExecStart=/bin/ip vrf exec {vrf} {cmd}\n")
+}
+
 /// A secret string (pre-auth key, API key). It never prints itself.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -100,6 +122,8 @@ pub struct MeshSettings {
     pub hostname: String,
     /// PEM of a CA to trust for headscale, if not a public one.
     pub ca_pem: Option<String>,
+    /// The VRF the agent runs in (metal-stack firewalls reach the internet through one).
+    pub vrf: Option<String>,
     pub agent: AgentSettings,
 }
 
@@ -116,6 +140,8 @@ pub struct PayloadFile {
 pub struct PayloadUnit {
     pub name: String,
     pub contents: String,
+    /// Drop-ins: (file name, contents), under `<unit>.d/`.
+    pub dropins: Vec<(String, String)>,
 }
 
 /// The files and units we add, in the order they are added.
@@ -169,6 +195,10 @@ impl Payload {
             .map(|(name, contents)| PayloadUnit {
                 name: name.to_string(),
                 contents: contents.to_string(),
+                dropins: match (&settings.vrf, *name == AGENT_UNIT) {
+                    (Some(vrf), true) => vec![(VRF_DROPIN.to_string(), vrf_dropin(contents, vrf))],
+                    _ => vec![],
+                },
             })
             .collect();
         Payload { files, units }
@@ -216,6 +246,7 @@ pub(crate) fn test_payload() -> Payload {
             login_server: "https://hs.test".into(),
             hostname: "m1".into(),
             ca_pem: None,
+            vrf: None,
             agent: AgentSettings::default(),
         },
         &Secret::new("hskey-auth-x"),
@@ -231,6 +262,7 @@ mod tests {
             login_server: "https://hs.example:443".into(),
             hostname: "machine-1".into(),
             ca_pem: None,
+            vrf: None,
             agent: AgentSettings::default(),
         }
     }
@@ -271,6 +303,24 @@ mod tests {
             .unwrap();
         let a: AgentSettings = serde_json::from_slice(&agent.contents).unwrap();
         assert_eq!(a.ca_file.as_deref(), Some(CA_PATH));
+    }
+
+    #[test]
+    fn a_vrf_wraps_the_agent_in_ip_vrf_exec() {
+        let mut s = settings();
+        s.vrf = Some("vrf104009".into());
+        let p = Payload::new(&s, &Secret::new("k"));
+        let agent = p.units.iter().find(|u| u.name == AGENT_UNIT).unwrap();
+        let (name, body) = &agent.dropins[0];
+        assert_eq!(name, VRF_DROPIN);
+        assert!(body.starts_with("[Service]\nExecStart=\nExecStart=/bin/ip vrf exec vrf104009 /usr/local/bin/vpn-agent run "), "{body}");
+        assert!(
+            p.units
+                .iter()
+                .filter(|u| u.name != AGENT_UNIT)
+                .all(|u| u.dropins.is_empty())
+        );
+        assert!(valid_vrf("vrf104009") && !valid_vrf("vrf;rm") && !valid_vrf(""));
     }
 
     #[test]

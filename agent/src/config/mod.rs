@@ -136,6 +136,7 @@ mod tests {
             login_server: "https://hs.example:443".into(),
             hostname: "m1".into(),
             ca_pem: None,
+            vrf: None,
             agent: AgentSettings::default(),
         };
         let text = userdata_gen::payload::mesh_config(&settings);

@@ -10,6 +10,7 @@ fuzz_target!(|data: &[u8]| {
         login_server: "https://headscale.example:443".into(),
         hostname: "fuzz".into(),
         ca_pem: None,
+        vrf: None,
         agent: AgentSettings::default(),
     };
     let payload = Payload::new(&settings, &Secret::new("hskey-auth-fuzz"));
