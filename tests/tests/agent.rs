@@ -58,6 +58,22 @@ fn agent_joins_with_the_generated_userdata_and_rejoins_without_a_key() {
         .unwrap();
     assert!(routes6.contains("fd7a:115c:a1e0::/48"), "{routes6}");
 
+    // The real sshd on fw: the agent's table (from the settings Ignition wrote) keeps the
+    // data center's hosts off its public address.
+    vdc::firewall::start_sshd(&lab, "fw").unwrap();
+    let public: std::net::SocketAddr = (lab.host("fw").addr, 22).into();
+    let local: std::net::SocketAddr = ([127, 0, 0, 1], 22).into();
+    let mut up = false;
+    for _ in 0..50 {
+        up = vdc::firewall::banner(&ns, local, Duration::from_secs(1)).is_ok();
+        if up {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(up, "sshd does not answer on loopback");
+    assert!(vdc::firewall::banner(&lab.host("op").ns(), public, Duration::from_secs(2)).is_err());
+
     // Someone deletes the agent's nftables table: the agent puts it back.
     vdc::cmd::run_quiet(
         ns.command("nft")
