@@ -59,9 +59,13 @@ pub fn provision(
 /// The log name of the agent on a host.
 pub const AGENT_LOG: &str = "vpn-agent";
 
-/// Starts `vpn-agent run` on `host` from `root` (its `/etc`), with its state in
+/// The `vpn-agent run` command for `host` from `root` (its `/etc`), with its state in
 /// `<root>/var/lib/vpn-agent`, the unit's paths.
-pub fn start_agent(lab: &Lab, host: &str, root: &std::path::Path) -> Result<()> {
+pub fn agent_command(
+    lab: &Lab,
+    host: &str,
+    root: &std::path::Path,
+) -> Result<std::process::Command> {
     let state = root.join("var/lib/vpn-agent");
     std::fs::create_dir_all(&state)?;
     let mut c = lab
@@ -81,7 +85,12 @@ pub fn start_agent(lab: &Lab, host: &str, root: &std::path::Path) -> Result<()> 
     .arg(agent_socket(lab, host))
     .env("NO_COLOR", "1")
     .env("VPN_AGENT_LOG", "info");
-    lab.spawn(host, AGENT_LOG, c)
+    Ok(c)
+}
+
+/// Starts the agent on `host` from `root`, as its unit would.
+pub fn start_agent(lab: &Lab, host: &str, root: &std::path::Path) -> Result<()> {
+    lab.spawn(host, AGENT_LOG, agent_command(lab, host, root)?)
 }
 
 /// Waits until headscale lists `machine` (the agent on `host`) online; returns its node.

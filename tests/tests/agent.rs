@@ -257,7 +257,18 @@ fn tags_from_the_generated_userdata_reach_headscale() {
         &["--tags", "tag:firewall"],
     )
     .unwrap();
-    start_agent(&lab, "fw", &fw.root).unwrap();
+    // systemd's readiness protocol: the agent says READY=1 once it is registered and up.
+    let notify_path = lab.host_dir("fw").join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut c = vdc::firewall::agent_command(&lab, "fw", &fw.root).unwrap();
+    c.env("NOTIFY_SOCKET", &notify_path);
+    lab.spawn("fw", AGENT_LOG, c).unwrap();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
     let node = wait_online(&lab, "fw", MACHINE).unwrap();
     assert_eq!(node.tags, vec!["tag:firewall".to_string()]);
     // headscale v0.28 lists tagged nodes under its pseudo-user; the key was the project's.
