@@ -29,7 +29,9 @@ pub struct Daemon {
     socket: PathBuf,
     tunnel: Option<Tunnel>,
     /// The UDP socket for WireGuard and disco; bound now so its port is reported to control.
-    udp: Option<tokio::net::UdpSocket>,
+    udp: Option<Arc<tokio::net::UdpSocket>>,
+    /// Disco keys of the peers in the netmap: only they get answers.
+    disco_peers: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
     announced_ready: bool,
     cfg: Config,
     url: ServerUrl,
@@ -63,6 +65,7 @@ impl Daemon {
             socket,
             tunnel: None,
             udp: None,
+            disco_peers: Arc::default(),
             announced_ready: false,
             cfg,
             url,
@@ -111,7 +114,10 @@ impl Daemon {
         let udp = tokio::net::UdpSocket::bind(("0.0.0.0", port))
             .await
             .map_err(|e| Error::io(format!("UDP port {port}"), e))?;
-        self.udp = Some(udp);
+        let udp = Arc::new(udp);
+        self.udp = Some(udp.clone());
+        let disco = crypto_box::SecretKey::from(self.disco.to_bytes());
+        tokio::spawn(udp_loop(udp, disco, self.disco_peers.clone()));
         info!(interface = %self.cfg.settings.interface, udp_port = port, "local setup done");
         Ok(())
     }
@@ -248,6 +254,12 @@ impl Daemon {
             }
             if c.peers_changed + c.peers_removed > 0 {
                 info!(peers = self.netmap.peers.len(), "peers updated");
+                *self.disco_peers.lock().expect("disco peers lock") = self
+                    .netmap
+                    .peers
+                    .values()
+                    .filter_map(|p| keys::parse_text("discokey", &p.disco_key))
+                    .collect();
                 let peers = self.peer_status();
                 self.set(|s| s.peers = peers);
             }
@@ -354,4 +366,52 @@ pub fn explain(error: &str) -> String {
         "see headscale's log"
     };
     format!("{error} ({hint})")
+}
+
+/// The shared UDP socket's receive loop. So far it answers disco pings from peers in the
+/// netmap, so that they find the direct path; WireGuard packets come with the data plane.
+async fn udp_loop(
+    udp: Arc<tokio::net::UdpSocket>,
+    ours: crypto_box::SecretKey,
+    peers: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
+) {
+    use crate::disco::{self, Kind, Message};
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, from) = match udp.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "UDP receive failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let p = &buf[..n];
+        if disco::classify(p) != Kind::Disco {
+            continue;
+        }
+        let known =
+            disco::sender(p).is_ok_and(|k| peers.lock().expect("disco peers lock").contains(&k));
+        if !known {
+            tracing::debug!(%from, "disco packet from a sender not in the netmap");
+            continue;
+        }
+        match disco::open(&ours, p) {
+            Ok((sender, Message::Ping { tx_id, .. })) => {
+                let mut nonce = [0u8; 24];
+                let _ = getrandom::getrandom(&mut nonce);
+                let pong = disco::seal(
+                    &ours,
+                    &crypto_box::PublicKey::from(sender),
+                    nonce,
+                    &Message::Pong { tx_id, src: from },
+                );
+                if let Err(e) = udp.send_to(&pong, from).await {
+                    warn!(%from, error = %e, "cannot send disco pong");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(%from, error = %e, "disco packet dropped"),
+        }
+    }
 }

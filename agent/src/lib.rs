@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod disco;
 pub mod error;
 pub mod firewall;
 pub mod fsutil;

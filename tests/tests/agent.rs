@@ -331,3 +331,30 @@ fn firewall_intact(lab: &Lab, root: &std::path::Path) -> bool {
     .status
     .success()
 }
+
+#[test]
+fn a_stock_tailscale_ping_finds_the_direct_path_to_the_agent() {
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw", "op"])).unwrap();
+    let fw = provision(&lab, "fw", MACHINE, "project-d", &[]).unwrap();
+    start_agent(&lab, "fw", &fw.root).unwrap();
+    let node = wait_online(&lab, "fw", MACHINE).unwrap();
+    let hs = lab.headscale();
+    let user = hs.create_user("ops").unwrap();
+    let key = hs
+        .create_preauth_key(&user, &KeyOptions::default())
+        .unwrap();
+    let op = lab.start_tailscaled("op").unwrap();
+    op.up(&hs.url(), &key.key, "op").unwrap();
+    // The operator's node must be in the agent's netmap before the agent answers it.
+    let op_ip = format!("{}/32", op.ipv4().unwrap());
+    wait_status(&lab, "fw", "the operator", |s| {
+        vdc::firewall::lists_online_peer(s, &op_ip)
+    })
+    .unwrap();
+    let fw_ip: std::net::IpAddr = node.addresses[0].parse().unwrap();
+    // A disco ping (tailscale's default): answered over UDP from the firewall's address.
+    let out = op.ping(fw_ip, true).unwrap();
+    let direct = format!("via {}:41641", lab.host("fw").addr);
+    assert!(out.contains(&direct), "{out}");
+}
