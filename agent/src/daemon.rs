@@ -32,6 +32,7 @@ pub struct Daemon {
     udp: Option<Arc<tokio::net::UdpSocket>>,
     /// Disco keys of the peers in the netmap: only they get answers.
     disco_peers: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
+    wg: Arc<Mutex<crate::wg::Wg>>,
     announced_ready: bool,
     cfg: Config,
     url: ServerUrl,
@@ -66,6 +67,7 @@ impl Daemon {
             tunnel: None,
             udp: None,
             disco_peers: Arc::default(),
+            wg: Arc::new(Mutex::new(crate::wg::Wg::new(identity.node.clone()))),
             announced_ready: false,
             cfg,
             url,
@@ -117,7 +119,15 @@ impl Daemon {
         let udp = Arc::new(udp);
         self.udp = Some(udp.clone());
         let disco = crypto_box::SecretKey::from(self.disco.to_bytes());
-        tokio::spawn(udp_loop(udp, disco, self.disco_peers.clone()));
+        let tun = self.tunnel.as_ref().expect("created above").device.clone();
+        let io = DataIo {
+            udp,
+            tun,
+            wg: self.wg.clone(),
+        };
+        tokio::spawn(udp_loop(io.clone(), disco, self.disco_peers.clone()));
+        tokio::spawn(tun_loop(io.clone()));
+        tokio::spawn(timer_loop(io));
         info!(interface = %self.cfg.settings.interface, udp_port = port, "local setup done");
         Ok(())
     }
@@ -260,6 +270,8 @@ impl Daemon {
                     .values()
                     .filter_map(|p| keys::parse_text("discokey", &p.disco_key))
                     .collect();
+                let specs = self.peer_specs();
+                self.wg.lock().expect("wg lock").sync(specs);
                 let peers = self.peer_status();
                 self.set(|s| s.peers = peers);
             }
@@ -270,6 +282,27 @@ impl Daemon {
                 info!("running");
             }
         }
+    }
+
+    /// The WireGuard view of the netmap's peers.
+    fn peer_specs(&self) -> Vec<crate::wg::PeerSpec> {
+        self.netmap
+            .peers
+            .values()
+            .filter_map(|p| {
+                let node_key = keys::parse_text("nodekey", &p.key)?;
+                let ips = if p.allowed_ips.is_empty() {
+                    &p.addresses
+                } else {
+                    &p.allowed_ips
+                };
+                Some(crate::wg::PeerSpec {
+                    node_key,
+                    allowed: crate::netlink::plan(ips).ok()?,
+                    endpoints: p.endpoints.iter().filter_map(|e| e.parse().ok()).collect(),
+                })
+            })
+            .collect()
     }
 
     fn peer_status(&self) -> Vec<PeerStatus> {
@@ -368,17 +401,44 @@ pub fn explain(error: &str) -> String {
     format!("{error} ({hint})")
 }
 
-/// The shared UDP socket's receive loop. So far it answers disco pings from peers in the
-/// netmap, so that they find the direct path; WireGuard packets come with the data plane.
-async fn udp_loop(
+/// What the data-plane tasks share.
+#[derive(Clone)]
+struct DataIo {
     udp: Arc<tokio::net::UdpSocket>,
+    tun: Arc<tun::AsyncDevice>,
+    wg: Arc<Mutex<crate::wg::Wg>>,
+}
+
+impl DataIo {
+    async fn run(&self, actions: Vec<crate::wg::Action>) {
+        for a in actions {
+            match a {
+                crate::wg::Action::SendUdp(to, p) => {
+                    if let Err(e) = self.udp.send_to(&p, to).await {
+                        tracing::debug!(%to, error = %e, "UDP send failed");
+                    }
+                }
+                crate::wg::Action::WriteTun(p) => {
+                    if let Err(e) = self.tun.send(&p).await {
+                        tracing::debug!(error = %e, "TUN write failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The shared UDP socket's receive loop: disco pings from peers in the netmap are answered
+/// (so they find the direct path), WireGuard goes to its tunnel.
+async fn udp_loop(
+    io: DataIo,
     ours: crypto_box::SecretKey,
     peers: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
 ) {
     use crate::disco::{self, Kind, Message};
     let mut buf = vec![0u8; 65536];
     loop {
-        let (n, from) = match udp.recv_from(&mut buf).await {
+        let (n, from) = match io.udp.recv_from(&mut buf).await {
             Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "UDP receive failed");
@@ -387,8 +447,18 @@ async fn udp_loop(
             }
         };
         let p = &buf[..n];
-        if disco::classify(p) != Kind::Disco {
-            continue;
+        match disco::classify(p) {
+            Kind::WireGuard => {
+                let mut out = vec![];
+                io.wg
+                    .lock()
+                    .expect("wg lock")
+                    .from_network(from, p, &mut out);
+                io.run(out).await;
+                continue;
+            }
+            Kind::Stun => continue,
+            Kind::Disco => {}
         }
         let known =
             disco::sender(p).is_ok_and(|k| peers.lock().expect("disco peers lock").contains(&k));
@@ -406,12 +476,41 @@ async fn udp_loop(
                     nonce,
                     &Message::Pong { tx_id, src: from },
                 );
-                if let Err(e) = udp.send_to(&pong, from).await {
+                if let Err(e) = io.udp.send_to(&pong, from).await {
                     warn!(%from, error = %e, "cannot send disco pong");
                 }
             }
             Ok(_) => {}
             Err(e) => tracing::debug!(%from, error = %e, "disco packet dropped"),
         }
+    }
+}
+
+/// Packets the kernel routes into the tunnel go to their peer.
+async fn tun_loop(io: DataIo) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = match io.tun.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "TUN read failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let mut out = vec![];
+        io.wg.lock().expect("wg lock").from_tun(&buf[..n], &mut out);
+        io.run(out).await;
+    }
+}
+
+/// WireGuard's handshake and keep-alive timers.
+async fn timer_loop(io: DataIo) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let mut out = vec![];
+        io.wg.lock().expect("wg lock").tick(&mut out);
+        io.run(out).await;
     }
 }

@@ -15,5 +15,6 @@ pub mod fsutil;
 pub mod keys;
 pub mod netlink;
 pub mod status;
+pub mod wg;
 
 pub use error::{Error, Result};

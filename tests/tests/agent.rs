@@ -357,4 +357,21 @@ fn a_stock_tailscale_ping_finds_the_direct_path_to_the_agent() {
     let out = op.ping(fw_ip, true).unwrap();
     let direct = format!("via {}:41641", lab.host("fw").addr);
     assert!(out.contains(&direct), "{out}");
+    // WireGuard through the agent: ICMP both ways, answered by the kernel behind tailscale0.
+    vdc::smoke::icmp(&lab, "op", fw_ip).unwrap();
+    vdc::smoke::icmp(&lab, "fw", op.ipv4().unwrap()).unwrap();
+    // And the real sshd on the firewall, over the mesh only.
+    vdc::firewall::start_sshd(&lab, "fw").unwrap();
+    let mesh: std::net::SocketAddr = (fw_ip, 22).into();
+    let mut got = Err(anyhow::anyhow!("no answer"));
+    for _ in 0..50 {
+        got = vdc::firewall::banner(&lab.host("op").ns(), mesh, Duration::from_secs(2));
+        if got.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(got.unwrap().starts_with("SSH-2.0-OpenSSH"));
+    let public: std::net::SocketAddr = (lab.host("fw").addr, 22).into();
+    assert!(vdc::firewall::banner(&lab.host("op").ns(), public, Duration::from_secs(2)).is_err());
 }

@@ -64,7 +64,7 @@ fn net(e: impl std::fmt::Display, what: &str) -> Error {
 /// The TUN device and a netlink handle to configure it. Dropping it removes the device.
 pub struct Tunnel {
     pub name: String,
-    pub device: tun::AsyncDevice,
+    pub device: std::sync::Arc<tun::AsyncDevice>,
     index: u32,
     handle: rtnetlink::Handle,
 }
@@ -92,7 +92,7 @@ impl Tunnel {
             .ok_or_else(|| Error::Control(format!("netlink: the TUN link {name} vanished")))?;
         let t = Tunnel {
             name: name.to_string(),
-            device,
+            device: std::sync::Arc::new(device),
             index: link.header.index,
             handle,
         };

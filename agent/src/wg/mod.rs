@@ -1,0 +1,307 @@
+//! WireGuard with boringtun: one `Tunn` per peer, keyed by node keys. `Wg` takes packets
+//! from the network and from the TUN device and returns what to send where; the daemon's
+//! tasks move the bytes.
+
+use boringtun::noise::{Packet, Tunn, TunnResult, handshake::parse_handshake_anon};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use x25519_dalek::{PublicKey, StaticSecret};
+
+/// What to do with a packet.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    SendUdp(SocketAddr, Vec<u8>),
+    WriteTun(Vec<u8>),
+}
+
+/// A peer as the netmap describes it.
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    pub node_key: [u8; 32],
+    pub allowed: Vec<(IpAddr, u8)>,
+    pub endpoints: Vec<SocketAddr>,
+}
+
+struct Peer {
+    spec: PeerSpec,
+    tunn: Tunn,
+    /// Where this peer's WireGuard packets last came from: the path we answer on.
+    endpoint: Option<SocketAddr>,
+}
+
+pub struct Wg {
+    our: StaticSecret,
+    our_pub: PublicKey,
+    slots: Vec<Option<Peer>>,
+    by_key: HashMap<[u8; 32], usize>,
+    buf: Vec<u8>,
+}
+
+fn contains(net: &(IpAddr, u8), ip: IpAddr) -> bool {
+    match (net.0, ip) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => {
+            net.1 == 0
+                || u32::from(n) >> (32 - net.1.min(32)) == u32::from(a) >> (32 - net.1.min(32))
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) => {
+            net.1 == 0
+                || u128::from(n) >> (128 - net.1.min(128))
+                    == u128::from(a) >> (128 - net.1.min(128))
+        }
+        _ => false,
+    }
+}
+
+/// The destination address of an IP packet.
+pub fn destination(p: &[u8]) -> Option<IpAddr> {
+    match p.first()? >> 4 {
+        4 if p.len() >= 20 => Some(IpAddr::from(<[u8; 4]>::try_from(&p[16..20]).ok()?)),
+        6 if p.len() >= 40 => Some(IpAddr::from(<[u8; 16]>::try_from(&p[24..40]).ok()?)),
+        _ => None,
+    }
+}
+
+impl Wg {
+    pub fn new(our: StaticSecret) -> Wg {
+        let our_pub = PublicKey::from(&our);
+        Wg {
+            our,
+            our_pub,
+            slots: vec![],
+            by_key: HashMap::new(),
+            buf: vec![0u8; 65536 + 256],
+        }
+    }
+
+    /// Makes the peer set equal to `peers`: new ones get a tunnel, gone ones lose theirs,
+    /// existing ones keep their session and learn new allowed IPs and endpoints.
+    pub fn sync(&mut self, peers: Vec<PeerSpec>) {
+        let wanted: HashMap<[u8; 32], PeerSpec> =
+            peers.into_iter().map(|p| (p.node_key, p)).collect();
+        for (key, slot) in self.by_key.clone() {
+            if !wanted.contains_key(&key) {
+                self.slots[slot] = None;
+                self.by_key.remove(&key);
+            }
+        }
+        for (key, spec) in wanted {
+            match self.by_key.get(&key) {
+                Some(&slot) => {
+                    if let Some(p) = self.slots[slot].as_mut() {
+                        p.spec = spec;
+                    }
+                }
+                None => {
+                    let slot = self
+                        .slots
+                        .iter()
+                        .position(Option::is_none)
+                        .unwrap_or(self.slots.len());
+                    let tunn = Tunn::new(
+                        self.our.clone(),
+                        PublicKey::from(key),
+                        None,
+                        None,
+                        slot as u32,
+                        None,
+                    );
+                    let peer = Peer {
+                        spec,
+                        tunn,
+                        endpoint: None,
+                    };
+                    if slot == self.slots.len() {
+                        self.slots.push(Some(peer));
+                    } else {
+                        self.slots[slot] = Some(peer);
+                    }
+                    self.by_key.insert(key, slot);
+                }
+            }
+        }
+    }
+
+    fn slot_for(&self, datagram: &[u8]) -> Option<usize> {
+        match Tunn::parse_incoming_packet(datagram).ok()? {
+            Packet::HandshakeInit(init) => {
+                let half = parse_handshake_anon(&self.our, &self.our_pub, &init).ok()?;
+                self.by_key.get(&half.peer_static_public).copied()
+            }
+            Packet::HandshakeResponse(r) => Some((r.receiver_idx >> 8) as usize),
+            Packet::PacketCookieReply(r) => Some((r.receiver_idx >> 8) as usize),
+            Packet::PacketData(d) => Some((d.receiver_idx >> 8) as usize),
+        }
+    }
+
+    /// A datagram from the network, from `src`.
+    pub fn from_network(&mut self, src: SocketAddr, datagram: &[u8], out: &mut Vec<Action>) {
+        let Some(slot) = self.slot_for(datagram) else {
+            return;
+        };
+        let Some(peer) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        match peer
+            .tunn
+            .decapsulate(Some(src.ip()), datagram, &mut self.buf)
+        {
+            TunnResult::WriteToNetwork(p) => {
+                peer.endpoint = Some(src);
+                out.push(Action::SendUdp(src, p.to_vec()));
+                // Packets queued while the handshake ran go out now.
+                while let TunnResult::WriteToNetwork(p) =
+                    peer.tunn.decapsulate(None, &[], &mut self.buf)
+                {
+                    out.push(Action::SendUdp(src, p.to_vec()));
+                }
+            }
+            TunnResult::WriteToTunnelV4(p, a) => {
+                peer.endpoint = Some(src);
+                if peer.spec.allowed.iter().any(|n| contains(n, IpAddr::V4(a))) {
+                    out.push(Action::WriteTun(p.to_vec()));
+                }
+            }
+            TunnResult::WriteToTunnelV6(p, a) => {
+                peer.endpoint = Some(src);
+                if peer.spec.allowed.iter().any(|n| contains(n, IpAddr::V6(a))) {
+                    out.push(Action::WriteTun(p.to_vec()));
+                }
+            }
+            TunnResult::Done => peer.endpoint = Some(src),
+            TunnResult::Err(e) => tracing::debug!(%src, error = ?e, "WireGuard packet dropped"),
+        }
+    }
+
+    fn send_to(peer: &Peer) -> Option<SocketAddr> {
+        peer.endpoint
+            .or_else(|| peer.spec.endpoints.first().copied())
+    }
+
+    /// An IP packet from the TUN device.
+    pub fn from_tun(&mut self, packet: &[u8], out: &mut Vec<Action>) {
+        let Some(dst) = destination(packet) else {
+            return;
+        };
+        let Some(peer) = self
+            .slots
+            .iter_mut()
+            .flatten()
+            .find(|p| p.spec.allowed.iter().any(|n| contains(n, dst)))
+        else {
+            return;
+        };
+        let Some(to) = Self::send_to(peer) else {
+            return;
+        };
+        if let TunnResult::WriteToNetwork(p) = peer.tunn.encapsulate(packet, &mut self.buf) {
+            out.push(Action::SendUdp(to, p.to_vec()));
+        }
+    }
+
+    /// Drives handshake and keep-alive timers; call every 100-250 ms.
+    pub fn tick(&mut self, out: &mut Vec<Action>) {
+        for peer in self.slots.iter_mut().flatten() {
+            let Some(to) = Self::send_to(peer) else {
+                continue;
+            };
+            if let TunnResult::WriteToNetwork(p) = peer.tunn.update_timers(&mut self.buf) {
+                out.push(Action::SendUdp(to, p.to_vec()));
+            }
+        }
+    }
+
+    /// (node key, last handshake age, tx bytes, rx bytes, endpoint) per peer, for status.
+    pub fn stats(
+        &self,
+    ) -> Vec<(
+        [u8; 32],
+        Option<std::time::Duration>,
+        usize,
+        usize,
+        Option<SocketAddr>,
+    )> {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|p| {
+                let (hs, tx, rx, _, _) = p.tunn.stats();
+                (p.spec.node_key, hs, tx, rx, p.endpoint)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(key: &StaticSecret, ip: &str) -> PeerSpec {
+        PeerSpec {
+            node_key: *PublicKey::from(key).as_bytes(),
+            allowed: vec![(ip.parse().unwrap(), 32)],
+            endpoints: vec![],
+        }
+    }
+
+    fn ping(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0];
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(&[8, 0, 0, 0, 0, 0, 0, 0]);
+        p
+    }
+
+    #[test]
+    fn two_instances_talk_through_a_handshake() {
+        let (ka, kb) = (StaticSecret::from([1; 32]), StaticSecret::from([2; 32]));
+        let (mut a, mut b) = (Wg::new(ka.clone()), Wg::new(kb.clone()));
+        let (addr_a, addr_b): (SocketAddr, SocketAddr) = (
+            "192.0.2.1:41641".parse().unwrap(),
+            "192.0.2.2:41641".parse().unwrap(),
+        );
+        let mut pb = spec(&kb, "100.64.0.2");
+        pb.endpoints = vec![addr_b];
+        a.sync(vec![pb]);
+        b.sync(vec![spec(&ka, "100.64.0.1")]);
+        // a sends to b: the first packet starts a handshake.
+        let mut out = vec![];
+        a.from_tun(&ping([100, 64, 0, 1], [100, 64, 0, 2]), &mut out);
+        let mut delivered = vec![];
+        for _ in 0..4 {
+            let mut next = vec![];
+            for act in out.drain(..) {
+                match act {
+                    Action::SendUdp(to, p) if to == addr_b => b.from_network(addr_a, &p, &mut next),
+                    Action::SendUdp(_, p) => a.from_network(addr_b, &p, &mut next),
+                    Action::WriteTun(p) => delivered.push(p),
+                }
+            }
+            out = next;
+        }
+        assert_eq!(delivered, vec![ping([100, 64, 0, 1], [100, 64, 0, 2])]);
+        // A source outside the peer's allowed IPs is not delivered.
+        let mut out = vec![];
+        b.from_tun(&ping([100, 64, 0, 2], [100, 64, 0, 1]), &mut out);
+        let Action::SendUdp(_, p) = &out[0] else {
+            panic!("{out:?}")
+        };
+        let mut got = vec![];
+        a.from_network(addr_b, p, &mut got);
+        assert!(matches!(&got[..], [Action::WriteTun(_)]));
+        b.sync(vec![]);
+        assert!(b.stats().is_empty());
+    }
+
+    #[test]
+    fn garbage_is_dropped() {
+        let mut w = Wg::new(StaticSecret::from([1; 32]));
+        let mut out = vec![];
+        w.from_network(
+            "192.0.2.9:1".parse().unwrap(),
+            &[4, 0, 0, 0, 1, 2, 3],
+            &mut out,
+        );
+        w.from_tun(&[0x45, 0], &mut out);
+        assert!(out.is_empty());
+    }
+}
