@@ -209,26 +209,6 @@ impl Wg {
             }
         }
     }
-
-    /// (node key, last handshake age, tx bytes, rx bytes, endpoint) per peer, for status.
-    pub fn stats(
-        &self,
-    ) -> Vec<(
-        [u8; 32],
-        Option<std::time::Duration>,
-        usize,
-        usize,
-        Option<SocketAddr>,
-    )> {
-        self.slots
-            .iter()
-            .flatten()
-            .map(|p| {
-                let (hs, tx, rx, _, _) = p.tunn.stats();
-                (p.spec.node_key, hs, tx, rx, p.endpoint)
-            })
-            .collect()
-    }
 }
 
 #[cfg(test)]
@@ -289,7 +269,7 @@ mod tests {
         a.from_network(addr_b, p, &mut got);
         assert!(matches!(&got[..], [Action::WriteTun(_)]));
         b.sync(vec![]);
-        assert!(b.stats().is_empty());
+        assert!(b.slots.iter().all(Option::is_none));
     }
 
     #[test]
