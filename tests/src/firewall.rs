@@ -247,3 +247,51 @@ pub fn lists_online_peer(status: &serde_json::Value, ip: &str) -> bool {
         })
     })
 }
+
+/// Runs `command` over SSH (the real OpenSSH client, key authentication) from `from` to
+/// `to`, where `start_sshd` runs with `authorized_keys`; returns its output.
+pub fn ssh(
+    lab: &Lab,
+    from: &str,
+    to: std::net::IpAddr,
+    authorized_keys: &std::path::Path,
+    command: &str,
+) -> Result<String> {
+    let dir = lab.host_dir(from).join("ssh");
+    std::fs::create_dir_all(&dir)?;
+    let key = dir.join("id_ed25519");
+    if !key.exists() {
+        cmd::run_quiet(
+            std::process::Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", "operator@lab", "-f"])
+                .arg(&key),
+        )?;
+    }
+    let public = std::fs::read_to_string(dir.join("id_ed25519.pub"))?;
+    let mut existing = std::fs::read_to_string(authorized_keys).unwrap_or_default();
+    if !existing.contains(public.trim()) {
+        existing.push_str(&public);
+        std::fs::write(authorized_keys, existing)?;
+    }
+    cmd::run(
+        lab.host(from)
+            .ns()
+            .command("ssh")
+            .arg("-i")
+            .arg(&key)
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=5",
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .arg(format!("root@{to}"))
+            .arg(command),
+    )
+}

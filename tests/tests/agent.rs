@@ -361,7 +361,7 @@ fn a_stock_tailscale_ping_finds_the_direct_path_to_the_agent() {
     vdc::smoke::icmp(&lab, "op", fw_ip).unwrap();
     vdc::smoke::icmp(&lab, "fw", op.ipv4().unwrap()).unwrap();
     // And the real sshd on the firewall, over the mesh only.
-    vdc::firewall::start_sshd(&lab, "fw").unwrap();
+    let authorized = vdc::firewall::start_sshd(&lab, "fw").unwrap();
     let mesh: std::net::SocketAddr = (fw_ip, 22).into();
     let mut got = Err(anyhow::anyhow!("no answer"));
     for _ in 0..50 {
@@ -372,6 +372,15 @@ fn a_stock_tailscale_ping_finds_the_direct_path_to_the_agent() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(got.unwrap().starts_with("SSH-2.0-OpenSSH"));
+    let out = vdc::firewall::ssh(
+        &lab,
+        "op",
+        fw_ip,
+        &authorized,
+        "ip -o -4 addr show dev tailscale0",
+    )
+    .unwrap();
+    assert!(out.contains(&fw_ip.to_string()), "{out}");
     let public: std::net::SocketAddr = (lab.host("fw").addr, 22).into();
     assert!(vdc::firewall::banner(&lab.host("op").ns(), public, Duration::from_secs(2)).is_err());
 }

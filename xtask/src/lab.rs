@@ -339,6 +339,34 @@ fn userdata_demo() -> Result<()> {
                 .arg(agent_socket(&lab, "fw")),
         )?;
         vdc::cmd::run(hs.cli().args(["nodes", "list"]))?;
+        println!("[8] the operator pings the firewall and logs in with ssh, over the mesh");
+        let fw_ip: std::net::IpAddr = hs
+            .nodes()?
+            .into_iter()
+            .find(|n| n.name == machine)
+            .and_then(|n| n.addresses.first().and_then(|a| a.parse().ok()))
+            .context("the firewall has no mesh address")?;
+        vdc::cmd::run(op.cli().args(["ping", "-c", "5", &fw_ip.to_string()]))?;
+        vdc::smoke::icmp(&lab, "op", fw_ip)?;
+        let authorized = vdc::firewall::start_sshd(&lab, "fw")?;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        vdc::firewall::ssh(
+            &lab,
+            "op",
+            fw_ip,
+            &authorized,
+            "echo logged in to $(ip -o -4 addr show dev tailscale0 | cut -d' ' -f7) over the mesh",
+        )?;
+        println!("[9] the same sshd on the firewall's public address: closed");
+        let public: std::net::SocketAddr = (lab.host("fw").addr, 22).into();
+        match vdc::firewall::banner(
+            &lab.host("op").ns(),
+            public,
+            std::time::Duration::from_secs(2),
+        ) {
+            Ok(b) => anyhow::bail!("public SSH answered: {b}"),
+            Err(_) => println!("    {public}: no answer (dropped by table inet vpn_agent)"),
+        }
         anyhow::Ok(())
     })();
     if let Err(e) = result {
@@ -346,7 +374,7 @@ fn userdata_demo() -> Result<()> {
         return Err(e.context("the firewall part of the demo failed"));
     }
     println!(
-        "demo: ok. Traffic over the mesh (WireGuard, disco, DERP) and the closed ports come next."
+        "demo: ok. Next: DERP relaying, path upgrades and the packet filter."
     );
     Ok(())
 }
