@@ -384,3 +384,27 @@ fn a_stock_tailscale_ping_finds_the_direct_path_to_the_agent() {
     let public: std::net::SocketAddr = (lab.host("fw").addr, 22).into();
     assert!(vdc::firewall::banner(&lab.host("op").ns(), public, Duration::from_secs(2)).is_err());
 }
+
+#[test]
+fn two_agents_reach_each_other_directly() {
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw", "fw2"])).unwrap();
+    let m2 = "0cfc7e24-aaaa-4bbb-8ccc-0000000000f2";
+    let a = provision(&lab, "fw", MACHINE, "project-e", &[]).unwrap();
+    let b = provision(&lab, "fw2", m2, "project-e", &[]).unwrap();
+    start_agent(&lab, "fw", &a.root).unwrap();
+    start_agent(&lab, "fw2", &b.root).unwrap();
+    let na = wait_online(&lab, "fw", MACHINE).unwrap();
+    let nb = wait_online(&lab, "fw2", m2).unwrap();
+    let (ipa, ipb) = (na.addresses[0].clone(), nb.addresses[0].clone());
+    wait_status(&lab, "fw", "fw2 in the netmap", |s| {
+        vdc::firewall::lists_online_peer(s, &format!("{ipb}/32"))
+    })
+    .unwrap();
+    wait_status(&lab, "fw2", "fw in the netmap", |s| {
+        vdc::firewall::lists_online_peer(s, &format!("{ipa}/32"))
+    })
+    .unwrap();
+    vdc::smoke::icmp(&lab, "fw", ipb.parse().unwrap()).unwrap();
+    vdc::smoke::icmp(&lab, "fw2", ipa.parse().unwrap()).unwrap();
+}

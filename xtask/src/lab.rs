@@ -373,9 +373,7 @@ fn userdata_demo() -> Result<()> {
         lab.dump_logs();
         return Err(e.context("the firewall part of the demo failed"));
     }
-    println!(
-        "demo: ok. Next: DERP relaying, path upgrades and the packet filter."
-    );
+    println!("demo: ok. Next: DERP relaying, path upgrades and the packet filter.");
     Ok(())
 }
 
