@@ -464,43 +464,41 @@ fn generated_userdata_joins_a_stock_tailscaled_to_real_headscale() {
     assert!(text.contains("already used"), "{text}");
 }
 
+/// `userdata-gen generate` from `fw` against headscale's REST API at `api_url`, trusting
+/// `ca`, with API key `key`: its exit code and stderr.
+fn generate_against(lab: &Lab, api_url: &str, ca: &Path, key: &str) -> (Option<i32>, String) {
+    let hs = lab.headscale();
+    let url = hs.url();
+    let args = [
+        "generate",
+        "--machine-id",
+        "m1",
+        "--project",
+        "p",
+        "--login-server",
+        &url,
+        "--headscale-api-url",
+        api_url,
+        "--ca-file",
+        ca.to_str().unwrap(),
+        "--timeout",
+        "3s",
+    ];
+    let o = udg_in(lab, "fw", &args, Some(key));
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn headscale_failures_are_exit_3_with_a_reason() {
     require_lab!();
     let lab = Lab::start(LabOptions::hosts(&["fw"])).unwrap();
     let hs = lab.headscale();
-    let ca = hs.ca_path();
-    let base = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "generate",
-            "--machine-id",
-            "m1",
-            "--project",
-            "p",
-            "--login-server",
-            &hs.url(),
-            "--timeout",
-            "3s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let run = |args: Vec<String>, key: &str| {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let o = udg_in(&lab, "fw", &a, Some(key));
-        (
-            o.status.code(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
+    let (url, ca) = (hs.url(), hs.ca_path());
     // A wrong API key.
-    let (code, err) = run(
-        base(&["--ca-file", ca.to_str().unwrap()]),
-        "not-a-valid-api-key",
-    );
+    let (code, err) = generate_against(&lab, &url, &ca, "not-a-valid-api-key");
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("refused the API key"), "{err}");
     assert!(!err.contains("not-a-valid-api-key"), "{err}");
@@ -509,15 +507,22 @@ fn headscale_failures_are_exit_3_with_a_reason() {
     let other_ca = lab.host_dir("fw").join("other-ca.pem");
     std::fs::write(&other_ca, other.ca_pem).unwrap();
     let good_key = hs.create_api_key().unwrap();
-    let (code, err) = run(base(&["--ca-file", other_ca.to_str().unwrap()]), &good_key);
+    let (code, err) = generate_against(&lab, &url, &other_ca, &good_key);
     assert_eq!(code, Some(3), "{err}");
     assert!(
         err.contains("TLS certificate was not accepted") && err.contains("--ca-file"),
         "{err}"
     );
+    // A server that does not speak headscale's API.
+    let (code, err) = generate_against(&lab, &format!("{url}/not-the-api"), &ca, &good_key);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("does not speak headscale v0.28's REST API"),
+        "{err}"
+    );
     // headscale unreachable.
     lab.cut_off("ctl").unwrap();
-    let (code, err) = run(base(&["--ca-file", ca.to_str().unwrap()]), &good_key);
+    let (code, err) = generate_against(&lab, &url, &ca, &good_key);
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("cannot reach headscale"), "{err}");
 }
@@ -532,37 +537,11 @@ fn an_expired_certificate_is_exit_3() {
     })
     .unwrap();
     let hs = lab.headscale();
-    let ca = hs.ca_path().display().to_string();
-    let run = |api_url: &str| {
-        let o = udg_in(
-            &lab,
-            "fw",
-            &[
-                "generate",
-                "--machine-id",
-                "m1",
-                "--project",
-                "p",
-                "--login-server",
-                &hs.url(),
-                "--headscale-api-url",
-                api_url,
-                "--ca-file",
-                &ca,
-                "--timeout",
-                "3s",
-            ],
-            Some("some-api-key"),
-        );
-        (
-            o.status.code(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
+    let (url, ca) = (hs.url(), hs.ca_path());
     // headscale needs a moment to listen; it cannot be health-checked through the bad chain.
     let mut last = (None, String::new());
     for _ in 0..50 {
-        last = run(&hs.url());
+        last = generate_against(&lab, &url, &ca, "some-api-key");
         if last.1.contains("TLS certificate") {
             break;
         }
@@ -572,38 +551,6 @@ fn an_expired_certificate_is_exit_3() {
     assert_eq!(code, Some(3), "{err}");
     assert!(
         err.contains("TLS certificate was not accepted") && err.to_lowercase().contains("expired"),
-        "{err}"
-    );
-}
-
-#[test]
-fn a_server_that_does_not_speak_headscales_api_is_exit_3() {
-    require_lab!();
-    let lab = Lab::start(LabOptions::hosts(&["fw"])).unwrap();
-    let hs = lab.headscale();
-    let key = hs.create_api_key().unwrap();
-    let o = udg_in(
-        &lab,
-        "fw",
-        &[
-            "generate",
-            "--machine-id",
-            "m1",
-            "--project",
-            "p",
-            "--login-server",
-            &hs.url(),
-            "--headscale-api-url",
-            &format!("{}/not-the-api", hs.url()),
-            "--ca-file",
-            hs.ca_path().to_str().unwrap(),
-        ],
-        Some(&key),
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(3), "{err}");
-    assert!(
-        err.contains("does not speak headscale v0.28's REST API"),
         "{err}"
     );
 }
