@@ -110,7 +110,22 @@ impl Daemon {
     async fn start_local(&mut self) -> Result<()> {
         crate::firewall::apply(&self.cfg.settings)?;
         self.guard_firewall();
-        crate::status::serve(&self.socket, self.status.clone())?;
+        let (status, wg) = (self.status.clone(), self.wg.clone());
+        crate::status::serve(&self.socket, move || {
+            let mut s = status.lock().expect("status lock").clone();
+            let stats = wg.lock().expect("wg lock").stats();
+            for p in &mut s.peers {
+                let Some(st) = keys::parse_text("nodekey", &p.node_key).and_then(|k| stats.get(&k))
+                else {
+                    continue;
+                };
+                p.path = st.path.map(|a| a.to_string());
+                p.last_handshake_secs = st.last_handshake.map(|d| d.as_secs());
+                p.tx_bytes = st.tx_bytes;
+                p.rx_bytes = st.rx_bytes;
+            }
+            s
+        })?;
         self.tunnel = Some(Tunnel::create(&self.cfg.settings.interface).await?);
         let port = self.cfg.settings.listen_port;
         let udp = tokio::net::UdpSocket::bind(("0.0.0.0", port))
@@ -316,6 +331,7 @@ impl Daemon {
                 node_key: p.key.clone(),
                 home_derp: p.home_derp,
                 endpoints: p.endpoints.clone(),
+                ..PeerStatus::default()
             })
             .collect()
     }

@@ -12,6 +12,16 @@ pub struct PeerStatus {
     pub node_key: String,
     pub home_derp: u32,
     pub endpoints: Vec<String>,
+    /// The path WireGuard uses: the peer's `ip:port`, or none yet.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Seconds since the last WireGuard handshake.
+    #[serde(default)]
+    pub last_handshake_secs: Option<u64>,
+    #[serde(default)]
+    pub tx_bytes: u64,
+    #[serde(default)]
+    pub rx_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -30,10 +40,10 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
 }
 
-/// Serves `status` as JSON to every client of the Unix socket at `path` (mode 0600).
+/// Serves `snapshot()` as JSON to every client of the Unix socket at `path` (mode 0600).
 pub fn serve(
     path: &std::path::Path,
-    status: std::sync::Arc<std::sync::Mutex<Status>>,
+    snapshot: impl Fn() -> Status + Send + 'static,
 ) -> crate::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     use tokio::io::AsyncWriteExt;
@@ -46,8 +56,7 @@ pub fn serve(
         .map_err(|e| crate::Error::io(path, e))?;
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
-            let body =
-                serde_json::to_vec(&*status.lock().expect("status lock")).unwrap_or_default();
+            let body = serde_json::to_vec(&snapshot()).unwrap_or_default();
             tokio::spawn(async move {
                 let _ = conn.write_all(&body).await;
                 let _ = conn.shutdown().await;
@@ -126,8 +135,15 @@ pub fn render(s: &Status, now: u64) -> String {
             Some(false) => "offline",
             None => "-",
         };
+        let path = match (&p.path, p.last_handshake_secs) {
+            (Some(a), Some(h)) => format!(
+                "; direct {a}, handshake {h}s ago, tx {} rx {}",
+                p.tx_bytes, p.rx_bytes
+            ),
+            _ => String::new(),
+        };
         out.push_str(&format!(
-            "{:<15} {:<38} {state}\n",
+            "{:<15} {:<38} {state}{path}\n",
             first_v4(&p.addresses),
             short(&p.name)
         ));

@@ -383,6 +383,19 @@ fn a_stock_tailscale_ping_finds_the_direct_path_to_the_agent() {
     assert!(out.contains(&fw_ip.to_string()), "{out}");
     let public: std::net::SocketAddr = (lab.host("fw").addr, 22).into();
     assert!(vdc::firewall::banner(&lab.host("op").ns(), public, Duration::from_secs(2)).is_err());
+    // Status shows the path, the handshake and the bytes.
+    let st = agent_status(&lab, "fw").unwrap();
+    let peer = &st["peers"][0];
+    assert_eq!(
+        peer["path"],
+        format!("{}:41641", lab.host("op").addr),
+        "{st}"
+    );
+    assert!(peer["last_handshake_secs"].as_u64().is_some(), "{st}");
+    assert!(
+        peer["tx_bytes"].as_u64() > Some(0) && peer["rx_bytes"].as_u64() > Some(0),
+        "{st}"
+    );
 }
 
 #[test]

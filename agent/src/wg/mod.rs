@@ -14,6 +14,15 @@ pub enum Action {
     WriteTun(Vec<u8>),
 }
 
+/// What `Wg::stats` reports for one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerStats {
+    pub path: Option<SocketAddr>,
+    pub last_handshake: Option<std::time::Duration>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
 /// A peer as the netmap describes it.
 #[derive(Debug, Clone)]
 pub struct PeerSpec {
@@ -198,6 +207,24 @@ impl Wg {
         }
     }
 
+    /// Per peer, by node key: the path in use, the last handshake's age and the byte counts.
+    pub fn stats(&self) -> HashMap<[u8; 32], PeerStats> {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|p| {
+                let (handshake, tx, rx, _, _) = p.tunn.stats();
+                let s = PeerStats {
+                    path: p.endpoint,
+                    last_handshake: handshake,
+                    tx_bytes: tx as u64,
+                    rx_bytes: rx as u64,
+                };
+                (p.spec.node_key, s)
+            })
+            .collect()
+    }
+
     /// Drives handshake and keep-alive timers; call every 100-250 ms.
     pub fn tick(&mut self, out: &mut Vec<Action>) {
         for peer in self.slots.iter_mut().flatten() {
@@ -268,8 +295,14 @@ mod tests {
         let mut got = vec![];
         a.from_network(addr_b, p, &mut got);
         assert!(matches!(&got[..], [Action::WriteTun(_)]));
+        let st = a.stats()[PublicKey::from(&kb).as_bytes()];
+        assert_eq!(st.path, Some(addr_b));
+        assert!(
+            st.last_handshake.is_some() && st.tx_bytes > 0 && st.rx_bytes > 0,
+            "{st:?}"
+        );
         b.sync(vec![]);
-        assert!(b.slots.iter().all(Option::is_none));
+        assert!(b.stats().is_empty());
     }
 
     #[test]
