@@ -357,6 +357,13 @@ fn userdata_demo() -> Result<()> {
             &authorized,
             "echo logged in to $(ip -o -4 addr show dev tailscale0 | cut -d' ' -f7) over the mesh",
         )?;
+        vdc::cmd::run(
+            lab.host("fw")
+                .ns()
+                .command(vdc::tools::project_bin("vpn-agent"))
+                .args(["status", "--socket"])
+                .arg(agent_socket(&lab, "fw")),
+        )?;
         println!("[9] the same sshd on the firewall's public address: closed");
         let public: std::net::SocketAddr = (lab.host("fw").addr, 22).into();
         match vdc::firewall::banner(
