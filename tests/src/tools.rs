@@ -78,6 +78,7 @@ pub const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("userdata-gen", "merge"),
     ("agent", "control_records"),
     ("agent", "map_message"),
+    ("agent", "udp_packet"),
 ];
 
 /// Debian packages the lab, the tests and the demo use.
