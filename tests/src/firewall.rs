@@ -120,12 +120,15 @@ pub fn agent_socket(lab: &Lab, host: &str) -> PathBuf {
 
 /// `vpn-agent status --json` on `host`.
 pub fn agent_status(lab: &Lab, host: &str) -> Result<serde_json::Value> {
-    let out = cmd::run_quiet(
-        std::process::Command::new(tools::project_bin("vpn-agent"))
-            .args(["status", "--json", "--socket"])
-            .arg(agent_socket(lab, host)),
-    )?;
+    let out = cmd::run_quiet(status_command(lab, host).arg("--json"))?;
     Ok(serde_json::from_str(&out)?)
+}
+
+/// `vpn-agent status` aimed at the agent on `host`.
+pub fn status_command(lab: &Lab, host: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(tools::project_bin("vpn-agent"));
+    c.args(["status", "--socket"]).arg(agent_socket(lab, host));
+    c
 }
 
 /// Waits until the agent's status on `host` satisfies `pred`.
@@ -213,6 +216,20 @@ pub fn start_sshd(lab: &Lab, host: &str) -> Result<PathBuf> {
     c.args(["-D", "-e", "-f"]).arg(&config);
     lab.spawn(host, "sshd", c)?;
     Ok(auth)
+}
+
+/// Like [`banner`], retried for up to five seconds: for a server that is still starting.
+pub fn wait_banner(ns: &crate::netns::Netns, addr: std::net::SocketAddr) -> Result<String> {
+    let start = std::time::Instant::now();
+    loop {
+        match banner(ns, addr, std::time::Duration::from_secs(1)) {
+            Ok(b) => return Ok(b),
+            Err(e) if start.elapsed() > std::time::Duration::from_secs(5) => {
+                return Err(e.context(format!("nothing answered on {addr} within 5 s")));
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
 }
 
 /// Connects from namespace `ns` to `addr` and returns the first line the server sends (an

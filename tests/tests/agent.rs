@@ -63,15 +63,7 @@ fn agent_joins_with_the_generated_userdata_and_rejoins_without_a_key() {
     vdc::firewall::start_sshd(&lab, "fw").unwrap();
     let public: std::net::SocketAddr = (lab.host("fw").addr, 22).into();
     let local: std::net::SocketAddr = ([127, 0, 0, 1], 22).into();
-    let mut up = false;
-    for _ in 0..50 {
-        up = vdc::firewall::banner(&ns, local, Duration::from_secs(1)).is_ok();
-        if up {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(up, "sshd does not answer on loopback");
+    vdc::firewall::wait_banner(&ns, local).expect("sshd does not answer on loopback");
     assert!(vdc::firewall::banner(&lab.host("op").ns(), public, Duration::from_secs(2)).is_err());
 
     // Someone deletes the agent's nftables table: the agent puts it back.
@@ -363,15 +355,8 @@ fn a_stock_tailscale_ping_finds_the_direct_path_to_the_agent() {
     // And the real sshd on the firewall, over the mesh only.
     let authorized = vdc::firewall::start_sshd(&lab, "fw").unwrap();
     let mesh: std::net::SocketAddr = (fw_ip, 22).into();
-    let mut got = Err(anyhow::anyhow!("no answer"));
-    for _ in 0..50 {
-        got = vdc::firewall::banner(&lab.host("op").ns(), mesh, Duration::from_secs(2));
-        if got.is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(got.unwrap().starts_with("SSH-2.0-OpenSSH"));
+    let got = vdc::firewall::wait_banner(&lab.host("op").ns(), mesh).unwrap();
+    assert!(got.starts_with("SSH-2.0-OpenSSH"), "{got}");
     let out = vdc::firewall::ssh(
         &lab,
         "op",

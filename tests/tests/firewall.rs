@@ -55,15 +55,8 @@ fn public_ssh_closes_mesh_ssh_stays_and_metals_table_is_untouched() {
     std::fs::write(&metal, METAL).unwrap();
     nft(&fw, &["-f", metal.to_str().unwrap()]);
     let metal_before = nft(&fw, &["list", "table", "inet", "metal"]);
-    let mut ok = Err(anyhow::anyhow!("sshd did not answer"));
-    for _ in 0..50 {
-        ok = banner(&dc, public, t);
-        if ok.is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(ok.unwrap().starts_with("SSH-2.0-OpenSSH"));
+    let ok = vdc::firewall::wait_banner(&dc, public).unwrap();
+    assert!(ok.starts_with("SSH-2.0-OpenSSH"), "{ok}");
 
     // Our table: the public port closes, the mesh keeps SSH, metal's table is as it was.
     let settings = lab.host_dir("fw").join("agent.json");

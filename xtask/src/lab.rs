@@ -217,7 +217,7 @@ pub fn demo() -> Result<()> {
 /// firewall's root; vpn-agent starts from exactly those files and joins; an operator joins
 /// with stock tailscale and shows up in `vpn-agent status`.
 fn userdata_demo() -> Result<()> {
-    use vdc::firewall::{AGENT_LOG, agent_socket, start_agent, wait_online, wait_status};
+    use vdc::firewall::{AGENT_LOG, start_agent, status_command, wait_online, wait_status};
     vdc::cmd::set_echo(true);
     println!("\n[firewall] a fresh lab: ctl (headscale), fw (the firewall), op (an operator)");
     let lab = Lab::start(LabOptions::hosts(&["fw", "op"]))?;
@@ -293,7 +293,7 @@ fn userdata_demo() -> Result<()> {
         )?;
         println!("[5] vpn-agent starts from exactly those files, as its unit would, and joins");
         start_agent(&lab, "fw", &root)?;
-        wait_online(&lab, "fw", machine)?;
+        let fw_node = wait_online(&lab, "fw", machine)?;
         wait_status(&lab, "fw", "Running", |s| s["backend_state"] == "Running")?;
         print!("{}", indent(&lab.log("fw", AGENT_LOG)));
         vdc::cmd::run(lab.host("fw").ns().command("ip").args([
@@ -331,25 +331,18 @@ fn userdata_demo() -> Result<()> {
         wait_status(&lab, "fw", "the operator", |s| {
             vdc::firewall::lists_online_peer(s, &op_ip)
         })?;
-        vdc::cmd::run(
-            lab.host("fw")
-                .ns()
-                .command(vdc::tools::project_bin("vpn-agent"))
-                .args(["status", "--socket"])
-                .arg(agent_socket(&lab, "fw")),
-        )?;
+        vdc::cmd::run(&mut status_command(&lab, "fw"))?;
         vdc::cmd::run(hs.cli().args(["nodes", "list"]))?;
         println!("[8] the operator pings the firewall and logs in with ssh, over the mesh");
-        let fw_ip: std::net::IpAddr = hs
-            .nodes()?
-            .into_iter()
-            .find(|n| n.name == machine)
-            .and_then(|n| n.addresses.first().and_then(|a| a.parse().ok()))
+        let fw_ip: std::net::IpAddr = fw_node
+            .addresses
+            .first()
+            .and_then(|a| a.parse().ok())
             .context("the firewall has no mesh address")?;
         vdc::cmd::run(op.cli().args(["ping", "-c", "5", &fw_ip.to_string()]))?;
         vdc::smoke::icmp(&lab, "op", fw_ip)?;
         let authorized = vdc::firewall::start_sshd(&lab, "fw")?;
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        vdc::firewall::wait_banner(&lab.host("op").ns(), (fw_ip, 22).into())?;
         vdc::firewall::ssh(
             &lab,
             "op",
@@ -357,13 +350,7 @@ fn userdata_demo() -> Result<()> {
             &authorized,
             "echo logged in to $(ip -o -4 addr show dev tailscale0 | cut -d' ' -f7) over the mesh",
         )?;
-        vdc::cmd::run(
-            lab.host("fw")
-                .ns()
-                .command(vdc::tools::project_bin("vpn-agent"))
-                .args(["status", "--socket"])
-                .arg(agent_socket(&lab, "fw")),
-        )?;
+        vdc::cmd::run(&mut status_command(&lab, "fw"))?;
         println!("[9] the same sshd on the firewall's public address: closed");
         let public: std::net::SocketAddr = (lab.host("fw").addr, 22).into();
         match vdc::firewall::banner(
