@@ -277,6 +277,12 @@ impl Daemon {
                 info!(addresses = ?self.netmap.addresses(), "self node");
                 self.set(|s| s.self_addresses = self.netmap.addresses());
             }
+            if c.filter_changed {
+                // FILTER-WIRING: replace with the real filter's error handling.
+                let f = crate::filter::Filter::from_sets(&self.netmap.packet_filters)
+                    .unwrap_or_else(|_| crate::filter::Filter::allow_all());
+                self.wg.lock().expect("wg lock").set_filter(f);
+            }
             if c.peers_changed + c.peers_removed > 0 {
                 info!(peers = self.netmap.peers.len(), "peers updated");
                 *self.disco_peers.lock().expect("disco peers lock") = self

@@ -10,6 +10,7 @@ pub mod control;
 pub mod daemon;
 pub mod disco;
 pub mod error;
+pub mod filter;
 pub mod firewall;
 pub mod fsutil;
 pub mod keys;

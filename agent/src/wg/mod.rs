@@ -44,6 +44,7 @@ pub struct Wg {
     slots: Vec<Option<Peer>>,
     by_key: HashMap<[u8; 32], usize>,
     buf: Vec<u8>,
+    filter: crate::filter::Filter,
 }
 
 fn contains(net: &(IpAddr, u8), ip: IpAddr) -> bool {
@@ -79,7 +80,13 @@ impl Wg {
             slots: vec![],
             by_key: HashMap::new(),
             buf: vec![0u8; 65536 + 256],
+            filter: crate::filter::Filter::allow_all(),
         }
+    }
+
+    /// The packet filter that inbound packets must pass.
+    pub fn set_filter(&mut self, filter: crate::filter::Filter) {
+        self.filter = filter;
     }
 
     /// Makes the peer set equal to `peers`: new ones get a tunnel, gone ones lose theirs,
@@ -166,13 +173,17 @@ impl Wg {
             }
             TunnResult::WriteToTunnelV4(p, a) => {
                 peer.endpoint = Some(src);
-                if peer.spec.allowed.iter().any(|n| contains(n, IpAddr::V4(a))) {
+                if peer.spec.allowed.iter().any(|n| contains(n, IpAddr::V4(a)))
+                    && self.filter.allow_in(p)
+                {
                     out.push(Action::WriteTun(p.to_vec()));
                 }
             }
             TunnResult::WriteToTunnelV6(p, a) => {
                 peer.endpoint = Some(src);
-                if peer.spec.allowed.iter().any(|n| contains(n, IpAddr::V6(a))) {
+                if peer.spec.allowed.iter().any(|n| contains(n, IpAddr::V6(a)))
+                    && self.filter.allow_in(p)
+                {
                     out.push(Action::WriteTun(p.to_vec()));
                 }
             }
@@ -202,6 +213,7 @@ impl Wg {
         let Some(to) = Self::send_to(peer) else {
             return;
         };
+        self.filter.note_out(packet);
         if let TunnResult::WriteToNetwork(p) = peer.tunn.encapsulate(packet, &mut self.buf) {
             out.push(Action::SendUdp(to, p.to_vec()));
         }
