@@ -5,8 +5,11 @@ use crate::config::{AuthKey, Config};
 use crate::control::client::{self, ServerUrl, Session};
 use crate::control::netmap::Netmap;
 use crate::control::types::{
-    AuthInfo, CAPABILITY_VERSION, Hostinfo, MapRequest, NetInfo, RegisterRequest, ZERO_TIME,
+    AuthInfo, CAPABILITY_VERSION, Hostinfo, MapRequest, MapResponse, NetInfo as TsNetInfo,
+    RegisterRequest, ZERO_TIME,
 };
+use crate::dataplane::shell::Shell;
+use crate::dataplane::{Engine, NetInfo, PeerInfo};
 use crate::error::{Error, Result};
 use crate::keys::{self, Identity};
 use crate::netlink::Tunnel;
@@ -24,15 +27,15 @@ const FIREWALL_CHECK: Duration = Duration::from_secs(2);
 /// tailscaled's watchdog: no message (keep-alives included) for this long means a dead stream.
 const MAP_WATCHDOG: Duration = Duration::from_secs(120);
 
+/// How often local addresses are re-read for our endpoints (DHCP, a new uplink).
+const ENDPOINT_REFRESH: Duration = Duration::from_secs(30);
+
 pub struct Daemon {
     status: Arc<Mutex<Status>>,
     socket: PathBuf,
     tunnel: Option<Tunnel>,
-    /// The UDP socket for WireGuard and disco; bound now so its port is reported to control.
-    udp: Option<Arc<tokio::net::UdpSocket>>,
-    /// Disco keys of the peers in the netmap: only they get answers.
-    disco_peers: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
-    wg: Arc<Mutex<crate::wg::Wg>>,
+    /// The running data plane (after `start_local`).
+    data: Option<Shell>,
     announced_ready: bool,
     cfg: Config,
     url: ServerUrl,
@@ -65,9 +68,7 @@ impl Daemon {
             status: Arc::new(Mutex::new(status)),
             socket,
             tunnel: None,
-            udp: None,
-            disco_peers: Arc::default(),
-            wg: Arc::new(Mutex::new(crate::wg::Wg::new(identity.node.clone()))),
+            data: None,
             announced_ready: false,
             cfg,
             url,
@@ -82,7 +83,7 @@ impl Daemon {
     /// What we tell control about this node. No `RequestTags`: tags come with the pre-auth
     /// key, and asking for them again makes headscale v0.28 check them against its policy's
     /// tagOwners and refuse the whole registration when the policy does not list them.
-    fn hostinfo(&self) -> Hostinfo {
+    fn hostinfo(&self, net: &NetInfo) -> Hostinfo {
         Hostinfo {
             ipn_version: format!("vpn-agent-{}", env!("CARGO_PKG_VERSION")),
             os: "linux".into(),
@@ -90,8 +91,8 @@ impl Daemon {
             arch: std::env::consts::ARCH
                 .replace("x86_64", "amd64")
                 .replace("aarch64", "arm64"),
-            net_info: Some(NetInfo {
-                preferred_derp: 0,
+            net_info: Some(TsNetInfo {
+                preferred_derp: net.home_derp,
                 working_udp: None,
             }),
         }
@@ -106,45 +107,47 @@ impl Daemon {
     }
 
     /// Brings up what does not need control: the firewall table (again: the early unit
-    /// loaded it already), the status socket, the TUN device, the UDP port.
+    /// loaded it already), the status socket, the TUN device, the UDP port, the data plane.
     async fn start_local(&mut self) -> Result<()> {
         crate::firewall::apply(&self.cfg.settings)?;
         self.guard_firewall();
-        let (status, wg) = (self.status.clone(), self.wg.clone());
+        self.tunnel = Some(Tunnel::create(&self.cfg.settings.interface).await?);
+        let port = self.cfg.settings.listen_port;
+        let udp = tokio::net::UdpSocket::bind(("0.0.0.0", port))
+            .await
+            .map_err(|e| Error::io(format!("UDP port {port}"), e))?;
+        let engine = Engine::new(
+            self.identity.node.clone(),
+            crypto_box::SecretKey::from(self.disco.to_bytes()),
+            crate::dataplane::os_rng(),
+        );
+        let tun = self.tunnel.as_ref().expect("created above").device.clone();
+        let node = crypto_box::SecretKey::from(self.identity.node.to_bytes());
+        let data = Shell::start(engine, Arc::new(udp), tun, node, self.tls.clone());
+        self.data = Some(data.clone());
+        self.refresh_endpoints().await;
+        let status = self.status.clone();
         crate::status::serve(&self.socket, move || {
             let mut s = status.lock().expect("status lock").clone();
-            let stats = wg.lock().expect("wg lock").stats();
+            let stats = data.stats();
             for p in &mut s.peers {
                 let Some(st) = keys::parse_text("nodekey", &p.node_key).and_then(|k| stats.get(&k))
                 else {
                     continue;
                 };
-                p.path = st.path.map(|a| a.to_string());
+                p.path = st.path.clone();
                 p.last_handshake_secs = st.last_handshake.map(|d| d.as_secs());
                 p.tx_bytes = st.tx_bytes;
                 p.rx_bytes = st.rx_bytes;
             }
             s
         })?;
-        self.tunnel = Some(Tunnel::create(&self.cfg.settings.interface).await?);
-        let port = self.cfg.settings.listen_port;
-        let udp = tokio::net::UdpSocket::bind(("0.0.0.0", port))
-            .await
-            .map_err(|e| Error::io(format!("UDP port {port}"), e))?;
-        let udp = Arc::new(udp);
-        self.udp = Some(udp.clone());
-        let disco = crypto_box::SecretKey::from(self.disco.to_bytes());
-        let tun = self.tunnel.as_ref().expect("created above").device.clone();
-        let io = DataIo {
-            udp,
-            tun,
-            wg: self.wg.clone(),
-        };
-        tokio::spawn(udp_loop(io.clone(), disco, self.disco_peers.clone()));
-        tokio::spawn(tun_loop(io.clone()));
-        tokio::spawn(timer_loop(io));
         info!(interface = %self.cfg.settings.interface, udp_port = port, "local setup done");
         Ok(())
+    }
+
+    fn data(&self) -> &Shell {
+        self.data.as_ref().expect("start_local ran")
     }
 
     /// Puts the table back whenever someone else removes or changes it.
@@ -169,24 +172,33 @@ impl Daemon {
         });
     }
 
-    async fn endpoints(&self) -> Vec<String> {
-        let (Some(t), Some(udp)) = (&self.tunnel, &self.udp) else {
-            return vec![];
-        };
-        let port = udp
-            .local_addr()
-            .map(|a| a.port())
-            .unwrap_or(self.cfg.settings.listen_port);
+    /// Our local addresses with the UDP port: the "local" endpoints peers try first.
+    async fn refresh_endpoints(&self) {
+        let Some(t) = &self.tunnel else { return };
+        let port = self.cfg.settings.listen_port;
         match t.local_addresses().await {
-            Ok(ips) => ips
-                .into_iter()
-                .filter(|ip| ip.is_ipv4())
-                .map(|ip| std::net::SocketAddr::new(ip, port).to_string())
-                .collect(),
-            Err(e) => {
-                warn!(error = %e, "cannot list local addresses for endpoints");
-                vec![]
-            }
+            Ok(ips) => self.data().set_local_endpoints(
+                ips.into_iter()
+                    .filter(|ip| ip.is_ipv4())
+                    .map(|ip| std::net::SocketAddr::new(ip, port))
+                    .collect(),
+            ),
+            Err(e) => warn!(error = %e, "cannot list local addresses for endpoints"),
+        }
+    }
+
+    fn map_request(&self, net: &NetInfo, stream: bool) -> MapRequest {
+        MapRequest {
+            version: CAPABILITY_VERSION,
+            compress: "zstd".into(),
+            keep_alive: stream,
+            node_key: self.node_key_text(),
+            disco_key: keys::public_text("discokey", &PublicKey::from(&self.disco)),
+            stream,
+            omit_peers: !stream,
+            hostinfo: self.hostinfo(net),
+            endpoints: net.endpoints.iter().map(|e| e.0.to_string()).collect(),
+            endpoint_types: net.endpoints.iter().map(|e| e.1).collect(),
         }
     }
 
@@ -230,25 +242,17 @@ impl Daemon {
         }
     }
 
-    /// One control session: connect, register if needed, follow the map stream.
+    /// One control session: connect, register if needed, follow the map stream; tell
+    /// control when our home DERP region or endpoints change (a "lite" map request).
     async fn session(&mut self) -> Result<()> {
         let mut s = client::connect(&self.url, &self.tls, &self.identity.machine).await?;
         self.ensure_registered(&mut s).await?;
-        let endpoints = self.endpoints().await;
-        let req = MapRequest {
-            version: CAPABILITY_VERSION,
-            compress: "zstd".into(),
-            keep_alive: true,
-            node_key: self.node_key_text(),
-            disco_key: keys::public_text("discokey", &PublicKey::from(&self.disco)),
-            stream: true,
-            omit_peers: false,
-            hostinfo: self.hostinfo(),
-            endpoint_types: vec![1; endpoints.len()],
-            endpoints,
-        };
+        self.refresh_endpoints().await;
+        let mut net_rx = self.data().net_info();
+        let net = net_rx.borrow_and_update().clone();
+        let req = self.map_request(&net, true);
         let mut body = s.map(&req).await?;
-        info!(server = %self.cfg.server_url, endpoints = ?req.endpoints, "map stream open");
+        info!(server = %self.cfg.server_url, endpoints = ?req.endpoints, home_derp = net.home_derp, "map stream open");
         self.set(|s| {
             s.control_connected = true;
             s.last_contact = Some(now_secs());
@@ -257,70 +261,88 @@ impl Daemon {
                 s.backend_state = "Starting".into();
             }
         });
+        let mut last_message = tokio::time::Instant::now();
+        let mut refresh = tokio::time::interval(ENDPOINT_REFRESH);
         loop {
-            let msg = tokio::time::timeout(MAP_WATCHDOG, body.next_message())
-                .await
-                .map_err(|_| Error::Control(format!("no map message for {MAP_WATCHDOG:?}")))??;
-            let Some(msg) = msg else {
-                return Err(Error::Control("the map stream ended".into()));
-            };
-            self.set(|s| s.last_contact = Some(now_secs()));
-            if msg.keep_alive {
-                continue;
-            }
-            let c = self.netmap.apply(msg);
-            if c.self_changed {
-                let addrs = crate::netlink::plan(&self.netmap.addresses())?;
-                if let Some(t) = &self.tunnel {
-                    t.set_addresses(&addrs).await?;
+            tokio::select! {
+                msg = body.next_message() => {
+                    let Some(msg) = msg? else {
+                        return Err(Error::Control("the map stream ended".into()));
+                    };
+                    last_message = tokio::time::Instant::now();
+                    self.set(|s| s.last_contact = Some(now_secs()));
+                    if !msg.keep_alive {
+                        self.apply(msg).await?;
+                    }
                 }
-                info!(addresses = ?self.netmap.addresses(), "self node");
-                self.set(|s| s.self_addresses = self.netmap.addresses());
-            }
-            if c.filter_changed {
-                // FILTER-WIRING: replace with the real filter's error handling.
-                let f = crate::filter::Filter::from_sets(&self.netmap.packet_filters)
-                    .unwrap_or_else(|_| crate::filter::Filter::allow_all());
-                self.wg.lock().expect("wg lock").set_filter(f);
-            }
-            if c.peers_changed + c.peers_removed > 0 {
-                info!(peers = self.netmap.peers.len(), "peers updated");
-                *self.disco_peers.lock().expect("disco peers lock") = self
-                    .netmap
-                    .peers
-                    .values()
-                    .filter_map(|p| keys::parse_text("discokey", &p.disco_key))
-                    .collect();
-                let specs = self.peer_specs();
-                self.wg.lock().expect("wg lock").sync(specs);
-                let peers = self.peer_status();
-                self.set(|s| s.peers = peers);
-            }
-            if !self.announced_ready && self.netmap.self_node.is_some() {
-                self.announced_ready = true;
-                self.set(|s| s.backend_state = "Running".into());
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-                info!("running");
+                changed = net_rx.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::Control("the data plane stopped".into()));
+                    }
+                    let net = net_rx.borrow_and_update().clone();
+                    info!(home_derp = net.home_derp, endpoints = ?net.endpoints, "telling control our new endpoints");
+                    s.map(&self.map_request(&net, false)).await?.read_all().await?;
+                }
+                _ = refresh.tick() => self.refresh_endpoints().await,
+                _ = tokio::time::sleep_until(last_message + MAP_WATCHDOG) => {
+                    return Err(Error::Control(format!("no map message for {MAP_WATCHDOG:?}")));
+                }
             }
         }
     }
 
-    /// The WireGuard view of the netmap's peers.
-    fn peer_specs(&self) -> Vec<crate::wg::PeerSpec> {
+    /// One map message: addresses, DERP map, peers, filter.
+    async fn apply(&mut self, msg: MapResponse) -> Result<()> {
+        let c = self.netmap.apply(msg);
+        if c.self_changed {
+            let addrs = crate::netlink::plan(&self.netmap.addresses())?;
+            if let Some(t) = &self.tunnel {
+                t.set_addresses(&addrs).await?;
+            }
+            info!(addresses = ?self.netmap.addresses(), "self node");
+            self.set(|s| s.self_addresses = self.netmap.addresses());
+        }
+        if c.derp_changed {
+            self.data().set_derp_map(&self.netmap.derp_map).await;
+        }
+        if c.filter_changed {
+            // FILTER-WIRING: replace with the real filter's error handling.
+            let f = crate::filter::Filter::from_sets(&self.netmap.packet_filters)
+                .unwrap_or_else(|_| crate::filter::Filter::allow_all());
+            self.data().set_filter(f);
+        }
+        if c.peers_changed + c.peers_removed > 0 {
+            info!(peers = self.netmap.peers.len(), "peers updated");
+            self.data().set_peers(self.peer_infos());
+            let peers = self.peer_status();
+            self.set(|s| s.peers = peers);
+        }
+        if !self.announced_ready && self.netmap.self_node.is_some() {
+            self.announced_ready = true;
+            self.set(|s| s.backend_state = "Running".into());
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            info!("running");
+        }
+        Ok(())
+    }
+
+    /// The data plane's view of the netmap's peers.
+    fn peer_infos(&self) -> Vec<PeerInfo> {
         self.netmap
             .peers
             .values()
             .filter_map(|p| {
-                let node_key = keys::parse_text("nodekey", &p.key)?;
                 let ips = if p.allowed_ips.is_empty() {
                     &p.addresses
                 } else {
                     &p.allowed_ips
                 };
-                Some(crate::wg::PeerSpec {
-                    node_key,
+                Some(PeerInfo {
+                    node_key: keys::parse_text("nodekey", &p.key)?,
+                    disco_key: keys::parse_text("discokey", &p.disco_key),
                     allowed: crate::netlink::plan(ips).ok()?,
                     endpoints: p.endpoints.iter().filter_map(|e| e.parse().ok()).collect(),
+                    home_derp: p.home_derp,
                 })
             })
             .collect()
@@ -349,7 +371,7 @@ impl Daemon {
             old_node_key: keys::public_text("nodekey", &PublicKey::from([0u8; 32])),
             auth: None,
             expiry: ZERO_TIME.into(),
-            hostinfo: self.hostinfo(),
+            hostinfo: self.hostinfo(&self.data().net_info().borrow().clone()),
         };
         if self.identity.registered {
             // A known node key re-attaches without a key (a restart).
@@ -421,118 +443,4 @@ pub fn explain(error: &str) -> String {
         "see headscale's log"
     };
     format!("{error} ({hint})")
-}
-
-/// What the data-plane tasks share.
-#[derive(Clone)]
-struct DataIo {
-    udp: Arc<tokio::net::UdpSocket>,
-    tun: Arc<tun::AsyncDevice>,
-    wg: Arc<Mutex<crate::wg::Wg>>,
-}
-
-impl DataIo {
-    async fn run(&self, actions: Vec<crate::wg::Action>) {
-        for a in actions {
-            match a {
-                crate::wg::Action::SendUdp(to, p) => {
-                    if let Err(e) = self.udp.send_to(&p, to).await {
-                        tracing::debug!(%to, error = %e, "UDP send failed");
-                    }
-                }
-                crate::wg::Action::WriteTun(p) => {
-                    if let Err(e) = self.tun.send(&p).await {
-                        tracing::debug!(error = %e, "TUN write failed");
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The shared UDP socket's receive loop: disco pings from peers in the netmap are answered
-/// (so they find the direct path), WireGuard goes to its tunnel.
-async fn udp_loop(
-    io: DataIo,
-    ours: crypto_box::SecretKey,
-    peers: Arc<Mutex<std::collections::HashSet<[u8; 32]>>>,
-) {
-    use crate::disco::{self, Kind, Message};
-    let mut buf = vec![0u8; 65536];
-    loop {
-        let (n, from) = match io.udp.recv_from(&mut buf).await {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(error = %e, "UDP receive failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let p = &buf[..n];
-        match disco::classify(p) {
-            Kind::WireGuard => {
-                let mut out = vec![];
-                io.wg
-                    .lock()
-                    .expect("wg lock")
-                    .from_network(from, p, &mut out);
-                io.run(out).await;
-                continue;
-            }
-            Kind::Stun => continue,
-            Kind::Disco => {}
-        }
-        let known =
-            disco::sender(p).is_ok_and(|k| peers.lock().expect("disco peers lock").contains(&k));
-        if !known {
-            tracing::debug!(%from, "disco packet from a sender not in the netmap");
-            continue;
-        }
-        match disco::open(&ours, p) {
-            Ok((sender, Message::Ping { tx_id, .. })) => {
-                let mut nonce = [0u8; 24];
-                let _ = getrandom::getrandom(&mut nonce);
-                let pong = disco::seal(
-                    &ours,
-                    &crypto_box::PublicKey::from(sender),
-                    nonce,
-                    &Message::Pong { tx_id, src: from },
-                );
-                if let Err(e) = io.udp.send_to(&pong, from).await {
-                    warn!(%from, error = %e, "cannot send disco pong");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::debug!(%from, error = %e, "disco packet dropped"),
-        }
-    }
-}
-
-/// Packets the kernel routes into the tunnel go to their peer.
-async fn tun_loop(io: DataIo) {
-    let mut buf = vec![0u8; 65536];
-    loop {
-        let n = match io.tun.recv(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => {
-                warn!(error = %e, "TUN read failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let mut out = vec![];
-        io.wg.lock().expect("wg lock").from_tun(&buf[..n], &mut out);
-        io.run(out).await;
-    }
-}
-
-/// WireGuard's handshake and keep-alive timers.
-async fn timer_loop(io: DataIo) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        tick.tick().await;
-        let mut out = vec![];
-        io.wg.lock().expect("wg lock").tick(&mut out);
-        io.run(out).await;
-    }
 }

@@ -15,6 +15,9 @@ pub enum Error {
     /// The control server could not be reached or spoke something unexpected.
     #[error("control: {0}")]
     Control(String),
+    /// A DERP relay could not be reached or spoke something unexpected.
+    #[error("DERP relay: {0}")]
+    Derp(String),
     /// nftables could not be read or changed.
     #[error("firewall: {0}")]
     Firewall(String),

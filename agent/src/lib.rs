@@ -8,6 +8,8 @@ pub mod backoff;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod dataplane;
+pub mod derp;
 pub mod disco;
 pub mod error;
 pub mod filter;
@@ -16,6 +18,7 @@ pub mod fsutil;
 pub mod keys;
 pub mod netlink;
 pub mod status;
+pub mod stun;
 pub mod wg;
 
 pub use error::{Error, Result};

@@ -406,3 +406,59 @@ fn two_agents_reach_each_other_directly() {
     vdc::smoke::icmp(&lab, "fw", ipb.parse().unwrap()).unwrap();
     vdc::smoke::icmp(&lab, "fw2", ipa.parse().unwrap()).unwrap();
 }
+
+#[test]
+fn with_udp_blocked_the_agent_is_reached_via_derp_and_goes_direct_when_it_opens() {
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw", "op"])).unwrap();
+    // From the start, no UDP between the two: only the relay connects them.
+    lab.block_udp("fw", "op").unwrap();
+    let fw = provision(&lab, "fw", MACHINE, "project-f", &[]).unwrap();
+    start_agent(&lab, "fw", &fw.root).unwrap();
+    let node = wait_online(&lab, "fw", MACHINE).unwrap();
+    let hs = lab.headscale();
+    let user = hs.create_user("ops").unwrap();
+    let key = hs
+        .create_preauth_key(&user, &KeyOptions::default())
+        .unwrap();
+    let op = lab.start_tailscaled("op").unwrap();
+    op.up(&hs.url(), &key.key, "op").unwrap();
+    let op_ip = op.ipv4().unwrap();
+    wait_status(&lab, "fw", "the operator", |s| {
+        vdc::firewall::lists_online_peer(s, &format!("{op_ip}/32"))
+    })
+    .unwrap();
+    let fw_ip: std::net::IpAddr = node.addresses[0].parse().unwrap();
+    // The agent reported headscale's region as its home: the operator knows where to relay.
+    let peer = op.peer(fw_ip).unwrap();
+    assert_eq!(peer["Relay"], "headscale", "{peer}");
+    let out = op.ping(fw_ip, false).unwrap();
+    assert!(out.contains("via DERP(headscale)"), "{out}");
+    vdc::smoke::icmp(&lab, "op", fw_ip).unwrap();
+    vdc::smoke::icmp(&lab, "fw", op_ip).unwrap();
+    let authorized = vdc::firewall::start_sshd(&lab, "fw").unwrap();
+    vdc::firewall::wait_banner(&lab.host("op").ns(), (fw_ip, 22).into()).unwrap();
+    let out = vdc::firewall::ssh(&lab, "op", fw_ip, &authorized, "hostname").unwrap();
+    assert!(!out.trim().is_empty(), "{out}");
+    let derp_path = |s: &serde_json::Value| s["peers"][0]["path"] == "DERP(headscale)";
+    wait_status(&lab, "fw", "the operator via DERP", derp_path).unwrap();
+    // UDP opens: both sides find the direct path, the tunnel stays.
+    lab.unblock_udp("fw", "op").unwrap();
+    let out = op.ping(fw_ip, true).unwrap();
+    assert!(
+        out.contains(&format!("via {}:41641", lab.host("fw").addr)),
+        "{out}"
+    );
+    let direct = format!("{}:41641", lab.host("op").addr);
+    wait_status(&lab, "fw", "the operator directly", |s| {
+        vdc::smoke::icmp(&lab, "fw", op_ip).is_ok() && s["peers"][0]["path"] == direct.as_str()
+    })
+    .unwrap();
+    // And closes again: traffic falls back to the relay within seconds.
+    lab.block_udp("fw", "op").unwrap();
+    wait_status(&lab, "fw", "the operator via DERP again", |s| {
+        vdc::smoke::icmp(&lab, "fw", op_ip).is_ok() && derp_path(s)
+    })
+    .unwrap();
+    vdc::smoke::icmp(&lab, "op", fw_ip).unwrap();
+}

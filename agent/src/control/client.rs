@@ -56,7 +56,7 @@ impl ServerUrl {
         })
     }
 
-    fn host_header(&self) -> String {
+    pub fn host_header(&self) -> String {
         let default = if self.https { 443 } else { 80 };
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)
@@ -105,13 +105,22 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>> {
     Ok(Arc::new(cfg))
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 async fn dial(url: &ServerUrl, tls: &Arc<rustls::ClientConfig>) -> Result<Box<dyn Io>> {
-    let tcp = TcpStream::connect((url.host.as_str(), url.port))
+    dial_via(&url.host, url, tls).await
+}
+
+/// Connects to `connect` (an address for `url`'s host) and speaks TLS for `url`'s host.
+pub(crate) async fn dial_via(
+    connect: &str,
+    url: &ServerUrl,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<Box<dyn Io>> {
+    let tcp = TcpStream::connect((connect, url.port))
         .await
-        .map_err(|e| Error::Control(format!("cannot connect to {}:{}: {e}", url.host, url.port)))?;
+        .map_err(|e| Error::Control(format!("cannot connect to {}:{}: {e}", connect, url.port)))?;
     let _ = tcp.set_nodelay(true);
     if !url.https {
         return Ok(Box::new(tcp));
@@ -126,7 +135,7 @@ async fn dial(url: &ServerUrl, tls: &Arc<rustls::ClientConfig>) -> Result<Box<dy
 }
 
 /// Reads an HTTP/1.1 response head; returns the status, the head text and the bytes after it.
-async fn read_head(io: &mut Box<dyn Io>) -> Result<(u16, String, Vec<u8>)> {
+pub(crate) async fn read_head(io: &mut Box<dyn Io>) -> Result<(u16, String, Vec<u8>)> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {

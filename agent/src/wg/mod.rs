@@ -1,23 +1,23 @@
 //! WireGuard with boringtun: one `Tunn` per peer, keyed by node keys. `Wg` takes packets
-//! from the network and from the TUN device and returns what to send where; the daemon's
-//! tasks move the bytes.
+//! from the network and from the TUN device and returns what to send to which peer; which
+//! path (direct UDP or DERP) carries it is `dataplane`'s choice.
 
 use boringtun::noise::{Packet, Tunn, TunnResult, handshake::parse_handshake_anon};
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 /// What to do with a packet.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
-    SendUdp(SocketAddr, Vec<u8>),
+    /// A WireGuard datagram for the peer with this node key.
+    ToPeer([u8; 32], Vec<u8>),
     WriteTun(Vec<u8>),
 }
 
 /// What `Wg::stats` reports for one peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerStats {
-    pub path: Option<SocketAddr>,
     pub last_handshake: Option<std::time::Duration>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
@@ -28,14 +28,11 @@ pub struct PeerStats {
 pub struct PeerSpec {
     pub node_key: [u8; 32],
     pub allowed: Vec<(IpAddr, u8)>,
-    pub endpoints: Vec<SocketAddr>,
 }
 
 struct Peer {
     spec: PeerSpec,
     tunn: Tunn,
-    /// Where this peer's WireGuard packets last came from: the path we answer on.
-    endpoint: Option<SocketAddr>,
 }
 
 pub struct Wg {
@@ -90,7 +87,7 @@ impl Wg {
     }
 
     /// Makes the peer set equal to `peers`: new ones get a tunnel, gone ones lose theirs,
-    /// existing ones keep their session and learn new allowed IPs and endpoints.
+    /// existing ones keep their session and learn new allowed IPs.
     pub fn sync(&mut self, peers: Vec<PeerSpec>) {
         let wanted: HashMap<[u8; 32], PeerSpec> =
             peers.into_iter().map(|p| (p.node_key, p)).collect();
@@ -121,11 +118,7 @@ impl Wg {
                         slot as u32,
                         None,
                     );
-                    let peer = Peer {
-                        spec,
-                        tunn,
-                        endpoint: None,
-                    };
+                    let peer = Peer { spec, tunn };
                     if slot == self.slots.len() {
                         self.slots.push(Some(peer));
                     } else {
@@ -149,30 +142,28 @@ impl Wg {
         }
     }
 
-    /// A datagram from the network, from `src`.
-    pub fn from_network(&mut self, src: SocketAddr, datagram: &[u8], out: &mut Vec<Action>) {
-        let Some(slot) = self.slot_for(datagram) else {
-            return;
-        };
-        let Some(peer) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
-            return;
-        };
-        match peer
-            .tunn
-            .decapsulate(Some(src.ip()), datagram, &mut self.buf)
-        {
+    /// A datagram from the network (`src_ip` is the sender's address on a direct path,
+    /// `None` via DERP). Returns the peer it belongs to if it was valid WireGuard.
+    pub fn from_network(
+        &mut self,
+        src_ip: Option<IpAddr>,
+        datagram: &[u8],
+        out: &mut Vec<Action>,
+    ) -> Option<[u8; 32]> {
+        let slot = self.slot_for(datagram)?;
+        let peer = self.slots.get_mut(slot).and_then(Option::as_mut)?;
+        let key = peer.spec.node_key;
+        match peer.tunn.decapsulate(src_ip, datagram, &mut self.buf) {
             TunnResult::WriteToNetwork(p) => {
-                peer.endpoint = Some(src);
-                out.push(Action::SendUdp(src, p.to_vec()));
+                out.push(Action::ToPeer(key, p.to_vec()));
                 // Packets queued while the handshake ran go out now.
                 while let TunnResult::WriteToNetwork(p) =
                     peer.tunn.decapsulate(None, &[], &mut self.buf)
                 {
-                    out.push(Action::SendUdp(src, p.to_vec()));
+                    out.push(Action::ToPeer(key, p.to_vec()));
                 }
             }
             TunnResult::WriteToTunnelV4(p, a) => {
-                peer.endpoint = Some(src);
                 if peer.spec.allowed.iter().any(|n| contains(n, IpAddr::V4(a)))
                     && self.filter.allow_in(p)
                 {
@@ -180,21 +171,19 @@ impl Wg {
                 }
             }
             TunnResult::WriteToTunnelV6(p, a) => {
-                peer.endpoint = Some(src);
                 if peer.spec.allowed.iter().any(|n| contains(n, IpAddr::V6(a)))
                     && self.filter.allow_in(p)
                 {
                     out.push(Action::WriteTun(p.to_vec()));
                 }
             }
-            TunnResult::Done => peer.endpoint = Some(src),
-            TunnResult::Err(e) => tracing::debug!(%src, error = ?e, "WireGuard packet dropped"),
+            TunnResult::Done => {}
+            TunnResult::Err(e) => {
+                tracing::debug!(?src_ip, error = ?e, "WireGuard packet dropped");
+                return None;
+            }
         }
-    }
-
-    fn send_to(peer: &Peer) -> Option<SocketAddr> {
-        peer.endpoint
-            .or_else(|| peer.spec.endpoints.first().copied())
+        Some(key)
     }
 
     /// An IP packet from the TUN device.
@@ -210,12 +199,9 @@ impl Wg {
         else {
             return;
         };
-        let Some(to) = Self::send_to(peer) else {
-            return;
-        };
         self.filter.note_out(packet);
         if let TunnResult::WriteToNetwork(p) = peer.tunn.encapsulate(packet, &mut self.buf) {
-            out.push(Action::SendUdp(to, p.to_vec()));
+            out.push(Action::ToPeer(peer.spec.node_key, p.to_vec()));
         }
     }
 
@@ -227,7 +213,6 @@ impl Wg {
             .map(|p| {
                 let (handshake, tx, rx, _, _) = p.tunn.stats();
                 let s = PeerStats {
-                    path: p.endpoint,
                     last_handshake: handshake,
                     tx_bytes: tx as u64,
                     rx_bytes: rx as u64,
@@ -240,11 +225,8 @@ impl Wg {
     /// Drives handshake and keep-alive timers; call every 100-250 ms.
     pub fn tick(&mut self, out: &mut Vec<Action>) {
         for peer in self.slots.iter_mut().flatten() {
-            let Some(to) = Self::send_to(peer) else {
-                continue;
-            };
             if let TunnResult::WriteToNetwork(p) = peer.tunn.update_timers(&mut self.buf) {
-                out.push(Action::SendUdp(to, p.to_vec()));
+                out.push(Action::ToPeer(peer.spec.node_key, p.to_vec()));
             }
         }
     }
@@ -258,7 +240,6 @@ mod tests {
         PeerSpec {
             node_key: *PublicKey::from(key).as_bytes(),
             allowed: vec![(ip.parse().unwrap(), 32)],
-            endpoints: vec![],
         }
     }
 
@@ -273,14 +254,12 @@ mod tests {
     #[test]
     fn two_instances_talk_through_a_handshake() {
         let (ka, kb) = (StaticSecret::from([1; 32]), StaticSecret::from([2; 32]));
-        let (mut a, mut b) = (Wg::new(ka.clone()), Wg::new(kb.clone()));
-        let (addr_a, addr_b): (SocketAddr, SocketAddr) = (
-            "192.0.2.1:41641".parse().unwrap(),
-            "192.0.2.2:41641".parse().unwrap(),
+        let (pa, pb) = (
+            *PublicKey::from(&ka).as_bytes(),
+            *PublicKey::from(&kb).as_bytes(),
         );
-        let mut pb = spec(&kb, "100.64.0.2");
-        pb.endpoints = vec![addr_b];
-        a.sync(vec![pb]);
+        let (mut a, mut b) = (Wg::new(ka.clone()), Wg::new(kb.clone()));
+        a.sync(vec![spec(&kb, "100.64.0.2")]);
         b.sync(vec![spec(&ka, "100.64.0.1")]);
         // a sends to b: the first packet starts a handshake.
         let mut out = vec![];
@@ -290,25 +269,36 @@ mod tests {
             let mut next = vec![];
             for act in out.drain(..) {
                 match act {
-                    Action::SendUdp(to, p) if to == addr_b => b.from_network(addr_a, &p, &mut next),
-                    Action::SendUdp(_, p) => a.from_network(addr_b, &p, &mut next),
+                    Action::ToPeer(to, p) if to == pb => {
+                        assert_eq!(b.from_network(None, &p, &mut next), Some(pa));
+                    }
+                    Action::ToPeer(_, p) => {
+                        assert_eq!(a.from_network(None, &p, &mut next), Some(pb));
+                    }
                     Action::WriteTun(p) => delivered.push(p),
                 }
             }
             out = next;
         }
         assert_eq!(delivered, vec![ping([100, 64, 0, 1], [100, 64, 0, 2])]);
-        // A source outside the peer's allowed IPs is not delivered.
         let mut out = vec![];
         b.from_tun(&ping([100, 64, 0, 2], [100, 64, 0, 1]), &mut out);
-        let Action::SendUdp(_, p) = &out[0] else {
+        let Action::ToPeer(_, p) = &out[0] else {
             panic!("{out:?}")
         };
         let mut got = vec![];
-        a.from_network(addr_b, p, &mut got);
+        a.from_network(None, p, &mut got);
         assert!(matches!(&got[..], [Action::WriteTun(_)]));
-        let st = a.stats()[PublicKey::from(&kb).as_bytes()];
-        assert_eq!(st.path, Some(addr_b));
+        // A source outside the peer's allowed IPs is not delivered.
+        let mut out = vec![];
+        b.from_tun(&ping([100, 64, 0, 9], [100, 64, 0, 1]), &mut out);
+        let Action::ToPeer(_, p) = &out[0] else {
+            panic!("{out:?}")
+        };
+        let mut got = vec![];
+        a.from_network(None, p, &mut got);
+        assert!(got.is_empty());
+        let st = a.stats()[&pb];
         assert!(
             st.last_handshake.is_some() && st.tx_bytes > 0 && st.rx_bytes > 0,
             "{st:?}"
@@ -321,10 +311,13 @@ mod tests {
     fn garbage_is_dropped() {
         let mut w = Wg::new(StaticSecret::from([1; 32]));
         let mut out = vec![];
-        w.from_network(
-            "192.0.2.9:1".parse().unwrap(),
-            &[4, 0, 0, 0, 1, 2, 3],
-            &mut out,
+        assert_eq!(
+            w.from_network(
+                Some([192, 0, 2, 9].into()),
+                &[4, 0, 0, 0, 1, 2, 3],
+                &mut out
+            ),
+            None
         );
         w.from_tun(&[0x45, 0], &mut out);
         assert!(out.is_empty());

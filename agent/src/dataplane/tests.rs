@@ -1,0 +1,268 @@
+//! Two engines on a simulated network: a UDP link that can be cut, and a DERP relay.
+
+use super::*;
+
+const A: &str = "192.0.2.11:41641";
+const B: &str = "192.0.2.12:41641";
+
+fn counter_rng(seed: u8) -> Rng {
+    let mut n = 0u64;
+    Box::new(move |b| {
+        n += 1;
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = seed ^ (n.wrapping_mul(31).wrapping_add(i as u64) as u8);
+        }
+    })
+}
+
+struct Node {
+    e: Engine,
+    key: [u8; 32],
+    addr: SocketAddr,
+    delivered: Vec<Vec<u8>>,
+}
+
+fn node(seed: u8, addr: &str) -> (Node, PeerInfo, String) {
+    let node_secret = StaticSecret::from([seed; 32]);
+    let disco = crypto_box::SecretKey::from([seed + 100; 32]);
+    let key = *PublicKey::from(&node_secret).as_bytes();
+    let info = PeerInfo {
+        node_key: key,
+        disco_key: Some(*disco.public_key().as_bytes()),
+        allowed: vec![(format!("100.64.0.{seed}").parse().unwrap(), 32)],
+        endpoints: vec![addr.parse().unwrap()],
+        home_derp: 999,
+    };
+    let mut e = Engine::new(node_secret, disco, counter_rng(seed));
+    e.set_local_endpoints(vec![addr.parse().unwrap()]);
+    e.set_derp_map(vec![Region {
+        id: 999,
+        code: "headscale".into(),
+        stun: Some("192.0.2.1:3478".parse().unwrap()),
+    }]);
+    let n = Node {
+        e,
+        key,
+        addr: addr.parse().unwrap(),
+        delivered: vec![],
+    };
+    (n, info, format!("100.64.0.{seed}"))
+}
+
+struct Net {
+    a: Node,
+    b: Node,
+    udp_blocked: bool,
+    now: Instant,
+    udp_sent: usize,
+    derp_sent: usize,
+}
+
+fn icmp(src: &str, dst: &str) -> Vec<u8> {
+    let (s, d): (Ipv4Addr, Ipv4Addr) = (src.parse().unwrap(), dst.parse().unwrap());
+    let mut p = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0];
+    p.extend_from_slice(&s.octets());
+    p.extend_from_slice(&d.octets());
+    p.extend_from_slice(&[8, 0, 0, 0, 0, 0, 0, 0]);
+    p
+}
+
+impl Net {
+    fn new() -> Net {
+        let (mut a, ia, _) = node(1, A);
+        let (mut b, ib, _) = node(2, B);
+        a.e.set_peers(vec![ib]);
+        b.e.set_peers(vec![ia]);
+        Net {
+            a,
+            b,
+            udp_blocked: true,
+            now: Instant::now(),
+            udp_sent: 0,
+            derp_sent: 0,
+        }
+    }
+
+    /// Delivers actions until the network is quiet. `from_a` says who produced `out`.
+    fn deliver(&mut self, mut queue: Vec<(bool, Action)>) {
+        for _ in 0..50 {
+            if queue.is_empty() {
+                return;
+            }
+            let mut next = vec![];
+            for (from_a, act) in queue.drain(..) {
+                let (src, dst) = if from_a {
+                    (&mut self.a, &mut self.b)
+                } else {
+                    (&mut self.b, &mut self.a)
+                };
+                let mut out = vec![];
+                match act {
+                    Action::WriteTun(p) => src.delivered.push(p),
+                    Action::SendUdp(to, p) if to == dst.addr => {
+                        self.udp_sent += 1;
+                        if !self.udp_blocked {
+                            dst.e.on_udp(src.addr, &p, self.now, &mut out);
+                        }
+                    }
+                    Action::SendUdp(..) => {} // STUN: no server here
+                    Action::SendDerp { region, to, packet } => {
+                        assert_eq!((region, to), (999, dst.key));
+                        self.derp_sent += 1;
+                        dst.e.on_derp(999, src.key, &packet, self.now, &mut out);
+                    }
+                }
+                next.extend(out.into_iter().map(|a| (!from_a, a)));
+            }
+            queue = next;
+        }
+        panic!("the network never went quiet");
+    }
+
+    fn send_a_to_b(&mut self) {
+        let mut out = vec![];
+        self.a
+            .e
+            .on_tun(&icmp("100.64.0.1", "100.64.0.2"), self.now, &mut out);
+        self.deliver(out.into_iter().map(|a| (true, a)).collect());
+    }
+
+    fn tick(&mut self, d: Duration) {
+        self.now += d;
+        let (mut oa, mut ob) = (vec![], vec![]);
+        self.a.e.tick(self.now, &mut oa);
+        self.b.e.tick(self.now, &mut ob);
+        let mut q: Vec<_> = oa.into_iter().map(|a| (true, a)).collect();
+        q.extend(ob.into_iter().map(|a| (false, a)));
+        self.deliver(q);
+    }
+
+    fn path_of_b(&self) -> Option<String> {
+        self.a.e.stats(self.now)[&self.b.key].path.clone()
+    }
+}
+
+#[test]
+fn derp_first_then_direct_then_derp_again_without_losing_the_tunnel() {
+    let mut n = Net::new();
+    // UDP blocked: the handshake and the packet go through DERP.
+    n.send_a_to_b();
+    assert_eq!(n.b.delivered.len(), 1, "delivered via DERP");
+    assert_eq!(n.path_of_b().as_deref(), Some("DERP(headscale)"));
+    // Discovery runs on ticks but pings get no pongs.
+    n.tick(Duration::from_millis(250));
+    assert_eq!(n.path_of_b().as_deref(), Some("DERP(headscale)"));
+    // UDP opens: the next discovery round proves the direct path.
+    n.udp_blocked = false;
+    n.tick(path::DISCOVERY);
+    assert_eq!(n.path_of_b().as_deref(), Some(B));
+    let derp_before = n.derp_sent;
+    n.send_a_to_b();
+    assert_eq!(n.b.delivered.len(), 2);
+    assert_eq!(n.derp_sent, derp_before, "a trusted direct path skips DERP");
+    // UDP breaks: trust lapses, traffic falls back to DERP with the same session.
+    n.udp_blocked = true;
+    n.tick(path::TRUST);
+    assert_eq!(n.path_of_b().as_deref(), Some("DERP(headscale)"));
+    n.send_a_to_b();
+    assert_eq!(n.b.delivered.len(), 3);
+    let st = &n.a.e.stats(n.now)[&n.b.key];
+    assert!(st.last_handshake.is_some() && st.tx_bytes > 0);
+}
+
+#[test]
+fn call_me_maybe_makes_the_other_side_ping() {
+    let mut n = Net::new();
+    n.udp_blocked = false;
+    // A's first send starts a discovery round: pings to B and call-me-maybe via DERP.
+    n.send_a_to_b();
+    n.tick(Duration::from_millis(1));
+    assert_eq!(n.path_of_b().as_deref(), Some(B));
+    // B learned A's path from the call-me-maybe pings without sending data itself.
+    assert_eq!(
+        n.b.e.stats(n.now)[&n.a.key].path.as_deref(),
+        Some(A),
+        "B pinged A back"
+    );
+}
+
+#[test]
+fn strangers_and_forgeries_get_nothing() {
+    let (mut a, _, _) = node(1, A);
+    let (stranger, _, _) = node(3, "192.0.2.13:41641");
+    let ping = disco::seal(
+        &crypto_box::SecretKey::from([103; 32]),
+        &a.e.disco.public_key(),
+        [0; 24],
+        &Message::Ping {
+            tx_id: [1; 12],
+            node_key: stranger.key,
+        },
+    );
+    let mut out = vec![];
+    a.e.on_udp(stranger.addr, &ping, Instant::now(), &mut out);
+    a.e.on_derp(999, stranger.key, &ping, Instant::now(), &mut out);
+    a.e.on_udp(stranger.addr, &[1, 0, 0, 0, 9, 9], Instant::now(), &mut out);
+    a.e.on_derp(999, [0; 32], &[], Instant::now(), &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    a.delivered.clear();
+}
+
+#[test]
+fn stun_learns_our_mapped_address_and_the_home_region() {
+    let (mut a, _, _) = node(1, A);
+    let now = Instant::now();
+    a.e.set_derp_map(vec![
+        Region {
+            id: 1,
+            code: "far".into(),
+            stun: Some("198.51.100.1:3478".parse().unwrap()),
+        },
+        Region {
+            id: 2,
+            code: "near".into(),
+            stun: Some("203.0.113.1:3478".parse().unwrap()),
+        },
+    ]);
+    assert_eq!(a.e.net_info().home_derp, 1, "first region until measured");
+    let mut out = vec![];
+    a.e.tick(now, &mut out);
+    let reqs: Vec<(SocketAddr, Vec<u8>)> = out
+        .into_iter()
+        .filter_map(|x| match x {
+            Action::SendUdp(to, p) if disco::classify(&p) == Kind::Stun => Some((to, p)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reqs.len(), 2);
+    let mapped: SocketAddr = "203.0.113.2:61000".parse().unwrap();
+    // The near region answers first, the far one much later.
+    for (i, (_, req)) in reqs.iter().enumerate().rev() {
+        let tx: [u8; 12] = req[8..20].try_into().unwrap();
+        let at = now + Duration::from_millis(if i == 0 { 90 } else { 5 });
+        a.e.on_udp(reqs[i].0, &stun_response(tx, mapped), at, &mut vec![]);
+    }
+    let info = a.e.net_info();
+    assert_eq!(info.home_derp, 2);
+    assert_eq!(
+        info.endpoints,
+        vec![
+            (A.parse().unwrap(), ENDPOINT_LOCAL),
+            (mapped, ENDPOINT_STUN)
+        ]
+    );
+}
+
+fn stun_response(tx: [u8; 12], a: SocketAddr) -> Vec<u8> {
+    let SocketAddr::V4(a) = a else { panic!() };
+    let cookie = [0x21, 0x12, 0xa4, 0x42];
+    let mut v = vec![0, 1];
+    v.extend_from_slice(&(a.port() ^ 0x2112).to_be_bytes());
+    v.extend(a.ip().octets().iter().zip(cookie).map(|(x, k)| x ^ k));
+    let mut p = vec![1, 1, 0, 12];
+    p.extend_from_slice(&cookie);
+    p.extend_from_slice(&tx);
+    p.extend_from_slice(&[0, 0x20, 0, 8]);
+    p.extend(v);
+    p
+}
