@@ -315,6 +315,51 @@ impl Lab {
         Ok(())
     }
 
+    /// A power cycle of underlay host `name`: every process in it dies at once, and its
+    /// namespace (interfaces, routes, nftables, the TUN device) is destroyed and built again
+    /// with the same address and switch port. Its directory, the disk, stays as it was.
+    pub fn reboot(&self, name: &str) -> Result<()> {
+        let host = self.host(name);
+        let suffix = format!("@{name}");
+        let dying: Vec<(String, Child)> = {
+            let mut children = self.children.lock().unwrap();
+            let (dying, kept) = std::mem::take(&mut *children)
+                .into_iter()
+                .partition(|(n, _)| n.ends_with(&suffix));
+            *children = kept;
+            dying
+        };
+        for (_, mut c) in dying {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let ns = host.ns();
+        for pid in ns.pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let sw = Netns::existing(&self.state().switch);
+        // The kernel frees a deleted namespace's links lazily; the switch port must be gone
+        // before a new one takes its name.
+        sw.ip(&["link", "del", name])?;
+        ns.destroy();
+        let ns = Netns::create(&host.netns)?;
+        veth(&ns, "eth0", &sw, name)?;
+        sw.ip(&["link", "set", name, "master", "br0", "up"])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/{UNDERLAY_PREFIX_LEN}", host.addr),
+            "dev",
+            "eth0",
+        ])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        // The knobs name the switch port, which is new: load them again.
+        apply_knobs(&sw, &self.state().knobs)
+    }
+
     /// The log of the process started as `log` on `host`.
     pub fn log(&self, host: &str, log: &str) -> String {
         std::fs::read_to_string(self.host_dir(host).join(format!("{log}.log"))).unwrap_or_default()

@@ -19,6 +19,7 @@ pub mod lab;
 pub mod netns;
 pub mod pki;
 pub mod smoke;
+pub mod story;
 pub mod tailscale;
 pub mod tools;
 

@@ -79,6 +79,7 @@ pub const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("agent", "control_records"),
     ("agent", "map_message"),
     ("agent", "udp_packet"),
+    ("agent", "derp_frames"),
 ];
 
 /// Debian packages the lab, the tests and the demo use.

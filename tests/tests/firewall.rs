@@ -5,19 +5,7 @@ use std::time::Duration;
 use vdc::firewall::{banner, fake_tunnel, start_sshd};
 use vdc::{Lab, LabOptions, require_lab, tools};
 
-/// A firewall ruleset shaped like the one metal-stack's os-installer renders when the
-/// allocation carries VPN settings, plus the public SSH accept of the non-VPN variant.
-const METAL: &str = r#"table inet metal {
-	chain input {
-		type filter hook input priority filter; policy drop;
-		iif "lo" accept
-		ct state established,related accept
-		iifname "tailscale*" accept comment "tailscale"
-		tcp dport 22 accept comment "ssh"
-		udp dport 41641 accept comment "wireguard"
-	}
-}
-"#;
+use vdc::story::METAL_RULESET as METAL;
 
 fn nft(ns: &vdc::netns::Netns, args: &[&str]) -> String {
     vdc::cmd::run_quiet(ns.command("nft").args(args)).unwrap()

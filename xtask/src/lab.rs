@@ -212,165 +212,24 @@ pub fn demo() -> Result<()> {
     userdata_demo()
 }
 
-/// metal-api's part and the firewall's: userdata-gen mints a key from headscale and merges
-/// the agent into the user's Ignition; the real flatcar Ignition writes it into the
-/// firewall's root; vpn-agent starts from exactly those files and joins; an operator joins
-/// with stock tailscale and shows up in `vpn-agent status`.
+/// The whole story in a fresh lab, every command echoed with its output: metal-api's call,
+/// Ignition, boot with closed ports, the agent joining, an operator's SSH over the mesh,
+/// DERP when UDP is blocked, a crash and a power cycle. The same code runs in the tests.
 fn userdata_demo() -> Result<()> {
-    use vdc::firewall::{AGENT_LOG, start_agent, status_command, wait_online, wait_status};
     vdc::cmd::set_echo(true);
-    println!("\n[firewall] a fresh lab: ctl (headscale), fw (the firewall), op (an operator)");
-    let lab = Lab::start(LabOptions::hosts(&["fw", "op"]))?;
-    let result = (|| {
-        let hs = lab.headscale();
-        let ctl = lab.host_dir("ctl");
-        let p = |f: &str| ctl.join(f).display().to_string();
-        let udg = || {
-            lab.host("ctl")
-                .ns()
-                .command(vdc::tools::project_bin("userdata-gen"))
-        };
-        println!("[1] metal-api's API key for headscale, in a file only root can read");
-        let key = hs.create_api_key()?;
-        vdc::headscale::write_private(&ctl.join("api.key"), key.as_bytes())?;
-        println!("[2] the user's userdata: firewall-controller-manager's Ignition 2.3.0");
-        std::fs::copy(
-            vdc::tools::workspace_root().join("ignition/fixtures/fcm-firewall-2.3.0.json"),
-            ctl.join("user.ign"),
-        )?;
-        println!("[3] userdata-gen, as metal-api runs it while allocating the firewall");
-        let machine = "0cfc7e24-aaaa-4bbb-8ccc-000000000001";
-        vdc::cmd::run(
-            udg()
-                .args([
-                    "generate",
-                    "--machine-id",
-                    machine,
-                    "--project",
-                    "project-a",
-                ])
-                .args([
-                    "--login-server",
-                    &hs.url(),
-                    "--headscale-api-key-file",
-                    &p("api.key"),
-                ])
-                .args(["--ca-file", &hs.ca_path().display().to_string()])
-                .args(["--userdata", &p("user.ign"), "--output", &p("userdata.ign")])
-                .args(["--metadata-out", &p("meta.json")]),
-        )?;
-        vdc::cmd::run(std::process::Command::new("cat").arg(p("meta.json")))?;
-        let merged: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(ctl.join("userdata.ign"))?)?;
-        let names = |v: &serde_json::Value, key: &str| {
-            v.as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x[key].as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
-                .unwrap_or_default()
-        };
-        println!(
-            "    merged files: {}",
-            names(&merged["storage"]["files"], "path")
-        );
-        println!(
-            "    merged units: {}",
-            names(&merged["systemd"]["units"], "name")
-        );
-        println!(
-            "[4] flatcar Ignition v0.36.2 writes it into the firewall's root, as os-installer runs it"
-        );
-        let root = lab.host_dir("fw").join("root");
-        let config = std::fs::read_to_string(ctl.join("userdata.ign"))?;
-        vdc::ignition::apply_flatcar(&config, &root, &lab.host_dir("fw").join("ignition"))?;
-        vdc::cmd::run(
-            std::process::Command::new("find")
-                .arg(&root)
-                .args(["-type", "f", "-exec", "stat", "-c", "%a %U %n", "{}", "+"]),
-        )?;
-        println!("[5] vpn-agent starts from exactly those files, as its unit would, and joins");
-        start_agent(&lab, "fw", &root)?;
-        let fw_node = wait_online(&lab, "fw", machine)?;
-        wait_status(&lab, "fw", "Running", |s| s["backend_state"] == "Running")?;
-        print!("{}", indent(&lab.log("fw", AGENT_LOG)));
-        vdc::cmd::run(lab.host("fw").ns().command("ip").args([
-            "-br",
-            "addr",
-            "show",
-            "dev",
-            "tailscale0",
-        ]))?;
-        println!(
-            "    the used pre-auth key is gone: {}",
-            !root.join("etc/vpn-agent/authkey").exists()
-        );
-        println!("[6] an operator mints a key for their laptop and joins with stock tailscale");
-        let op_key = vdc::cmd::run_quiet(
-            udg()
-                .env("HEADSCALE_API_KEY", &key)
-                .args([
-                    "auth-key",
-                    "--project",
-                    "project-a",
-                    "--headscale-api-url",
-                    &hs.url(),
-                ])
-                .args(["--ca-file", &hs.ca_path().display().to_string()]),
-        )?;
-        println!(
-            "  $ userdata-gen auth-key --project project-a --headscale-api-url {} ... (key not shown)",
-            hs.url()
-        );
-        let op = lab.start_tailscaled("op")?;
-        op.up(&hs.url(), op_key.trim(), "op")?;
-        println!("[7] vpn-agent status on the firewall lists the operator's node");
-        let op_ip = format!("{}/32", op.ipv4()?);
-        wait_status(&lab, "fw", "the operator", |s| {
-            vdc::firewall::lists_online_peer(s, &op_ip)
-        })?;
-        vdc::cmd::run(&mut status_command(&lab, "fw"))?;
-        vdc::cmd::run(hs.cli().args(["nodes", "list"]))?;
-        println!("[8] the operator pings the firewall and logs in with ssh, over the mesh");
-        let fw_ip: std::net::IpAddr = fw_node
-            .addresses
-            .first()
-            .and_then(|a| a.parse().ok())
-            .context("the firewall has no mesh address")?;
-        vdc::cmd::run(op.cli().args(["ping", "-c", "5", &fw_ip.to_string()]))?;
-        vdc::smoke::icmp(&lab, "op", fw_ip)?;
-        let authorized = vdc::firewall::start_sshd(&lab, "fw")?;
-        vdc::firewall::wait_banner(&lab.host("op").ns(), (fw_ip, 22).into())?;
-        vdc::firewall::ssh(
-            &lab,
-            "op",
-            fw_ip,
-            &authorized,
-            "echo logged in to $(ip -o -4 addr show dev tailscale0 | cut -d' ' -f7) over the mesh",
-        )?;
-        vdc::cmd::run(&mut status_command(&lab, "fw"))?;
-        println!("[9] the same sshd on the firewall's public address: closed");
-        let public: std::net::SocketAddr = (lab.host("fw").addr, 22).into();
-        match vdc::firewall::banner(
-            &lab.host("op").ns(),
-            public,
-            std::time::Duration::from_secs(2),
-        ) {
-            Ok(b) => anyhow::bail!("public SSH answered: {b}"),
-            Err(_) => println!("    {public}: no answer (dropped by table inet vpn_agent)"),
-        }
-        anyhow::Ok(())
-    })();
+    println!(
+        "\n[firewall] a fresh lab: ctl (headscale), fw (the firewall), op (an operator), dc (the data center)"
+    );
+    let lab = vdc::story::lab()?;
+    let mut n = 0;
+    let result = vdc::story::run(&lab, &mut |title| {
+        n += 1;
+        println!("[{n}] {title}");
+    });
     if let Err(e) = result {
         lab.dump_logs();
         return Err(e.context("the firewall part of the demo failed"));
     }
-    println!("demo: ok. Next: DERP relaying, path upgrades and the packet filter.");
+    println!("demo: ok. Every step above was checked.");
     Ok(())
-}
-
-fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("    {l}\n")).collect()
 }

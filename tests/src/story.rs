@@ -1,0 +1,278 @@
+//! The whole story, from metal-api's call to an operator's SSH session and a power cycle:
+//! `cargo xtask demo` tells it with every command and its output, and the end-to-end suite
+//! runs the same code, so the demo cannot rot. Every step checks what it claims.
+
+use crate::firewall::{
+    AGENT_LOG, banner, start_agent, start_sshd, status_command, wait_banner, wait_online,
+    wait_status,
+};
+use crate::{Lab, LabOptions, cmd, tools};
+use anyhow::{Context, Result, bail, ensure};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// The hosts: headscale on `ctl`, the firewall, an operator's laptop and another machine in
+/// the data center's network.
+pub const HOSTS: &[&str] = &["fw", "op", "dc"];
+pub const MACHINE: &str = "0cfc7e24-aaaa-4bbb-8ccc-000000000001";
+const PROJECT: &str = "project-a";
+
+/// A ruleset shaped like the one metal-stack's firewall-controller renders: policy drop,
+/// `iifname "tailscale*" accept`, and the public SSH accept our table must override.
+pub const METAL_RULESET: &str = r#"table inet metal {
+	chain input {
+		type filter hook input priority filter; policy drop;
+		iif "lo" accept
+		ct state established,related accept
+		iifname "tailscale*" accept comment "tailscale"
+		tcp dport 22 accept comment "ssh"
+		udp dport 41641 accept comment "wireguard"
+	}
+}
+"#;
+
+pub fn lab() -> Result<Lab> {
+    Lab::start(LabOptions::hosts(HOSTS))
+}
+
+/// Runs the story on a lab from [`lab`]; `step` hears each step's title.
+pub fn run(lab: &Lab, step: &mut dyn FnMut(&str)) -> Result<()> {
+    let hs = lab.headscale();
+    let ctl = lab.host_dir("ctl");
+    let p = |f: &str| ctl.join(f).display().to_string();
+    let udg = || {
+        lab.host("ctl")
+            .ns()
+            .command(tools::project_bin("userdata-gen"))
+    };
+
+    step("metal-api's API key for headscale, in a file only root can read");
+    let api_key = hs.create_api_key()?;
+    crate::headscale::write_private(&ctl.join("api.key"), api_key.as_bytes())?;
+
+    step("the user's userdata: firewall-controller-manager's Ignition 2.3.0");
+    std::fs::copy(
+        tools::workspace_root().join("ignition/fixtures/fcm-firewall-2.3.0.json"),
+        ctl.join("user.ign"),
+    )?;
+    let user: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ctl.join("user.ign"))?)?;
+
+    step("userdata-gen, as metal-api runs it while allocating the firewall");
+    cmd::run(
+        udg()
+            .args(["generate", "--machine-id", MACHINE, "--project", PROJECT])
+            .args([
+                "--login-server",
+                &hs.url(),
+                "--headscale-api-key-file",
+                &p("api.key"),
+            ])
+            .args(["--ca-file", &hs.ca_path().display().to_string()])
+            .args(["--userdata", &p("user.ign"), "--output", &p("userdata.ign")])
+            .args(["--metadata-out", &p("meta.json")]),
+    )?;
+    cmd::run(Command::new("cat").arg(p("meta.json")))?;
+
+    step("flatcar Ignition v0.36.2 writes it into the firewall's root, as os-installer runs it");
+    let root = lab.host_dir("fw").join("root");
+    let config = std::fs::read_to_string(ctl.join("userdata.ign"))?;
+    crate::ignition::apply_flatcar(&config, &root, &lab.host_dir("fw").join("ignition"))?;
+    cmd::run(
+        Command::new("find")
+            .arg(&root)
+            .args(["-type", "f", "-exec", "stat", "-c", "%a %U %n", "{}", "+"]),
+    )?;
+    users_files_in_place(&user, &root)?;
+
+    step("boot: the early unit closes the public ports before the network and sshd are up");
+    boot_without_agent(lab, &root)?;
+    let public: SocketAddr = (lab.host("fw").addr, 22).into();
+    closed_from_the_data_center(lab, public)?;
+
+    step("vpn-agent starts from exactly those files, as its unit would, and joins");
+    start_agent(lab, "fw", &root)?;
+    let node = wait_online(lab, "fw", MACHINE)?;
+    wait_status(lab, "fw", "Running", |s| s["backend_state"] == "Running")?;
+    ensure!(
+        !root.join("etc/vpn-agent/authkey").exists(),
+        "the used pre-auth key is still on disk"
+    );
+    println_indented(&lab.log("fw", AGENT_LOG));
+    cmd::run(
+        lab.host("fw")
+            .ns()
+            .command("ip")
+            .args(["-br", "addr", "show", "dev", "tailscale0"]),
+    )?;
+
+    step("an operator mints a key for their laptop and joins with stock tailscale");
+    let op_key = cmd::run_quiet(
+        udg()
+            .env("HEADSCALE_API_KEY", &api_key)
+            .args([
+                "auth-key",
+                "--project",
+                PROJECT,
+                "--headscale-api-url",
+                &hs.url(),
+            ])
+            .args(["--ca-file", &hs.ca_path().display().to_string()]),
+    )?;
+    let op = lab.start_tailscaled("op")?;
+    op.up(&hs.url(), op_key.trim(), "op")?;
+    let op_ip = op.ipv4()?;
+    wait_status(lab, "fw", "the operator", |s| {
+        crate::firewall::lists_online_peer(s, &format!("{op_ip}/32"))
+    })?;
+    cmd::run(&mut status_command(lab, "fw"))?;
+    cmd::run(hs.cli().args(["nodes", "list"]))?;
+
+    step("the operator pings the firewall and logs in with ssh, over the mesh");
+    let fw_ip: IpAddr = node.addresses.first().context("no mesh address")?.parse()?;
+    cmd::run(op.cli().args(["ping", "-c", "5", &fw_ip.to_string()]))?;
+    crate::smoke::icmp(lab, "op", fw_ip)?;
+    let authorized = lab.host_dir("fw").join("sshd/authorized_keys");
+    let whoami = "echo logged in to $(hostname -I | tr ' ' '\\n' | grep ^100.) over the mesh";
+    crate::firewall::ssh(lab, "op", fw_ip, &authorized, whoami)?;
+    cmd::run(&mut status_command(lab, "fw"))?;
+
+    step("the same sshd on the public address: closed, and the firewall's own table unchanged");
+    closed_from_the_data_center(lab, public)?;
+    let metal = nft_list_metal(lab)?;
+    ensure!(
+        metal.contains("iifname \"tailscale*\" accept"),
+        "metal's table changed:\n{metal}"
+    );
+
+    step("no UDP between the operator and the firewall: DERP relays, ssh still works");
+    lab.block_udp("fw", "op")?;
+    wait_status(lab, "fw", "the operator via DERP", |s| {
+        s["peers"][0]["path"] == "DERP(headscale)"
+    })?;
+    cmd::run(op.cli().args([
+        "ping",
+        "-c",
+        "2",
+        "--until-direct=false",
+        &fw_ip.to_string(),
+    ]))?;
+    crate::firewall::ssh(lab, "op", fw_ip, &authorized, whoami)?;
+    lab.unblock_udp("fw", "op")?;
+    let out = op.ping(fw_ip, true)?;
+    ensure!(
+        out.contains("via 192.0.2."),
+        "no direct path after UDP opened again: {out}"
+    );
+    println_indented(&out);
+
+    step("the agent crashes (kill -9): the public port stays closed");
+    lab.kill9("fw", AGENT_LOG)?;
+    closed_from_the_data_center(lab, public)?;
+    cmd::run(
+        lab.host("fw")
+            .ns()
+            .command("nft")
+            .args(["list", "table", "inet", "vpn_agent"]),
+    )?;
+
+    step("power cycle: the firewall's namespace is rebuilt, its disk kept; it boots again");
+    lab.reboot("fw")?;
+    boot_without_agent(lab, &root)?;
+    closed_from_the_data_center(lab, public)?;
+    start_agent(lab, "fw", &root)?;
+    let again = wait_online(lab, "fw", MACHINE)?;
+    ensure!(
+        again.id == node.id,
+        "the firewall came back as a new node: {again:?}"
+    );
+    lab.wait_log(
+        "fw",
+        AGENT_LOG,
+        "re-attached to headscale with the stored node key",
+        Duration::from_secs(30),
+    )?;
+    wait_status(lab, "fw", "the operator", |s| {
+        crate::firewall::lists_online_peer(s, &format!("{op_ip}/32"))
+    })?;
+    wait_banner(&lab.host("op").ns(), (fw_ip, 22).into())?;
+    crate::firewall::ssh(lab, "op", fw_ip, &authorized, whoami)?;
+    closed_from_the_data_center(lab, public)?;
+    cmd::run(&mut status_command(lab, "fw"))?;
+    Ok(())
+}
+
+/// What the early unit, the firewall's own ruleset and sshd do at boot, before the agent.
+fn boot_without_agent(lab: &Lab, root: &Path) -> Result<()> {
+    let ns = lab.host("fw").ns();
+    cmd::run(
+        ns.command_in_root(root, tools::project_bin("vpn-agent"))
+            .args([
+                "firewall",
+                "apply",
+                "--settings",
+                "/etc/vpn-agent/agent.json",
+            ]),
+    )?;
+    let metal = lab.host_dir("fw").join("metal.nft");
+    std::fs::write(&metal, METAL_RULESET)?;
+    cmd::run_quiet(ns.command("nft").arg("-f").arg(&metal))?;
+    start_sshd(lab, "fw")?;
+    // sshd answers locally, so what the data center sees is the firewall's doing.
+    wait_banner(&ns, (std::net::Ipv4Addr::LOCALHOST, 22).into())?;
+    Ok(())
+}
+
+fn closed_from_the_data_center(lab: &Lab, public: SocketAddr) -> Result<()> {
+    match banner(&lab.host("dc").ns(), public, Duration::from_secs(2)) {
+        Ok(b) => bail!("SSH on the public address {public} answered the data center: {b}"),
+        Err(_) => {
+            if cmd::echo_enabled() {
+                println!("    {public} from dc: no answer (dropped by table inet vpn_agent)");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn nft_list_metal(lab: &Lab) -> Result<String> {
+    cmd::run_quiet(
+        lab.host("fw")
+            .ns()
+            .command("nft")
+            .args(["list", "table", "inet", "metal"]),
+    )
+}
+
+/// Every file and unit of the user's own config is on the firewall's disk as asked.
+fn users_files_in_place(user: &serde_json::Value, root: &Path) -> Result<()> {
+    for f in user["storage"]["files"].as_array().into_iter().flatten() {
+        let path = f["path"].as_str().context("file without a path")?;
+        let on_disk = root.join(path.trim_start_matches('/'));
+        ensure!(
+            on_disk.exists(),
+            "the user's {path} is missing after Ignition"
+        );
+    }
+    for u in user["systemd"]["units"].as_array().into_iter().flatten() {
+        let name = u["name"].as_str().context("unit without a name")?;
+        if u["contents"].is_string() {
+            let on_disk = root.join("etc/systemd/system").join(name);
+            ensure!(
+                on_disk.exists(),
+                "the user's unit {name} is missing after Ignition"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn println_indented(text: &str) {
+    if cmd::echo_enabled() {
+        for l in text.lines() {
+            println!("    {l}");
+        }
+    }
+}
