@@ -113,9 +113,7 @@ impl Daemon {
         self.guard_firewall();
         self.tunnel = Some(Tunnel::create(&self.cfg.settings.interface).await?);
         let port = self.cfg.settings.listen_port;
-        let udp = tokio::net::UdpSocket::bind(("0.0.0.0", port))
-            .await
-            .map_err(|e| Error::io(format!("UDP port {port}"), e))?;
+        let udp = crate::dataplane::shell::bind(port)?;
         let engine = Engine::new(
             self.identity.node.clone(),
             crypto_box::SecretKey::from(self.disco.to_bytes()),
@@ -123,7 +121,7 @@ impl Daemon {
         );
         let tun = self.tunnel.as_ref().expect("created above").device.clone();
         let node = crypto_box::SecretKey::from(self.identity.node.to_bytes());
-        let data = Shell::start(engine, Arc::new(udp), tun, node, self.tls.clone());
+        let data = Shell::start(engine, udp, tun, node, self.tls.clone());
         self.data = Some(data.clone());
         self.refresh_endpoints().await;
         let status = self.status.clone();
@@ -179,7 +177,7 @@ impl Daemon {
         match t.local_addresses().await {
             Ok(ips) => self.data().set_local_endpoints(
                 ips.into_iter()
-                    .filter(|ip| ip.is_ipv4())
+                    .filter(|ip| ip.is_ipv4() || self.data().has_ipv6())
                     .map(|ip| std::net::SocketAddr::new(ip, port))
                     .collect(),
             ),

@@ -88,7 +88,9 @@ impl Derps {
 pub struct Shell {
     engine: Arc<Mutex<Engine>>,
     derps: Arc<Mutex<Derps>>,
-    udp: Arc<UdpSocket>,
+    udp4: Arc<UdpSocket>,
+    /// `None` where the host has no IPv6.
+    udp6: Option<Arc<UdpSocket>>,
     tun: Arc<tun::AsyncDevice>,
     net_info: watch::Sender<NetInfo>,
 }
@@ -97,7 +99,7 @@ impl Shell {
     /// Starts the tasks. `node` is our node key (DERP logs in with it).
     pub fn start(
         engine: Engine,
-        udp: Arc<UdpSocket>,
+        (udp4, udp6): (UdpSocket, Option<UdpSocket>),
         tun: Arc<tun::AsyncDevice>,
         node: crypto_box::SecretKey,
         tls: Arc<rustls::ClientConfig>,
@@ -114,10 +116,14 @@ impl Shell {
                 tls,
                 inbound,
             })),
-            udp,
+            udp4: Arc::new(udp4),
+            udp6: udp6.map(Arc::new),
             tun,
         };
-        tokio::spawn(shell.clone().udp_loop());
+        tokio::spawn(shell.clone().udp_loop(shell.udp4.clone()));
+        if let Some(u) = &shell.udp6 {
+            tokio::spawn(shell.clone().udp_loop(u.clone()));
+        }
         tokio::spawn(shell.clone().tun_loop());
         tokio::spawn(shell.clone().derp_loop(inbound_rx));
         tokio::spawn(shell.clone().timer_loop());
@@ -131,6 +137,10 @@ impl Shell {
     /// Changes of our home region and endpoints, for control.
     pub fn net_info(&self) -> watch::Receiver<NetInfo> {
         self.net_info.subscribe()
+    }
+
+    pub fn has_ipv6(&self) -> bool {
+        self.udp6.is_some()
     }
 
     pub fn set_peers(&self, peers: Vec<PeerInfo>) {
@@ -219,7 +229,12 @@ impl Shell {
         for a in actions.drain(..) {
             match a {
                 Action::SendUdp(to, p) => {
-                    if let Err(e) = self.udp.send_to(&p, to).await {
+                    let udp = match (to, &self.udp6) {
+                        (SocketAddr::V6(_), Some(u6)) => u6,
+                        (SocketAddr::V6(_), None) => continue,
+                        (SocketAddr::V4(_), _) => &self.udp4,
+                    };
+                    if let Err(e) = udp.send_to(&p, to).await {
                         debug!(%to, error = %e, "UDP send failed");
                     }
                 }
@@ -237,11 +252,11 @@ impl Shell {
         }
     }
 
-    async fn udp_loop(self) {
+    async fn udp_loop(self, udp: Arc<UdpSocket>) {
         let mut buf = vec![0u8; 65536];
         let mut out = vec![];
         loop {
-            let (n, from) = match self.udp.recv_from(&mut buf).await {
+            let (n, from) = match udp.recv_from(&mut buf).await {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(error = %e, "UDP receive failed");
@@ -293,6 +308,35 @@ impl Shell {
             self.publish();
         }
     }
+}
+
+/// The UDP sockets for WireGuard, disco and STUN on `port`: IPv4, and IPv6 (v6-only, so
+/// both can have the port) where the host has it.
+pub fn bind(port: u16) -> crate::Result<(UdpSocket, Option<UdpSocket>)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let open = |v6: bool| -> std::io::Result<UdpSocket> {
+        let (domain, addr): (Domain, SocketAddr) = if v6 {
+            (Domain::IPV6, (std::net::Ipv6Addr::UNSPECIFIED, port).into())
+        } else {
+            (Domain::IPV4, (std::net::Ipv4Addr::UNSPECIFIED, port).into())
+        };
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        if v6 {
+            s.set_only_v6(true)?;
+        }
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        UdpSocket::from_std(s.into())
+    };
+    let v4 = open(false).map_err(|e| crate::Error::io(format!("UDP port {port}"), e))?;
+    let v6 = match open(true) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            info!(error = %e, "no IPv6 UDP socket; IPv4 only");
+            None
+        }
+    };
+    Ok((v4, v6))
 }
 
 async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
