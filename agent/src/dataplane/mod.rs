@@ -3,6 +3,7 @@
 //! that takes packets, DERP events and time in and gives `Action`s out. The daemon's tasks
 //! only move bytes between the UDP socket, the TUN device and the DERP connections.
 
+pub mod offload;
 pub mod path;
 pub mod shell;
 

@@ -1,6 +1,7 @@
 //! The data plane's IO shell: tokio tasks that move bytes between the UDP socket, the TUN
 //! device and the DERP connections, and hand them to the `Engine`. No decisions here.
 
+use super::offload::{self, Coalescer};
 use super::{Action, Engine, NetInfo, PeerInfo, PeerStats, Region};
 use crate::control::client::ServerUrl;
 use crate::control::types::DerpMap;
@@ -14,6 +15,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 const TICK: Duration = Duration::from_millis(250);
+/// Datagrams taken from the socket per system call, and the room for each.
+const BATCH: usize = 64;
+const DATAGRAM: usize = 4096;
 
 /// The DERP connections: one per region we talk to; the home region's is always up.
 struct Derps {
@@ -225,7 +229,9 @@ impl Shell {
         });
     }
 
-    async fn run(&self, actions: &mut Vec<Action>) {
+    /// Carries out the engine's actions; packets for the TUN device go through `tun_out`,
+    /// which merges TCP segments of one batch.
+    async fn run(&self, actions: &mut Vec<Action>, tun_out: &mut Coalescer) {
         for a in actions.drain(..) {
             match a {
                 Action::SendUdp(to, p) => {
@@ -238,11 +244,7 @@ impl Shell {
                         debug!(%to, error = %e, "UDP send failed");
                     }
                 }
-                Action::WriteTun(p) => {
-                    if let Err(e) = self.tun.send(&p).await {
-                        debug!(error = %e, "TUN write failed");
-                    }
-                }
+                Action::WriteTun(p) => tun_out.push(&p),
                 Action::SendDerp { region, to, packet } => self
                     .derps
                     .lock()
@@ -250,29 +252,51 @@ impl Shell {
                     .send(region, &to, &packet),
             }
         }
+        if tun_out.is_empty() {
+            return;
+        }
+        let bufs = tun_out.finish();
+        for b in &bufs {
+            if let Err(e) = self.tun.send(b).await {
+                debug!(error = %e, "TUN write failed");
+            }
+        }
+        tun_out.recycle(bufs);
     }
 
+    /// Reads the socket in batches (recvmmsg): one system call for many datagrams, and a
+    /// batch's TCP segments reach the kernel as one.
     async fn udp_loop(self, udp: Arc<UdpSocket>) {
-        let mut buf = vec![0u8; 65536];
-        let mut out = vec![];
+        let mut batch = RecvBatch::new();
+        let (mut out, mut tun_out) = (vec![], Coalescer::default());
         loop {
-            let (n, from) = match udp.recv_from(&mut buf).await {
-                Ok(r) => r,
+            let n = match udp
+                .async_io(tokio::io::Interest::READABLE, || batch.recv(&udp))
+                .await
+            {
+                Ok(n) => n,
                 Err(e) => {
                     warn!(error = %e, "UDP receive failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
-            self.engine()
-                .on_udp(from, &buf[..n], Instant::now(), &mut out);
-            self.run(&mut out).await;
+            {
+                let now = Instant::now();
+                let mut engine = self.engine();
+                for i in 0..n {
+                    if let Some((from, p)) = batch.get(i) {
+                        engine.on_udp(from, p, now, &mut out);
+                    }
+                }
+            }
+            self.run(&mut out, &mut tun_out).await;
         }
     }
 
     async fn tun_loop(self) {
         let mut buf = vec![0u8; 65536];
-        let mut out = vec![];
+        let (mut out, mut tun_out) = (vec![], Coalescer::default());
         loop {
             let n = match self.tun.recv(&mut buf).await {
                 Ok(n) => n,
@@ -282,31 +306,129 @@ impl Shell {
                     continue;
                 }
             };
-            self.engine().on_tun(&buf[..n], Instant::now(), &mut out);
-            self.run(&mut out).await;
+            let Some(packet) = offload::from_tun(&mut buf[..n]) else {
+                continue;
+            };
+            self.engine().on_tun(packet, Instant::now(), &mut out);
+            self.run(&mut out, &mut tun_out).await;
         }
     }
 
     async fn derp_loop(self, mut inbound: mpsc::Receiver<(u32, derp::Event)>) {
-        let mut out = vec![];
+        let (mut out, mut tun_out) = (vec![], Coalescer::default());
         while let Some((region, ev)) = inbound.recv().await {
             if let derp::Event::Packet { src, packet } = ev {
                 self.engine()
                     .on_derp(region, src, &packet, Instant::now(), &mut out);
-                self.run(&mut out).await;
+                self.run(&mut out, &mut tun_out).await;
             }
         }
     }
 
     async fn timer_loop(self) {
         let mut tick = tokio::time::interval(TICK);
-        let mut out = vec![];
+        let (mut out, mut tun_out) = (vec![], Coalescer::default());
         loop {
             tick.tick().await;
             self.engine().tick(Instant::now(), &mut out);
-            self.run(&mut out).await;
+            self.run(&mut out, &mut tun_out).await;
             self.publish();
         }
+    }
+}
+
+/// Buffers and headers for one `recvmmsg` call.
+struct RecvBatch {
+    data: Vec<u8>,
+    lens: [usize; BATCH],
+    names: [libc::sockaddr_storage; BATCH],
+    name_lens: [libc::socklen_t; BATCH],
+}
+
+impl RecvBatch {
+    fn new() -> Box<RecvBatch> {
+        Box::new(RecvBatch {
+            data: vec![0u8; BATCH * DATAGRAM],
+            lens: [0; BATCH],
+            // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
+            names: unsafe { std::mem::zeroed() },
+            name_lens: [0; BATCH],
+        })
+    }
+
+    /// One non-blocking `recvmmsg`; the number of datagrams, or WouldBlock.
+    fn recv(&mut self, udp: &UdpSocket) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let mut iov: [libc::iovec; BATCH] = std::array::from_fn(|i| libc::iovec {
+            iov_base: self.data[i * DATAGRAM..].as_mut_ptr().cast(),
+            iov_len: DATAGRAM,
+        });
+        // SAFETY: mmsghdr is plain old data; zeroed, then every pointer is set below to
+        // memory (`iov`, `self.names`) that outlives the call.
+        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for (i, h) in hdrs.iter_mut().enumerate() {
+            h.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+            h.msg_hdr.msg_iov = &mut iov[i];
+            h.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: `hdrs` holds BATCH valid headers whose buffers are DATAGRAM bytes each.
+        let n = unsafe {
+            libc::recvmmsg(
+                udp.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for (i, h) in hdrs.iter().take(n as usize).enumerate() {
+            // A truncated datagram is not one we could use: mark it empty.
+            let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            self.lens[i] = if truncated { 0 } else { h.msg_len as usize };
+            self.name_lens[i] = h.msg_hdr.msg_namelen;
+        }
+        Ok(n as usize)
+    }
+
+    /// The i-th datagram of the last `recv` and its sender.
+    fn get(&self, i: usize) -> Option<(SocketAddr, &[u8])> {
+        if self.lens[i] == 0 {
+            return None;
+        }
+        let from = socket_addr(&self.names[i], self.name_lens[i])?;
+        Some((from, &self.data[i * DATAGRAM..i * DATAGRAM + self.lens[i]]))
+    }
+}
+
+/// A socket address the kernel wrote into `storage` (`len` bytes).
+fn socket_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let len = len as usize;
+    match storage.ss_family as i32 {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says it is a sockaddr_in, and it fits in the storage.
+            let a =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddr::new(ip.into(), u16::from_be(a.sin_port)))
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: the family says it is a sockaddr_in6, and it fits in the storage.
+            let a = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                ip,
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
     }
 }
 
