@@ -303,11 +303,9 @@ impl Daemon {
         if c.derp_changed {
             self.data().set_derp_map(&self.netmap.derp_map).await;
         }
-        if c.filter_changed {
-            // FILTER-WIRING: replace with the real filter's error handling.
-            let f = crate::filter::Filter::from_sets(&self.netmap.packet_filters)
-                .unwrap_or_else(|_| crate::filter::Filter::allow_all());
-            self.data().set_filter(f);
+        // Our addresses are part of the filter: it accepts only packets addressed to us.
+        if c.filter_changed || c.self_changed {
+            self.update_filter();
         }
         if c.peers_changed + c.peers_removed > 0 {
             info!(peers = self.netmap.peers.len(), "peers updated");
@@ -322,6 +320,25 @@ impl Daemon {
             info!("running");
         }
         Ok(())
+    }
+
+    /// Hands the data plane the filter of the netmap's packet filter sets and our addresses.
+    /// A filter that does not parse keeps the previous one in force: failing closed would cut
+    /// the operators off the firewall (the mesh is their only way in, the public ports are
+    /// shut), failing open would drop the policy; the last policy headscale sent that we
+    /// understood is the one nobody is surprised by. The error is logged for the operator.
+    fn update_filter(&self) {
+        match crate::filter::Filter::from_sets(&self.netmap.packet_filters) {
+            Ok(f) => {
+                // An invalid self address already failed the map; none at all means we have
+                // no address yet, and nothing is addressed to us.
+                let ours = crate::netlink::plan(&self.netmap.addresses()).unwrap_or_default();
+                let f = f.with_local(&ours);
+                info!(rules = f.rule_count(), "packet filter updated");
+                self.data().set_filter(f);
+            }
+            Err(e) => error!(error = %e, "keeping the previous packet filter"),
+        }
     }
 
     /// The data plane's view of the netmap's peers.

@@ -39,6 +39,9 @@ pub struct LabOptions {
     pub persistent_id: Option<String>,
     /// headscale's certificate and its CA have expired (clients must refuse them).
     pub expired_tls: bool,
+    /// headscale's ACL policy (HuJSON), read from a file; `None`: no policy, all traffic
+    /// allowed. [`Lab::set_policy`] changes it while the lab runs.
+    pub policy: Option<String>,
 }
 
 impl LabOptions {
@@ -186,8 +189,13 @@ impl Lab {
         }
         apply_knobs(&sw, &Knobs::default())?;
         let ctl = guard.0.as_ref().unwrap().hosts[CTL].clone();
-        let (headscale, hs_child) =
-            Headscale::start(&ctl.ns(), ctl.addr, &dir.join(CTL), opts.expired_tls)?;
+        let (headscale, hs_child) = Headscale::start(
+            &ctl.ns(),
+            ctl.addr,
+            &dir.join(CTL),
+            opts.expired_tls,
+            opts.policy.as_deref(),
+        )?;
         let state = guard.0.take().unwrap();
         let lab = Lab {
             state: Mutex::new(state),
@@ -304,6 +312,26 @@ impl Lab {
     pub fn restart_headscale(&self) -> Result<()> {
         self.stop(CTL, "headscale")?;
         self.push_child(format!("headscale@{CTL}"), self.headscale.spawn(true)?);
+        Ok(())
+    }
+
+    /// Replaces headscale's policy file and has headscale reload it (SIGHUP), as an operator
+    /// would; the lab must have started with a policy.
+    pub fn set_policy(&self, policy: &str) -> Result<()> {
+        let path = self
+            .headscale
+            .policy_path()
+            .context("the lab started without a policy: headscale reads no policy file")?;
+        std::fs::write(&path, policy)?;
+        let children = self.children.lock().unwrap();
+        let (_, child) = children
+            .iter()
+            .find(|(n, _)| n == &format!("headscale@{CTL}"))
+            .context("headscale is not running")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )?;
         Ok(())
     }
 
@@ -783,6 +811,21 @@ mod tests {
     fn addresses_are_in_test_net_1() {
         assert_eq!(host_addr(0), Ipv4Addr::new(192, 0, 2, 1));
         assert_eq!(host_addr(2), Ipv4Addr::new(192, 0, 2, 12));
+    }
+
+    #[test]
+    fn headscale_reads_a_policy_file_only_when_the_lab_has_one() {
+        let (addr, dir) = (host_addr(0), Path::new("/tmp/vdc/x/ctl"));
+        let none = crate::headscale::config_yaml(addr, dir, None);
+        assert!(
+            none.contains("policy:\n  mode: file\n  path: \"\"\n"),
+            "{none}"
+        );
+        let some = crate::headscale::config_yaml(addr, dir, Some(&dir.join("policy.hujson")));
+        assert!(
+            some.contains("  path: \"/tmp/vdc/x/ctl/policy.hujson\"\n"),
+            "{some}"
+        );
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("agent", "map_message"),
     ("agent", "udp_packet"),
     ("agent", "derp_frames"),
+    ("agent", "packet_filter"),
 ];
 
 /// Debian packages the lab, the tests and the demo use.

@@ -1,0 +1,199 @@
+//! The agent enforces headscale's policy as tailscaled does: a stock operator node reaches
+//! the firewall only where the policy lets it, and the firewall's own flows get their replies.
+
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+use vdc::firewall::{AGENT_LOG, provision, start_agent, start_sshd, wait_online, wait_status};
+use vdc::headscale::KeyOptions;
+use vdc::netns::Netns;
+use vdc::{Lab, LabOptions, require_lab};
+
+const MACHINE: &str = "0cfc7e24-aaaa-4bbb-8ccc-0000000000f7";
+/// A second service on the firewall, which the policy may or may not open.
+const WEB: u16 = 8080;
+/// Services on the operator's host that the firewall's flows go to.
+const OP_UDP: u16 = 9999;
+const OP_TCP: u16 = 8081;
+
+/// Operators (user `ops`) reach the firewalls (`tag:firewall`) on SSH only, over TCP; the
+/// firewalls may ping the operators and reach two of their services. `extra` adds
+/// destinations to the operators' rule.
+fn policy(extra: &str) -> String {
+    format!(
+        r#"{{
+  // The firewalls register with tagged keys; the operators are a user.
+  "tagOwners": {{"tag:firewall": ["ops@"]}},
+  "acls": [
+    {{"action": "accept", "src": ["ops@"], "proto": "tcp", "dst": ["tag:firewall:22"{extra}]}},
+    {{"action": "accept", "src": ["tag:firewall"], "proto": "icmp", "dst": ["ops@:*"]}},
+    {{"action": "accept", "src": ["tag:firewall"], "proto": "udp", "dst": ["ops@:{OP_UDP}"]}},
+    {{"action": "accept", "src": ["tag:firewall"], "proto": "tcp", "dst": ["ops@:{OP_TCP}"]}},
+  ],
+}}"#
+    )
+}
+
+#[test]
+fn the_agent_lets_in_what_the_policy_allows_and_the_replies_to_its_own_flows() {
+    require_lab!();
+    let lab = Lab::start(LabOptions {
+        hosts: vec!["fw".into(), "op".into()],
+        policy: Some(policy("")),
+        ..LabOptions::default()
+    })
+    .unwrap();
+    let fw = provision(
+        &lab,
+        "fw",
+        MACHINE,
+        "project-f",
+        &["--tags", "tag:firewall"],
+    )
+    .unwrap();
+    start_agent(&lab, "fw", &fw.root).unwrap();
+    let node = wait_online(&lab, "fw", MACHINE).unwrap();
+    let fw_ip: IpAddr = node.addresses[0].parse().unwrap();
+    assert!(fw_ip.is_ipv4(), "{node:?}");
+    let hs = lab.headscale();
+    let ops = hs.create_user("ops").unwrap();
+    let key = hs.create_preauth_key(&ops, &KeyOptions::default()).unwrap();
+    let op = lab.start_tailscaled("op").unwrap();
+    op.up(&hs.url(), &key.key, "op").unwrap();
+    let op_ip = op.ipv4().unwrap();
+    wait_status(&lab, "fw", "the operator", |s| {
+        vdc::firewall::lists_online_peer(s, &format!("{op_ip}/32"))
+    })
+    .unwrap();
+
+    // Services: sshd and a web server on the firewall, a UDP echo on both hosts, and a
+    // TCP service on the operator's host.
+    let (fw_ns, op_ns) = (lab.host("fw").ns(), lab.host("op").ns());
+    let authorized = start_sshd(&lab, "fw").unwrap();
+    serve_http(&lab, "fw", fw_ip, WEB);
+    serve_http(&lab, "op", op_ip, OP_TCP);
+    udp_echo(&lab, "fw", OP_UDP);
+    udp_echo(&lab, "op", OP_UDP);
+    let web: SocketAddr = (fw_ip, WEB).into();
+    wait_connects(&fw_ns, web);
+    wait_connects(&op_ns, (op_ip, OP_TCP).into());
+    assert!(
+        udp_answers(&fw_ns, (fw_ip, OP_UDP).into(), 10),
+        "fw's own echo"
+    );
+
+    // The operator: SSH yes, the web server no; the agent's filter drops the SYN.
+    let mesh_ssh: SocketAddr = (fw_ip, 22).into();
+    let banner = vdc::firewall::wait_banner(&op_ns, mesh_ssh).unwrap();
+    assert!(banner.starts_with("SSH-2.0-OpenSSH"), "{banner}");
+    let out =
+        vdc::firewall::ssh(&lab, "op", fw_ip, &authorized, "echo through-the-filter").unwrap();
+    assert!(out.contains("through-the-filter"), "{out}");
+    assert!(!connects(&op_ns, web), "the operator reached port {WEB}");
+    assert!(
+        !udp_answers(&op_ns, (fw_ip, OP_UDP).into(), 3),
+        "UDP got in"
+    );
+    // As in tailscale, ICMP may reach an address that has any port open to the sender.
+    vdc::smoke::icmp(&lab, "op", fw_ip).unwrap();
+
+    // The firewall's own flows: no rule lets their answers in, yet they arrive (ICMP echo
+    // replies, a TCP SYN-ACK, UDP from the flow table).
+    vdc::smoke::icmp(&lab, "fw", op_ip).unwrap();
+    assert!(connects(&fw_ns, (op_ip, OP_TCP).into()));
+    assert!(
+        udp_answers(&fw_ns, (op_ip, OP_UDP).into(), 10),
+        "no UDP reply"
+    );
+
+    // The same web server, the same nftables, a policy that opens it: now it answers. So the
+    // drop above was the agent's filter, following headscale's policy while running.
+    let updates = lab
+        .log("fw", AGENT_LOG)
+        .matches("packet filter updated")
+        .count();
+    lab.set_policy(&policy(&format!(r#", "tag:firewall:{WEB}""#)))
+        .unwrap();
+    wait_log_count(&lab, "packet filter updated", updates + 1);
+    // headscale may have sent another update first; the new filter follows within seconds.
+    wait_connects(&op_ns, web);
+    vdc::firewall::ssh(&lab, "op", fw_ip, &authorized, "true").unwrap();
+    let log = lab.log("fw", AGENT_LOG);
+    assert!(!log.contains("keeping the previous packet filter"), "{log}");
+}
+
+/// `python3 -m http.server` on `host`, bound to `ip`.
+fn serve_http(lab: &Lab, host: &str, ip: IpAddr, port: u16) {
+    let mut c = lab.host(host).ns().command("python3");
+    c.args([
+        "-m",
+        "http.server",
+        &port.to_string(),
+        "--bind",
+        &ip.to_string(),
+    ])
+    .current_dir(lab.host_dir(host));
+    lab.spawn(host, &format!("http-{port}"), c).unwrap();
+}
+
+/// A UDP echo server on `host`, all addresses.
+fn udp_echo(lab: &Lab, host: &str, port: u16) {
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('0.0.0.0', {port}))\nwhile True:\n    d, a = s.recvfrom(2048)\n    s.sendto(d, a)\n"
+    );
+    let mut c = lab.host(host).ns().command("python3");
+    c.args(["-c", &script]);
+    lab.spawn(host, &format!("udp-echo-{port}"), c).unwrap();
+}
+
+/// Whether a TCP connection from `ns` to `addr` is set up within three seconds.
+fn connects(ns: &Netns, addr: SocketAddr) -> bool {
+    ns.enter(move || Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()))
+        .unwrap()
+}
+
+/// Waits up to ten seconds for a server that is still starting.
+fn wait_connects(ns: &Netns, addr: SocketAddr) {
+    let start = Instant::now();
+    while !connects(ns, addr) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{addr} does not answer"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Whether a datagram from `ns` to a UDP echo at `addr` comes back, trying `tries` times a
+/// second (the first may race a path still being set up).
+fn udp_answers(ns: &Netns, addr: SocketAddr, tries: u32) -> bool {
+    ns.enter(move || {
+        let s = UdpSocket::bind(("0.0.0.0", 0))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut buf = [0u8; 64];
+        for _ in 0..tries {
+            s.send_to(b"ping", addr)?;
+            if let Ok((n, from)) = s.recv_from(&mut buf)
+                && from == addr
+                && &buf[..n] == b"ping"
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })
+    .unwrap()
+}
+
+/// Waits until the agent's log has `text` at least `count` times.
+fn wait_log_count(lab: &Lab, text: &str, count: usize) {
+    let start = Instant::now();
+    while lab.log("fw", AGENT_LOG).matches(text).count() < count {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{text:?} not logged {count} times:\n{}",
+            lab.log_tail("fw", AGENT_LOG)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
