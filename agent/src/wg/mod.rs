@@ -82,7 +82,9 @@ impl Wg {
     }
 
     /// The packet filter that inbound packets must pass.
-    pub fn set_filter(&mut self, filter: crate::filter::Filter) {
+    /// Open flows carry over, so replies on them keep passing across policy updates.
+    pub fn set_filter(&mut self, mut filter: crate::filter::Filter) {
+        filter.keep_flows_of(std::mem::take(&mut self.filter));
         self.filter = filter;
     }
 
