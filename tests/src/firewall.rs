@@ -66,12 +66,20 @@ pub fn agent_command(
     host: &str,
     root: &std::path::Path,
 ) -> Result<std::process::Command> {
+    agent_command_with(lab, host, root, &tools::project_bin("vpn-agent"))
+}
+
+/// Like [`agent_command`], running the `vpn-agent` binary at `bin` (the data-plane benchmark
+/// runs a release build; the tests the debug one).
+pub fn agent_command_with(
+    lab: &Lab,
+    host: &str,
+    root: &std::path::Path,
+    bin: &std::path::Path,
+) -> Result<std::process::Command> {
     let state = root.join("var/lib/vpn-agent");
     std::fs::create_dir_all(&state)?;
-    let mut c = lab
-        .host(host)
-        .ns()
-        .command_in_root(root, tools::project_bin("vpn-agent"));
+    let mut c = lab.host(host).ns().command_in_root(root, bin);
     c.args([
         "run",
         "--config",

@@ -11,6 +11,7 @@
 //!
 //! The lab is test infrastructure, so it reports errors with `anyhow` like a binary does.
 
+pub mod bench;
 pub mod cmd;
 pub mod firewall;
 pub mod headscale;

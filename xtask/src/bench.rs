@@ -3,17 +3,36 @@
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
+use std::path::PathBuf;
 use std::process::Command;
 
-const START: &str = "<!-- bench:userdata-gen:start -->";
-const END: &str = "<!-- bench:userdata-gen:end -->";
+/// Which benchmark `cargo xtask bench` runs; all when none is named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Which {
+    /// userdata-gen's generation, no network.
+    UserdataGen,
+    /// iperf3 and ping through vpn-agent against a stock tailscaled, in the lab.
+    Dataplane,
+}
 
-pub fn run() -> Result<()> {
+pub fn run(which: Option<Which>, profile: bool) -> Result<()> {
+    if profile && which == Some(Which::UserdataGen) {
+        bail!("--profile profiles the agent: it goes with `cargo xtask bench dataplane`");
+    }
+    if !profile && which.is_none_or(|w| w == Which::UserdataGen) {
+        userdata_gen()?;
+    }
+    if which.is_none_or(|w| w == Which::Dataplane) {
+        dataplane(profile)?;
+    }
+    Ok(())
+}
+
+fn userdata_gen() -> Result<()> {
     let root = vdc::tools::workspace_root();
     println!("==> bench: userdata-gen generation, no network (release build)");
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let out = cargo()
         .args(["bench", "-q", "-p", "userdata-gen", "--bench", "generate"])
-        .current_dir(&root)
         .output()
         .context("cannot run cargo bench")?;
     if !out.status.success() {
@@ -38,11 +57,111 @@ pub fn run() -> Result<()> {
         ));
     }
     print!("{table}");
-    let readme = root.join("README.md");
-    let text = std::fs::read_to_string(&readme)?;
-    let (Some(a), Some(b)) = (text.find(START), text.find(END)) else {
-        bail!("README.md has no {START} ... {END} markers");
+    write_section(
+        &root.join("README.md"),
+        "userdata-gen",
+        &format!(
+            "Measured by `cargo xtask bench` on {}:\n\n{table}",
+            machine()
+        ),
+    )
+}
+
+/// The data plane in the lab: vpn-agent (release build) against a stock tailscaled, both
+/// reached from an operator's stock tailscaled.
+fn dataplane(profile: bool) -> Result<()> {
+    let root = vdc::tools::workspace_root();
+    println!("==> bench: data plane, vpn-agent (release build) against tailscaled, in the lab");
+    // What the agent is built from, taken before the build: others may edit meanwhile.
+    let built_from = commit();
+    // The release agent under test; debug userdata-gen provisions the firewall and the debug
+    // vpn-agent answers `status`, as in the tests.
+    for args in [
+        &[
+            "build",
+            "-q",
+            "--release",
+            "-p",
+            "vpn-agent",
+            "--bin",
+            "vpn-agent",
+        ][..],
+        &[
+            "build",
+            "-q",
+            "-p",
+            "vpn-agent",
+            "-p",
+            "userdata-gen",
+            "--bins",
+        ][..],
+    ] {
+        let status = cargo().args(args).status().context("cannot run cargo")?;
+        if !status.success() {
+            bail!("cargo {} failed ({status})", args.join(" "));
+        }
+    }
+    if let Some(why) = vdc::lab_unavailable() {
+        bail!("the data-plane benchmark needs the lab, which cannot run here: {why}");
+    }
+    let agent_bin = target_dir().join("release/vpn-agent");
+    let bench = vdc::bench::Bench::start(&agent_bin)?;
+    println!(
+        "  lab up: vpn-agent {} on fw, tailscaled {} on ts, both direct from op",
+        bench.agent_ip, bench.ts_ip
+    );
+    if profile {
+        let out = target_dir().join("bench");
+        println!(
+            "==> bench: profiling vpn-agent under iperf3 (perf, strace) into {}",
+            out.display()
+        );
+        print!("{}", bench.profile(&out, 10)?);
+        return Ok(());
+    }
+    let opts = vdc::bench::Options::default();
+    let results = bench.measure(&opts, &mut |line| println!("  {line}"))?;
+    let table = results.table();
+    print!("{table}");
+    write_section(
+        &root.join("README.md"),
+        "dataplane",
+        &format!(
+            "Measured by `cargo xtask bench dataplane` on {}, {} (vpn-agent release build \
+             of {}, tailscale {}, MTU 1280 on both):\n\n{table}",
+            machine(),
+            vdc::bench::today(),
+            built_from,
+            vdc::tools::TAILSCALE.version,
+        ),
+    )?;
+    Ok(())
+}
+
+/// Replaces what stands between `<!-- bench:NAME:start -->` and its end marker in `readme`.
+fn write_section(readme: &std::path::Path, name: &str, body: &str) -> Result<()> {
+    let (start, end) = (
+        format!("<!-- bench:{name}:start -->"),
+        format!("<!-- bench:{name}:end -->"),
+    );
+    let text = std::fs::read_to_string(readme)?;
+    let (Some(a), Some(b)) = (text.find(&start), text.find(&end)) else {
+        bail!("README.md has no {start} ... {end} markers");
     };
+    std::fs::write(
+        readme,
+        format!(
+            "{}{start}\n{body}{end}{}",
+            &text[..a],
+            &text[b + end.len()..]
+        ),
+    )?;
+    println!("==> bench: {name} table written to README.md");
+    Ok(())
+}
+
+/// "N cores of <CPU model>".
+fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -52,14 +171,38 @@ pub fn run() -> Result<()> {
                 .map(|s| s.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let new = format!(
-        "{START}\nMeasured by `cargo xtask bench` on {} cores of {cpu}:\n\n{table}{END}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-    );
-    std::fs::write(
-        &readme,
-        format!("{}{new}{}", &text[..a], &text[b + END.len()..]),
-    )?;
-    println!("==> bench: table written to README.md");
-    Ok(())
+    format!(
+        "{} cores of {cpu}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    )
+}
+
+/// The commit the agent was built from, marked when the working tree differs from it.
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(vdc::tools::workspace_root())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    match git(&["status", "--porcelain", "--", "agent"]) {
+        Some(s) if !s.is_empty() => format!("{head} with uncommitted changes in agent/"),
+        _ => head,
+    }
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| vdc::tools::workspace_root().join("target"))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(vdc::tools::workspace_root());
+    c
 }

@@ -25,7 +25,14 @@ enum Cmd {
     /// The whole flow in the virtual data center, step by step.
     Demo,
     /// Benchmarks; writes the results as tables into the README.
-    Bench,
+    Bench {
+        /// Run only this one (all when omitted).
+        which: Option<bench::Which>,
+        /// With `dataplane`: instead of measuring, profile vpn-agent under iperf3 load with
+        /// perf and strace (reports in target/bench/; the README stays as it is).
+        #[arg(long)]
+        profile: bool,
+    },
     /// Bring the virtual data center up and down by hand.
     Lab {
         #[command(subcommand)]
@@ -41,7 +48,7 @@ fn main() -> Result<()> {
             setup::run()?;
             lab::demo()
         }
-        Cmd::Bench => bench::run(),
+        Cmd::Bench { which, profile } => bench::run(which, profile),
         Cmd::Lab { cmd } => lab::run(cmd),
     }
 }
