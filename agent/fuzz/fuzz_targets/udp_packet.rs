@@ -1,11 +1,11 @@
 //! Arbitrary datagrams on the shared UDP socket, from DERP, and arbitrary packets from the
 //! TUN device, through the whole data-plane engine: classification, STUN, disco opening and
-//! decoding, WireGuard dispatch, path state. Never a panic.
+//! decoding, WireGuard dispatch, path state; and the TUN offloads. Never a panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use std::time::{Duration, Instant};
-use vpn_agent::dataplane::{Engine, PeerInfo, Region};
+use vpn_agent::dataplane::{Engine, PeerInfo, Region, offload};
 use vpn_agent::disco;
 use x25519_dalek::{PublicKey, StaticSecret};
 
@@ -40,4 +40,12 @@ fuzz_target!(|data: &[u8]| {
     e.on_tun(data, now, &mut out);
     e.tick(now + Duration::from_secs(7), &mut out);
     let _ = e.stats(now);
+
+    // The TUN side's offloads: reads (with TSO splitting) and write coalescing.
+    let mut read = data.to_vec();
+    let mut coalesce = offload::Coalescer::default();
+    offload::from_tun(&mut read, &mut vec![], |p| coalesce.push(p));
+    coalesce.push(data);
+    coalesce.push(data);
+    let _ = coalesce.finish();
 });

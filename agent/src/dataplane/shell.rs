@@ -232,18 +232,11 @@ impl Shell {
     /// Carries out the engine's actions; packets for the TUN device go through `tun_out`,
     /// which merges TCP segments of one batch.
     async fn run(&self, actions: &mut Vec<Action>, tun_out: &mut Coalescer) {
+        let (mut v4, mut v6) = (vec![], vec![]);
         for a in actions.drain(..) {
             match a {
-                Action::SendUdp(to, p) => {
-                    let udp = match (to, &self.udp6) {
-                        (SocketAddr::V6(_), Some(u6)) => u6,
-                        (SocketAddr::V6(_), None) => continue,
-                        (SocketAddr::V4(_), _) => &self.udp4,
-                    };
-                    if let Err(e) = udp.send_to(&p, to).await {
-                        debug!(%to, error = %e, "UDP send failed");
-                    }
-                }
+                Action::SendUdp(to @ SocketAddr::V4(_), p) => v4.push((to, p)),
+                Action::SendUdp(to, p) => v6.push((to, p)),
                 Action::WriteTun(p) => tun_out.push(&p),
                 Action::SendDerp { region, to, packet } => self
                     .derps
@@ -251,6 +244,10 @@ impl Shell {
                     .expect("derps lock")
                     .send(region, &to, &packet),
             }
+        }
+        send_all(&self.udp4, &v4).await;
+        if let Some(u6) = &self.udp6 {
+            send_all(u6, &v6).await;
         }
         if tun_out.is_empty() {
             return;
@@ -295,7 +292,8 @@ impl Shell {
     }
 
     async fn tun_loop(self) {
-        let mut buf = vec![0u8; 65536];
+        let mut buf = vec![0u8; 65536 + offload::VNET_HDR_LEN];
+        let mut scratch = Vec::with_capacity(65536);
         let (mut out, mut tun_out) = (vec![], Coalescer::default());
         loop {
             let n = match self.tun.recv(&mut buf).await {
@@ -306,10 +304,13 @@ impl Shell {
                     continue;
                 }
             };
-            let Some(packet) = offload::from_tun(&mut buf[..n]) else {
-                continue;
-            };
-            self.engine().on_tun(packet, Instant::now(), &mut out);
+            {
+                let now = Instant::now();
+                let mut engine = self.engine();
+                offload::from_tun(&mut buf[..n], &mut scratch, |p| {
+                    engine.on_tun(p, now, &mut out)
+                });
+            }
             self.run(&mut out, &mut tun_out).await;
         }
     }
@@ -335,6 +336,62 @@ impl Shell {
             self.publish();
         }
     }
+}
+
+/// Sends datagrams with `sendmmsg`: one system call for a whole batch.
+async fn send_all(udp: &UdpSocket, datagrams: &[(SocketAddr, Vec<u8>)]) {
+    let mut sent = 0;
+    while sent < datagrams.len() {
+        let rest = &datagrams[sent..];
+        match udp
+            .async_io(tokio::io::Interest::WRITABLE, || sendmmsg(udp, rest))
+            .await
+        {
+            Ok(n) => sent += n.max(1),
+            Err(e) => {
+                // One bad destination must not hold up the rest: skip it.
+                debug!(to = %rest[0].0, error = %e, "UDP send failed");
+                sent += 1;
+            }
+        }
+    }
+}
+
+fn sendmmsg(udp: &UdpSocket, datagrams: &[(SocketAddr, Vec<u8>)]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let batch = &datagrams[..datagrams.len().min(BATCH)];
+    let names: Vec<socket2::SockAddr> = batch.iter().map(|(a, _)| (*a).into()).collect();
+    let mut iov: Vec<libc::iovec> = batch
+        .iter()
+        .map(|(_, p)| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        })
+        .collect();
+    // SAFETY: mmsghdr is plain old data; every pointer set below points into `names` and
+    // `iov`, which outlive the call, and the kernel only reads through them.
+    let mut hdrs: Vec<libc::mmsghdr> = (0..batch.len())
+        .map(|_| unsafe { std::mem::zeroed() })
+        .collect();
+    for (i, h) in hdrs.iter_mut().enumerate() {
+        h.msg_hdr.msg_name = names[i].as_ptr() as *mut libc::c_void;
+        h.msg_hdr.msg_namelen = names[i].len();
+        h.msg_hdr.msg_iov = &mut iov[i];
+        h.msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: `hdrs` holds `batch.len()` valid headers.
+    let n = unsafe {
+        libc::sendmmsg(
+            udp.as_raw_fd(),
+            hdrs.as_mut_ptr(),
+            hdrs.len() as u32,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 /// Buffers and headers for one `recvmmsg` call.

@@ -57,6 +57,26 @@ pub fn usable_endpoint(ip: IpAddr) -> bool {
     !ip.is_loopback() && !ip.is_unspecified() && !link_local && !in_mesh
 }
 
+/// Lets the kernel hand us partial checksums and TCP segments of up to 64 KiB (TSO), which
+/// `dataplane::offload` completes and cuts: one read per 64 KiB instead of per packet.
+fn enable_offloads(device: &tun::AsyncDevice) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+    const TUN_F_CSUM: libc::c_uint = 0x01;
+    const TUN_F_TSO4: libc::c_uint = 0x02;
+    const TUN_F_TSO6: libc::c_uint = 0x04;
+    let flags = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
+    // SAFETY: TUNSETOFFLOAD takes an unsigned int by value on a TUN file descriptor we own.
+    let r = unsafe { libc::ioctl(device.as_raw_fd(), TUNSETOFFLOAD as _, flags) };
+    if r < 0 {
+        return Err(Error::Control(format!(
+            "cannot enable TUN offloads: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
 fn net(e: impl std::fmt::Display, what: &str) -> Error {
     Error::Control(format!("netlink: {what}: {e}"))
 }
@@ -83,6 +103,7 @@ impl Tunnel {
                 "cannot create the TUN device {name}: {e} (needs CAP_NET_ADMIN and /dev/net/tun)"
             ))
         })?;
+        enable_offloads(&device)?;
         let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| net(e, "open"))?;
         tokio::spawn(conn);
         let link = handle
