@@ -113,7 +113,7 @@ impl Daemon {
         self.guard_firewall();
         self.tunnel = Some(Tunnel::create(&self.cfg.settings.interface).await?);
         let port = self.cfg.settings.listen_port;
-        let udp = crate::dataplane::shell::bind(port)?;
+        let udp = crate::dataplane::udp::bind(port)?;
         let engine = Engine::new(
             self.identity.node.clone(),
             crypto_box::SecretKey::from(self.disco.to_bytes()),

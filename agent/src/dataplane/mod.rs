@@ -6,6 +6,7 @@
 pub mod offload;
 pub mod path;
 pub mod shell;
+pub mod udp;
 
 use crate::disco::{self, Kind, Message};
 use crate::stun;

@@ -2,6 +2,7 @@
 //! device and the DERP connections, and hand them to the `Engine`. No decisions here.
 
 use super::offload::{self, Coalescer};
+use super::udp::{self, RecvBatch};
 use super::{Action, Engine, NetInfo, PeerInfo, PeerStats, Region};
 use crate::control::client::ServerUrl;
 use crate::control::types::DerpMap;
@@ -15,9 +16,6 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 const TICK: Duration = Duration::from_millis(250);
-/// Datagrams taken from the socket per system call, and the room for each.
-const BATCH: usize = 64;
-const DATAGRAM: usize = 4096;
 
 /// The DERP connections: one per region we talk to; the home region's is always up.
 struct Derps {
@@ -245,9 +243,9 @@ impl Shell {
                     .send(region, &to, &packet),
             }
         }
-        send_all(&self.udp4, &v4).await;
+        udp::send_all(&self.udp4, &v4).await;
         if let Some(u6) = &self.udp6 {
-            send_all(u6, &v6).await;
+            udp::send_all(u6, &v6).await;
         }
         if tun_out.is_empty() {
             return;
@@ -261,14 +259,14 @@ impl Shell {
         tun_out.recycle(bufs);
     }
 
-    /// Reads the socket in batches (recvmmsg): one system call for many datagrams, and a
-    /// batch's TCP segments reach the kernel as one.
-    async fn udp_loop(self, udp: Arc<UdpSocket>) {
+    /// Reads the socket in batches (recvmmsg, GRO): one system call for many datagrams,
+    /// and a batch's TCP segments reach the kernel as one.
+    async fn udp_loop(self, sock: Arc<UdpSocket>) {
         let mut batch = RecvBatch::new();
         let (mut out, mut tun_out) = (vec![], Coalescer::default());
         loop {
-            let n = match udp
-                .async_io(tokio::io::Interest::READABLE, || batch.recv(&udp))
+            let n = match sock
+                .async_io(tokio::io::Interest::READABLE, || batch.recv(&sock))
                 .await
             {
                 Ok(n) => n,
@@ -282,7 +280,10 @@ impl Shell {
                 let now = Instant::now();
                 let mut engine = self.engine();
                 for i in 0..n {
-                    if let Some((from, p)) = batch.get(i) {
+                    let Some((from, datagrams)) = batch.datagrams(i) else {
+                        continue;
+                    };
+                    for p in datagrams {
                         engine.on_udp(from, p, now, &mut out);
                     }
                 }
@@ -336,186 +337,6 @@ impl Shell {
             self.publish();
         }
     }
-}
-
-/// Sends datagrams with `sendmmsg`: one system call for a whole batch.
-async fn send_all(udp: &UdpSocket, datagrams: &[(SocketAddr, Vec<u8>)]) {
-    let mut sent = 0;
-    while sent < datagrams.len() {
-        let rest = &datagrams[sent..];
-        match udp
-            .async_io(tokio::io::Interest::WRITABLE, || sendmmsg(udp, rest))
-            .await
-        {
-            Ok(n) => sent += n.max(1),
-            Err(e) => {
-                // One bad destination must not hold up the rest: skip it.
-                debug!(to = %rest[0].0, error = %e, "UDP send failed");
-                sent += 1;
-            }
-        }
-    }
-}
-
-fn sendmmsg(udp: &UdpSocket, datagrams: &[(SocketAddr, Vec<u8>)]) -> std::io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let batch = &datagrams[..datagrams.len().min(BATCH)];
-    let names: Vec<socket2::SockAddr> = batch.iter().map(|(a, _)| (*a).into()).collect();
-    let mut iov: Vec<libc::iovec> = batch
-        .iter()
-        .map(|(_, p)| libc::iovec {
-            iov_base: p.as_ptr() as *mut libc::c_void,
-            iov_len: p.len(),
-        })
-        .collect();
-    // SAFETY: mmsghdr is plain old data; every pointer set below points into `names` and
-    // `iov`, which outlive the call, and the kernel only reads through them.
-    let mut hdrs: Vec<libc::mmsghdr> = (0..batch.len())
-        .map(|_| unsafe { std::mem::zeroed() })
-        .collect();
-    for (i, h) in hdrs.iter_mut().enumerate() {
-        h.msg_hdr.msg_name = names[i].as_ptr() as *mut libc::c_void;
-        h.msg_hdr.msg_namelen = names[i].len();
-        h.msg_hdr.msg_iov = &mut iov[i];
-        h.msg_hdr.msg_iovlen = 1;
-    }
-    // SAFETY: `hdrs` holds `batch.len()` valid headers.
-    let n = unsafe {
-        libc::sendmmsg(
-            udp.as_raw_fd(),
-            hdrs.as_mut_ptr(),
-            hdrs.len() as u32,
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
-/// Buffers and headers for one `recvmmsg` call.
-struct RecvBatch {
-    data: Vec<u8>,
-    lens: [usize; BATCH],
-    names: [libc::sockaddr_storage; BATCH],
-    name_lens: [libc::socklen_t; BATCH],
-}
-
-impl RecvBatch {
-    fn new() -> Box<RecvBatch> {
-        Box::new(RecvBatch {
-            data: vec![0u8; BATCH * DATAGRAM],
-            lens: [0; BATCH],
-            // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
-            names: unsafe { std::mem::zeroed() },
-            name_lens: [0; BATCH],
-        })
-    }
-
-    /// One non-blocking `recvmmsg`; the number of datagrams, or WouldBlock.
-    fn recv(&mut self, udp: &UdpSocket) -> std::io::Result<usize> {
-        use std::os::fd::AsRawFd;
-        let mut iov: [libc::iovec; BATCH] = std::array::from_fn(|i| libc::iovec {
-            iov_base: self.data[i * DATAGRAM..].as_mut_ptr().cast(),
-            iov_len: DATAGRAM,
-        });
-        // SAFETY: mmsghdr is plain old data; zeroed, then every pointer is set below to
-        // memory (`iov`, `self.names`) that outlives the call.
-        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        for (i, h) in hdrs.iter_mut().enumerate() {
-            h.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
-            h.msg_hdr.msg_iov = &mut iov[i];
-            h.msg_hdr.msg_iovlen = 1;
-        }
-        // SAFETY: `hdrs` holds BATCH valid headers whose buffers are DATAGRAM bytes each.
-        let n = unsafe {
-            libc::recvmmsg(
-                udp.as_raw_fd(),
-                hdrs.as_mut_ptr(),
-                BATCH as u32,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
-        };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        for (i, h) in hdrs.iter().take(n as usize).enumerate() {
-            // A truncated datagram is not one we could use: mark it empty.
-            let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
-            self.lens[i] = if truncated { 0 } else { h.msg_len as usize };
-            self.name_lens[i] = h.msg_hdr.msg_namelen;
-        }
-        Ok(n as usize)
-    }
-
-    /// The i-th datagram of the last `recv` and its sender.
-    fn get(&self, i: usize) -> Option<(SocketAddr, &[u8])> {
-        if self.lens[i] == 0 {
-            return None;
-        }
-        let from = socket_addr(&self.names[i], self.name_lens[i])?;
-        Some((from, &self.data[i * DATAGRAM..i * DATAGRAM + self.lens[i]]))
-    }
-}
-
-/// A socket address the kernel wrote into `storage` (`len` bytes).
-fn socket_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
-    let len = len as usize;
-    match storage.ss_family as i32 {
-        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
-            // SAFETY: the family says it is a sockaddr_in, and it fits in the storage.
-            let a =
-                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(SocketAddr::new(ip.into(), u16::from_be(a.sin_port)))
-        }
-        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
-            // SAFETY: the family says it is a sockaddr_in6, and it fits in the storage.
-            let a = unsafe {
-                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
-            };
-            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
-                ip,
-                u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
-                a.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
-}
-
-/// The UDP sockets for WireGuard, disco and STUN on `port`: IPv4, and IPv6 (v6-only, so
-/// both can have the port) where the host has it.
-pub fn bind(port: u16) -> crate::Result<(UdpSocket, Option<UdpSocket>)> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let open = |v6: bool| -> std::io::Result<UdpSocket> {
-        let (domain, addr): (Domain, SocketAddr) = if v6 {
-            (Domain::IPV6, (std::net::Ipv6Addr::UNSPECIFIED, port).into())
-        } else {
-            (Domain::IPV4, (std::net::Ipv4Addr::UNSPECIFIED, port).into())
-        };
-        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-        if v6 {
-            s.set_only_v6(true)?;
-        }
-        s.set_nonblocking(true)?;
-        s.bind(&addr.into())?;
-        UdpSocket::from_std(s.into())
-    };
-    let v4 = open(false).map_err(|e| crate::Error::io(format!("UDP port {port}"), e))?;
-    let v6 = match open(true) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            info!(error = %e, "no IPv6 UDP socket; IPv4 only");
-            None
-        }
-    };
-    Ok((v4, v6))
 }
 
 async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
