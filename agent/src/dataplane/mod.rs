@@ -128,6 +128,11 @@ impl Engine {
         }
     }
 
+    /// Takes back the buffers of carried-out actions for reuse.
+    pub fn recycle(&mut self, bufs: impl IntoIterator<Item = Vec<u8>>) {
+        self.wg.recycle(bufs);
+    }
+
     pub fn set_filter(&mut self, f: crate::filter::Filter) {
         self.wg.set_filter(f);
     }

@@ -230,33 +230,41 @@ impl Shell {
     /// Carries out the engine's actions; packets for the TUN device go through `tun_out`,
     /// which merges TCP segments of one batch.
     async fn run(&self, actions: &mut Vec<Action>, tun_out: &mut Coalescer) {
-        let (mut v4, mut v6) = (vec![], vec![]);
+        let (mut v4, mut v6, mut spent) = (vec![], vec![], vec![]);
         for a in actions.drain(..) {
             match a {
                 Action::SendUdp(to @ SocketAddr::V4(_), p) => v4.push((to, p)),
                 Action::SendUdp(to, p) => v6.push((to, p)),
-                Action::WriteTun(p) => tun_out.push(&p),
-                Action::SendDerp { region, to, packet } => self
-                    .derps
-                    .lock()
-                    .expect("derps lock")
-                    .send(region, &to, &packet),
+                Action::WriteTun(p) => {
+                    tun_out.push(&p);
+                    spent.push(p);
+                }
+                Action::SendDerp { region, to, packet } => {
+                    self.derps
+                        .lock()
+                        .expect("derps lock")
+                        .send(region, &to, &packet);
+                    spent.push(packet);
+                }
             }
         }
         udp::send_all(&self.udp4, &v4).await;
         if let Some(u6) = &self.udp6 {
             udp::send_all(u6, &v6).await;
         }
-        if tun_out.is_empty() {
-            return;
-        }
-        let bufs = tun_out.finish();
-        for b in &bufs {
-            if let Err(e) = self.tun.send(b).await {
-                debug!(error = %e, "TUN write failed");
+        spent.extend(v4.into_iter().chain(v6).map(|(_, p)| p));
+        if !tun_out.is_empty() {
+            let bufs = tun_out.finish();
+            for b in &bufs {
+                if let Err(e) = self.tun.send(b).await {
+                    debug!(error = %e, "TUN write failed");
+                }
             }
+            tun_out.recycle(bufs);
         }
-        tun_out.recycle(bufs);
+        if !spent.is_empty() {
+            self.engine().recycle(spent);
+        }
     }
 
     /// Reads the socket in batches (recvmmsg, GRO): one system call for many datagrams,

@@ -42,6 +42,18 @@ pub struct Wg {
     by_key: HashMap<[u8; 32], usize>,
     buf: Vec<u8>,
     filter: crate::filter::Filter,
+    /// Spent packet buffers, reused so the data path does not allocate per packet.
+    pool: Vec<Vec<u8>>,
+}
+
+/// Most buffers kept for reuse: a few batches' worth.
+const POOL: usize = 512;
+
+fn take(pool: &mut Vec<Vec<u8>>, p: &[u8]) -> Vec<u8> {
+    let mut v = pool.pop().unwrap_or_default();
+    v.clear();
+    v.extend_from_slice(p);
+    v
 }
 
 fn contains(net: &(IpAddr, u8), ip: IpAddr) -> bool {
@@ -78,10 +90,17 @@ impl Wg {
             by_key: HashMap::new(),
             buf: vec![0u8; 65536 + 256],
             filter: crate::filter::Filter::allow_all(),
+            pool: vec![],
         }
     }
 
     /// The packet filter that inbound packets must pass.
+    /// Takes back buffers of packets that were sent or written.
+    pub fn recycle(&mut self, bufs: impl IntoIterator<Item = Vec<u8>>) {
+        let room = POOL.saturating_sub(self.pool.len());
+        self.pool.extend(bufs.into_iter().take(room));
+    }
+
     /// Open flows carry over, so replies on them keep passing across policy updates.
     pub fn set_filter(&mut self, mut filter: crate::filter::Filter) {
         filter.keep_flows_of(std::mem::take(&mut self.filter));
@@ -157,26 +176,26 @@ impl Wg {
         let key = peer.spec.node_key;
         match peer.tunn.decapsulate(src_ip, datagram, &mut self.buf) {
             TunnResult::WriteToNetwork(p) => {
-                out.push(Action::ToPeer(key, p.to_vec()));
+                out.push(Action::ToPeer(key, take(&mut self.pool, p)));
                 // Packets queued while the handshake ran go out now.
                 while let TunnResult::WriteToNetwork(p) =
                     peer.tunn.decapsulate(None, &[], &mut self.buf)
                 {
-                    out.push(Action::ToPeer(key, p.to_vec()));
+                    out.push(Action::ToPeer(key, take(&mut self.pool, p)));
                 }
             }
             TunnResult::WriteToTunnelV4(p, a) => {
                 if peer.spec.allowed.iter().any(|n| contains(n, IpAddr::V4(a)))
                     && self.filter.allow_in(p)
                 {
-                    out.push(Action::WriteTun(p.to_vec()));
+                    out.push(Action::WriteTun(take(&mut self.pool, p)));
                 }
             }
             TunnResult::WriteToTunnelV6(p, a) => {
                 if peer.spec.allowed.iter().any(|n| contains(n, IpAddr::V6(a)))
                     && self.filter.allow_in(p)
                 {
-                    out.push(Action::WriteTun(p.to_vec()));
+                    out.push(Action::WriteTun(take(&mut self.pool, p)));
                 }
             }
             TunnResult::Done => {}
@@ -203,7 +222,7 @@ impl Wg {
         };
         self.filter.note_out(packet);
         if let TunnResult::WriteToNetwork(p) = peer.tunn.encapsulate(packet, &mut self.buf) {
-            out.push(Action::ToPeer(peer.spec.node_key, p.to_vec()));
+            out.push(Action::ToPeer(peer.spec.node_key, take(&mut self.pool, p)));
         }
     }
 
@@ -228,7 +247,7 @@ impl Wg {
     pub fn tick(&mut self, out: &mut Vec<Action>) {
         for peer in self.slots.iter_mut().flatten() {
             if let TunnResult::WriteToNetwork(p) = peer.tunn.update_timers(&mut self.buf) {
-                out.push(Action::ToPeer(peer.spec.node_key, p.to_vec()));
+                out.push(Action::ToPeer(peer.spec.node_key, take(&mut self.pool, p)));
             }
         }
     }
