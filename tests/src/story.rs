@@ -160,6 +160,7 @@ pub fn run(lab: &Lab, step: &mut dyn FnMut(&str)) -> Result<()> {
         &fw_ip.to_string(),
     ]))?;
     crate::firewall::ssh(lab, "op", fw_ip, &authorized, whoami)?;
+    cmd::run(&mut status_command(lab, "fw"))?;
     lab.unblock_udp("fw", "op")?;
     let out = op.ping(fw_ip, true)?;
     ensure!(
@@ -188,12 +189,13 @@ pub fn run(lab: &Lab, step: &mut dyn FnMut(&str)) -> Result<()> {
         again.id == node.id,
         "the firewall came back as a new node: {again:?}"
     );
-    lab.wait_log(
+    let log = lab.wait_log(
         "fw",
         AGENT_LOG,
         "re-attached to headscale with the stored node key",
         Duration::from_secs(30),
     )?;
+    println_indented(&log.lines().take(3).collect::<Vec<_>>().join("\n"));
     wait_status(lab, "fw", "the operator", |s| {
         crate::firewall::lists_online_peer(s, &format!("{op_ip}/32"))
     })?;
