@@ -139,6 +139,25 @@ pub fn status_command(lab: &Lab, host: &str) -> std::process::Command {
     c
 }
 
+/// An operator joins: a user `ops` and its key in headscale, a stock tailscaled on host
+/// `op`, up; returns once the agent on `fw` lists the operator online, with its address.
+pub fn join_operator(
+    lab: &Lab,
+    op: &str,
+    fw: &str,
+) -> Result<(crate::tailscale::Tailscaled, std::net::IpAddr)> {
+    let hs = lab.headscale();
+    let user = hs.create_user("ops")?;
+    let key = hs.create_preauth_key(&user, &crate::headscale::KeyOptions::default())?;
+    let ts = lab.start_tailscaled(op)?;
+    ts.up(&hs.url(), &key.key, op)?;
+    let ip = ts.ipv4()?;
+    wait_status(lab, fw, "the operator", |s| {
+        lists_online_peer(s, &format!("{ip}/32"))
+    })?;
+    Ok((ts, ip))
+}
+
 /// Waits until the agent's status on `host` satisfies `pred`.
 pub fn wait_status(
     lab: &Lab,

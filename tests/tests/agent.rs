@@ -2,7 +2,9 @@
 //! the files real Ignition wrote, restarts without a key, and refusals.
 
 use std::time::Duration;
-use vdc::firewall::{AGENT_LOG, agent_status, provision, start_agent, wait_online, wait_status};
+use vdc::firewall::{
+    AGENT_LOG, agent_status, join_operator, provision, start_agent, wait_online, wait_status,
+};
 use vdc::headscale::KeyOptions;
 use vdc::{Lab, LabOptions, require_lab};
 
@@ -331,19 +333,8 @@ fn a_stock_tailscale_ping_finds_the_direct_path_to_the_agent() {
     let fw = provision(&lab, "fw", MACHINE, "project-d", &[]).unwrap();
     start_agent(&lab, "fw", &fw.root).unwrap();
     let node = wait_online(&lab, "fw", MACHINE).unwrap();
-    let hs = lab.headscale();
-    let user = hs.create_user("ops").unwrap();
-    let key = hs
-        .create_preauth_key(&user, &KeyOptions::default())
-        .unwrap();
-    let op = lab.start_tailscaled("op").unwrap();
-    op.up(&hs.url(), &key.key, "op").unwrap();
     // The operator's node must be in the agent's netmap before the agent answers it.
-    let op_ip = format!("{}/32", op.ipv4().unwrap());
-    wait_status(&lab, "fw", "the operator", |s| {
-        vdc::firewall::lists_online_peer(s, &op_ip)
-    })
-    .unwrap();
+    let (op, _) = join_operator(&lab, "op", "fw").unwrap();
     let fw_ip: std::net::IpAddr = node.addresses[0].parse().unwrap();
     // A disco ping (tailscale's default): answered over UDP from the firewall's address.
     let out = op.ping(fw_ip, true).unwrap();
@@ -416,18 +407,7 @@ fn with_udp_blocked_the_agent_is_reached_via_derp_and_goes_direct_when_it_opens(
     let fw = provision(&lab, "fw", MACHINE, "project-f", &[]).unwrap();
     start_agent(&lab, "fw", &fw.root).unwrap();
     let node = wait_online(&lab, "fw", MACHINE).unwrap();
-    let hs = lab.headscale();
-    let user = hs.create_user("ops").unwrap();
-    let key = hs
-        .create_preauth_key(&user, &KeyOptions::default())
-        .unwrap();
-    let op = lab.start_tailscaled("op").unwrap();
-    op.up(&hs.url(), &key.key, "op").unwrap();
-    let op_ip = op.ipv4().unwrap();
-    wait_status(&lab, "fw", "the operator", |s| {
-        vdc::firewall::lists_online_peer(s, &format!("{op_ip}/32"))
-    })
-    .unwrap();
+    let (op, op_ip) = join_operator(&lab, "op", "fw").unwrap();
     let fw_ip: std::net::IpAddr = node.addresses[0].parse().unwrap();
     // The agent reported headscale's region as its home: the operator knows where to relay.
     let peer = op.peer(fw_ip).unwrap();

@@ -3,8 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
-use vdc::firewall::{AGENT_LOG, provision, start_agent, start_sshd, wait_online, wait_status};
-use vdc::headscale::KeyOptions;
+use vdc::firewall::{AGENT_LOG, join_operator, provision, start_agent, start_sshd, wait_online};
 use vdc::netns::Netns;
 use vdc::{Lab, LabOptions, require_lab};
 
@@ -54,16 +53,7 @@ fn the_agent_lets_in_what_the_policy_allows_and_the_replies_to_its_own_flows() {
     let node = wait_online(&lab, "fw", MACHINE).unwrap();
     let fw_ip: IpAddr = node.addresses[0].parse().unwrap();
     assert!(fw_ip.is_ipv4(), "{node:?}");
-    let hs = lab.headscale();
-    let ops = hs.create_user("ops").unwrap();
-    let key = hs.create_preauth_key(&ops, &KeyOptions::default()).unwrap();
-    let op = lab.start_tailscaled("op").unwrap();
-    op.up(&hs.url(), &key.key, "op").unwrap();
-    let op_ip = op.ipv4().unwrap();
-    wait_status(&lab, "fw", "the operator", |s| {
-        vdc::firewall::lists_online_peer(s, &format!("{op_ip}/32"))
-    })
-    .unwrap();
+    let (_op, op_ip) = join_operator(&lab, "op", "fw").unwrap();
 
     // Services: sshd and a web server on the firewall, a UDP echo on both hosts, and a
     // TCP service on the operator's host.

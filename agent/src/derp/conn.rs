@@ -81,7 +81,10 @@ async fn run(
     loop {
         let pref = preferred.load(Ordering::Relaxed);
         let started = tokio::time::Instant::now();
-        let err = session(&target, &node, &tls, pref, &mut outbound, &inbound).await;
+        let err = match session(&target, &node, &tls, pref, &mut outbound, &inbound).await {
+            Ok(never) => match never {},
+            Err(e) => derp_err(e),
+        };
         if started.elapsed() > Duration::from_secs(60) {
             backoff.reset();
         }
@@ -105,20 +108,6 @@ fn derp_err(e: Error) -> Error {
 
 /// One connection, until it fails.
 async fn session(
-    target: &Target,
-    node: &crypto_box::SecretKey,
-    tls: &Arc<rustls::ClientConfig>,
-    preferred: bool,
-    outbound: &mut mpsc::Receiver<Vec<u8>>,
-    inbound: &mpsc::Sender<(u32, Event)>,
-) -> Error {
-    match session_inner(target, node, tls, preferred, outbound, inbound).await {
-        Ok(never) => match never {},
-        Err(e) => derp_err(e),
-    }
-}
-
-async fn session_inner(
     target: &Target,
     node: &crypto_box::SecretKey,
     tls: &Arc<rustls::ClientConfig>,
