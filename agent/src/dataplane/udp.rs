@@ -43,6 +43,7 @@ pub fn bind(port: u16) -> crate::Result<(UdpSocket, Option<UdpSocket>)> {
         s.set_nonblocking(true)?;
         s.bind(&addr.into())?;
         enable_gro(&s);
+        grow_buffers(&s);
         UdpSocket::from_std(s.into())
     };
     let v4 = open(false).map_err(|e| crate::Error::io(format!("UDP port {port}"), e))?;
@@ -56,20 +57,48 @@ pub fn bind(port: u16) -> crate::Result<(UdpSocket, Option<UdpSocket>)> {
     Ok((v4, v6))
 }
 
-fn enable_gro(s: &impl AsRawFd) {
-    let on: libc::c_int = 1;
+/// tailscaled's socket buffers: 7 MiB each way, so bursts from a fast peer are not dropped
+/// before we read them (drops cost TCP inside the tunnel its window). The FORCE options
+/// pass the sysctl limits with CAP_NET_ADMIN; without it the limits apply.
+const SOCKET_BUFFER: libc::c_int = 7 << 20;
+
+fn grow_buffers(s: &impl AsRawFd) {
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if setsockopt_int(s, libc::SOL_SOCKET, force, SOCKET_BUFFER).is_err() {
+            let _ = setsockopt_int(s, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
+        }
+    }
+}
+
+fn setsockopt_int(
+    s: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
     // SAFETY: setsockopt reads an int from a valid pointer for the given length.
     let r = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
-            SOL_UDP,
-            UDP_GRO,
-            (&on as *const libc::c_int).cast(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if r != 0 {
-        debug!(error = %std::io::Error::last_os_error(), "UDP GRO not available");
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn enable_gro(s: &impl AsRawFd) {
+    if let Err(e) = setsockopt_int(s, SOL_UDP, UDP_GRO, 1) {
+        debug!(error = %e, "UDP GRO not available");
     }
 }
 
