@@ -442,3 +442,31 @@ fn with_udp_blocked_the_agent_is_reached_via_derp_and_goes_direct_when_it_opens(
     .unwrap();
     vdc::smoke::icmp(&lab, "op", fw_ip).unwrap();
 }
+
+#[test]
+fn an_agent_behind_nat_learns_its_public_endpoint_by_stun_and_is_reached_directly() {
+    require_lab!();
+    let lab = Lab::start(LabOptions {
+        hosts: vec!["op".into()],
+        behind_nat: vec!["fw".into()],
+        ..LabOptions::default()
+    })
+    .unwrap();
+    let fw = provision(&lab, "fw", MACHINE, "project-g", &[]).unwrap();
+    start_agent(&lab, "fw", &fw.root).unwrap();
+    let node = wait_online(&lab, "fw", MACHINE).unwrap();
+    let (op, _) = join_operator(&lab, "op", "fw").unwrap();
+    let fw_ip: std::net::IpAddr = node.addresses[0].parse().unwrap();
+    // The agent's private address means nothing to the operator; STUN against headscale
+    // told the agent its address on the gateway, and control passed it on.
+    let gw = lab.host("fwgw").addr.to_string();
+    let log = lab
+        .wait_log("fw", AGENT_LOG, &format!("({gw}:"), Duration::from_secs(30))
+        .unwrap();
+    assert!(log.contains("telling control our new endpoints"), "{log}");
+    // Both sides ping (call-me-maybe through DERP), the NAT mapping opens: a direct path.
+    let out = op.ping(fw_ip, true).unwrap();
+    assert!(out.contains(&format!("via {gw}:")), "{out}");
+    vdc::smoke::icmp(&lab, "op", fw_ip).unwrap();
+    vdc::smoke::icmp(&lab, "fw", op.ipv4().unwrap()).unwrap();
+}
