@@ -16,11 +16,16 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 const TICK: Duration = Duration::from_millis(250);
+/// A connection to a region other than home closes after this long unused (tailscale's
+/// figure): peers homed elsewhere come and go.
+const DERP_IDLE: Duration = Duration::from_secs(60);
 
 /// The DERP connections: one per region we talk to; the home region's is always up.
 struct Derps {
     targets: HashMap<u32, conn::Target>,
     conns: HashMap<u32, conn::Handle>,
+    /// When each connection last carried a packet of ours.
+    used: HashMap<u32, Instant>,
     home: u32,
     node: crypto_box::SecretKey,
     tls: Arc<rustls::ClientConfig>,
@@ -57,6 +62,20 @@ impl Derps {
         };
         // A full queue means the relay is slower than we are: drop, as UDP would.
         let _ = h.outbound.try_send(derp::send_packet(to, packet));
+        self.used.insert(region, Instant::now());
+    }
+
+    /// Closes connections to other regions that nothing used for a while.
+    fn close_idle(&mut self, now: Instant) {
+        let (home, used) = (self.home, &self.used);
+        self.conns.retain(|id, _| {
+            *id == home
+                || used
+                    .get(id)
+                    .is_some_and(|t| now.saturating_duration_since(*t) < DERP_IDLE)
+        });
+        let conns = &self.conns;
+        self.used.retain(|id, _| conns.contains_key(id));
     }
 
     fn set_home(&mut self, home: u32) {
@@ -113,6 +132,7 @@ impl Shell {
             derps: Arc::new(Mutex::new(Derps {
                 targets: HashMap::new(),
                 conns: HashMap::new(),
+                used: HashMap::new(),
                 home: 0,
                 node,
                 tls,
@@ -340,9 +360,11 @@ impl Shell {
         let (mut out, mut tun_out) = (vec![], Coalescer::default());
         loop {
             tick.tick().await;
-            self.engine().tick(Instant::now(), &mut out);
+            let now = Instant::now();
+            self.engine().tick(now, &mut out);
             self.run(&mut out, &mut tun_out).await;
             self.publish();
+            self.derps.lock().expect("derps lock").close_idle(now);
         }
     }
 }
