@@ -54,3 +54,20 @@ fn coreos_ignition_is_the_pinned_version() {
     let out = stdout(Command::new(tools::COREOS_IGNITION.bin("ignition")).arg("-version"));
     assert!(out.contains(tools::COREOS_IGNITION.version), "{out}");
 }
+
+/// `cargo xtask test` fuzzes every listed target from its committed seeds: each must be a
+/// `[[bin]]` of its fuzz crate and have seed inputs (git keeps no empty directory).
+#[test]
+fn every_fuzz_target_is_declared_and_has_committed_seeds() {
+    let root = tools::workspace_root();
+    for (dir, target) in tools::FUZZ_TARGETS {
+        let manifest = std::fs::read_to_string(root.join(dir).join("fuzz/Cargo.toml")).unwrap();
+        assert!(
+            manifest.contains(&format!("name = \"{target}\"")),
+            "{dir}/fuzz/Cargo.toml has no [[bin]] {target}"
+        );
+        let seeds = root.join(dir).join("fuzz/corpus").join(target);
+        let count = std::fs::read_dir(&seeds).map(|d| d.count()).unwrap_or(0);
+        assert!(count > 0, "no seed inputs in {}", seeds.display());
+    }
+}
