@@ -30,6 +30,9 @@ const MAP_WATCHDOG: Duration = Duration::from_secs(120);
 /// How often local addresses are re-read for our endpoints (DHCP, a new uplink).
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(30);
 
+/// How long an endpoint update may take before the session is started afresh.
+const LITE_UPDATE_TIMEOUT: Duration = Duration::from_secs(15);
+
 pub struct Daemon {
     status: Arc<Mutex<Status>>,
     socket: PathBuf,
@@ -279,7 +282,11 @@ impl Daemon {
                     }
                     let net = net_rx.borrow_and_update().clone();
                     info!(home_derp = net.home_derp, endpoints = ?net.endpoints, "telling control our new endpoints");
-                    s.map(&self.map_request(&net, false)).await?.read_all().await?;
+                    // The stream is not read meanwhile: a stuck answer must not stall it.
+                    let lite = async { s.map(&self.map_request(&net, false)).await?.read_all().await };
+                    tokio::time::timeout(LITE_UPDATE_TIMEOUT, lite)
+                        .await
+                        .map_err(|_| Error::Control("no answer to the endpoint update".into()))??;
                 }
                 _ = refresh.tick() => self.refresh_endpoints().await,
                 _ = tokio::time::sleep_until(last_message + MAP_WATCHDOG) => {

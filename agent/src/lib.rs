@@ -1,7 +1,9 @@
 //! vpn-agent: a Rust equivalent of `tailscaled` for bare-metal firewalls.
 //!
-//! Pure cores (`control::noise`, `control::record`, `control::netmap`, `backoff`) take bytes
-//! and events and return results; `control::client`, `control::conn` and `daemon` move bytes.
+//! Pure cores (`control::noise`, `control::record`, `control::netmap`, `derp`, `disco`, `stun`,
+//! `wg`, `filter`, `dataplane` with `dataplane::path` and `dataplane::offload`, `backoff`) take
+//! bytes, events and time and return results or actions; `control::client`, `control::conn`,
+//! `derp::conn`, `dataplane::shell`, `dataplane::udp`, `netlink` and `daemon` move bytes.
 //! Invariant: the pre-auth key and private keys never appear in logs or errors.
 
 pub mod backoff;
