@@ -1,5 +1,6 @@
-//! The data plane's IO shell: tokio tasks that move bytes between the UDP socket, the TUN
-//! device and the DERP connections, and hand them to the `Engine`. No decisions here.
+//! The data plane's IO shell: tokio tasks that move bytes between the UDP sockets, the TUN
+//! device and the DERP connections, and hand them to the `Engine`, which makes the decisions.
+//! The shell only keeps DERP connections open where the engine sends packets.
 
 use super::offload::{self, Coalescer};
 use super::udp::{self, RecvBatch};
