@@ -261,7 +261,13 @@ fn tags_from_the_generated_userdata_reach_headscale() {
     c.env("NOTIFY_SOCKET", &notify_path);
     lab.spawn("fw", AGENT_LOG, c).unwrap();
     let mut buf = [0u8; 256];
-    let n = notify.recv(&mut buf).unwrap();
+    // A signal to the test process (children exiting) may interrupt the wait: wait again.
+    let n = loop {
+        match notify.recv(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => break r.unwrap(),
+        }
+    };
     assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
     let node = wait_online(&lab, "fw", MACHINE).unwrap();
     assert_eq!(node.tags, vec!["tag:firewall".to_string()]);
