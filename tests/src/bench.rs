@@ -13,7 +13,6 @@
 
 use crate::cmd;
 use crate::firewall;
-use crate::headscale::KeyOptions;
 use crate::tailscale::{PORT, Tailscaled};
 use crate::{Lab, LabOptions};
 use anyhow::{Context, Result, bail};
@@ -154,21 +153,9 @@ impl Bench {
             .find(|a| !a.contains(':'))
             .context("the agent's node has no IPv4 address")?
             .parse()?;
-        let hs = lab.headscale();
-        let join = |host: &str, user: &str| -> Result<Tailscaled> {
-            let user = hs.create_user(user)?;
-            let key = hs.create_preauth_key(&user, &KeyOptions::default())?;
-            let t = lab.start_tailscaled(host)?;
-            t.up(&hs.url(), &key.key, host)?;
-            Ok(t)
-        };
-        let ts = join(TS_HOST, "firewalls")?;
-        let op = join(OP_HOST, "ops")?;
+        let ts = lab.join_tailscaled(TS_HOST, "firewalls")?;
         let ts_ip = ts.ipv4()?;
-        let op_ip = format!("{}/32", op.ipv4()?);
-        firewall::wait_status(&lab, AGENT_HOST, "the operator", |s| {
-            firewall::lists_online_peer(s, &op_ip)
-        })?;
+        let (op, _) = firewall::join_operator(&lab, OP_HOST, AGENT_HOST)?;
         for host in [AGENT_HOST, TS_HOST] {
             let mut c = lab.host(host).ns().command("iperf3");
             c.args(["-s"]);

@@ -146,11 +146,7 @@ pub fn join_operator(
     op: &str,
     fw: &str,
 ) -> Result<(crate::tailscale::Tailscaled, std::net::IpAddr)> {
-    let hs = lab.headscale();
-    let user = hs.create_user("ops")?;
-    let key = hs.create_preauth_key(&user, &crate::headscale::KeyOptions::default())?;
-    let ts = lab.start_tailscaled(op)?;
-    ts.up(&hs.url(), &key.key, op)?;
+    let ts = lab.join_tailscaled(op, "ops")?;
     let ip = ts.ipv4()?;
     wait_status(lab, fw, "the operator", |s| {
         lists_online_peer(s, &format!("{ip}/32"))

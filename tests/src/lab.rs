@@ -168,17 +168,7 @@ impl Lab {
         };
         for (i, name) in underlay.iter().enumerate() {
             let addr = host_addr(i);
-            let ns = Netns::create(&format!("{id}-{name}"))?;
-            veth(&ns, "eth0", &sw, name)?;
-            sw.ip(&["link", "set", name, "master", "br0", "up"])?;
-            ns.ip(&[
-                "addr",
-                "add",
-                &format!("{addr}/{UNDERLAY_PREFIX_LEN}"),
-                "dev",
-                "eth0",
-            ])?;
-            ns.ip(&["link", "set", "eth0", "up"])?;
+            let ns = underlay_host(&sw, &format!("{id}-{name}"), name, addr)?;
             add(name, &ns, addr)?;
         }
         for name in &opts.behind_nat {
@@ -373,17 +363,7 @@ impl Lab {
         // before a new one takes its name.
         sw.ip(&["link", "del", name])?;
         ns.destroy();
-        let ns = Netns::create(&host.netns)?;
-        veth(&ns, "eth0", &sw, name)?;
-        sw.ip(&["link", "set", name, "master", "br0", "up"])?;
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("{}/{UNDERLAY_PREFIX_LEN}", host.addr),
-            "dev",
-            "eth0",
-        ])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
+        underlay_host(&sw, &host.netns, name, host.addr)?;
         // The knobs name the switch port, which is new: load them again.
         apply_knobs(&sw, &self.state().knobs)
     }
@@ -420,6 +400,17 @@ impl Lab {
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
+    }
+
+    /// A stock tailscaled on host `name`, joined to headscale as a new user `user` with a
+    /// pre-auth key of its own.
+    pub fn join_tailscaled(&self, name: &str, user: &str) -> Result<Tailscaled> {
+        let hs = &self.headscale;
+        let user = hs.create_user(user)?;
+        let key = hs.create_preauth_key(&user, &crate::headscale::KeyOptions::default())?;
+        let ts = self.start_tailscaled(name)?;
+        ts.up(&hs.url(), &key.key, name)?;
+        Ok(ts)
     }
 
     /// Starts a stock tailscaled on host `name`.
@@ -632,6 +623,23 @@ pub fn host_addr(i: usize) -> Ipv4Addr {
     let o = UNDERLAY.octets();
     let last = if i == 0 { 1 } else { 10 + i as u8 };
     Ipv4Addr::new(o[0], o[1], o[2], last)
+}
+
+/// Namespace `netns`, plugged into the switch's bridge as port `port` with underlay address
+/// `addr` on its `eth0`.
+fn underlay_host(sw: &Netns, netns: &str, port: &str, addr: Ipv4Addr) -> Result<Netns> {
+    let ns = Netns::create(netns)?;
+    veth(&ns, "eth0", sw, port)?;
+    sw.ip(&["link", "set", port, "master", "br0", "up"])?;
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{addr}/{UNDERLAY_PREFIX_LEN}"),
+        "dev",
+        "eth0",
+    ])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    Ok(ns)
 }
 
 /// A veth pair: `a_name` in namespace `a`, `b_name` in namespace `b`. Created directly in

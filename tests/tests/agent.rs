@@ -82,10 +82,7 @@ fn agent_joins_with_the_generated_userdata_and_rejoins_without_a_key() {
     let st = wait_status(&lab, "fw", "Running", |s| s["backend_state"] == "Running").unwrap();
     assert_eq!(st["control_connected"], true);
     let hs = lab.headscale();
-    let ops = hs.create_user("ops").unwrap();
-    let op_key = hs.create_preauth_key(&ops, &KeyOptions::default()).unwrap();
-    let op = lab.start_tailscaled("op").unwrap();
-    op.up(&hs.url(), &op_key.key, "op").unwrap();
+    let op = lab.join_tailscaled("op", "ops").unwrap();
     let op_ip = format!("{}/32", op.ipv4().unwrap());
     let has_op = |s: &serde_json::Value| vdc::firewall::lists_online_peer(s, &op_ip);
     let st = wait_status(&lab, "fw", "the operator's node", has_op).unwrap();

@@ -3,7 +3,6 @@
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use std::time::Instant;
-use vdc::headscale::KeyOptions;
 use vdc::lab::{self, DEV_ID};
 use vdc::{Lab, LabOptions};
 
@@ -52,11 +51,7 @@ fn up() -> Result<()> {
         ..LabOptions::default()
     })?;
     let result = (|| {
-        let hs = lab.headscale();
-        let user = hs.create_user("ops")?;
-        let key = hs.create_preauth_key(&user, &KeyOptions::default())?;
-        let op = lab.start_tailscaled("op")?;
-        op.up(&hs.url(), &key.key, "op")?;
+        let op = lab.join_tailscaled("op", "ops")?;
         anyhow::Ok(op.ipv4()?)
     })();
     match result {

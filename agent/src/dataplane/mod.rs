@@ -327,8 +327,11 @@ impl Engine {
         for to in due {
             self.ping(key, to, now, out);
         }
+        let Some(dk) = disco_key.filter(|_| cmm) else {
+            return;
+        };
         let endpoints: Vec<SocketAddr> = self.net_info().endpoints.iter().map(|e| e.0).collect();
-        if let (true, Some(dk), false) = (cmm, disco_key, endpoints.is_empty()) {
+        if !endpoints.is_empty() {
             let packet = self.seal(&dk, &Message::CallMeMaybe { endpoints });
             out.push(Action::SendDerp {
                 region,

@@ -95,13 +95,12 @@ impl Derps {
         }
     }
 
+    /// New servers: connections to changed or vanished ones close; `set_home` (via
+    /// `Shell::publish`) then opens the home region's if it closed.
     fn set_targets(&mut self, targets: HashMap<u32, conn::Target>) {
         self.conns
             .retain(|id, _| targets.get(id) == self.targets.get(id) && targets.contains_key(id));
         self.targets = targets;
-        let home = self.home;
-        self.home = 0;
-        self.set_home(home);
     }
 }
 
@@ -227,11 +226,7 @@ impl Shell {
         regions.sort_by_key(|r| r.id);
         info!(regions = ?regions.iter().map(|r| (r.id, &r.code)).collect::<Vec<_>>(), "DERP map");
         self.engine().set_derp_map(regions);
-        let home = self.engine().net_info().home_derp;
-        let mut d = self.derps.lock().expect("derps lock");
-        d.set_targets(targets);
-        d.set_home(home);
-        drop(d);
+        self.derps.lock().expect("derps lock").set_targets(targets);
         self.publish();
     }
 
