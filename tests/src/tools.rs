@@ -101,6 +101,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "pkg-config",
 ];
 
+/// Debian packages only `cargo xtask bench dataplane --profile` needs (perf and strace of
+/// the agent under load); installed when it runs.
+pub const PROFILE_PACKAGES: &[&str] = &["linux-perf", "strace"];
+
 /// Programs from those packages that the lab calls, with the package that provides each.
 pub const APT_PROGRAMS: &[(&str, &str)] = &[
     ("ip", "iproute2"),

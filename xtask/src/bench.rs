@@ -70,6 +70,9 @@ fn userdata_gen() -> Result<()> {
 /// The data plane in the lab: vpn-agent (release build) against a stock tailscaled, both
 /// reached from an operator's stock tailscaled.
 fn dataplane(profile: bool) -> Result<()> {
+    if profile {
+        crate::setup::apt(vdc::tools::PROFILE_PACKAGES)?;
+    }
     let root = vdc::tools::workspace_root();
     println!("==> bench: data plane, vpn-agent (release build) against tailscaled, in the lab");
     // What the agent is built from, taken before the build: others may edit meanwhile.

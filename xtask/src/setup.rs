@@ -10,7 +10,7 @@ use vdc::tools::{self, APT_PACKAGES, GO_TOOLS, GoTool};
 
 pub fn run() -> Result<()> {
     let start = Instant::now();
-    apt()?;
+    apt(APT_PACKAGES)?;
     for tool in GO_TOOLS {
         go_tool(tool)?;
     }
@@ -27,14 +27,11 @@ fn installed(pkg: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed(p))
-        .collect();
+/// Installs whichever of `packages` are missing, with apt.
+pub fn apt(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
-        println!("setup: Debian packages present: {}", APT_PACKAGES.join(" "));
+        println!("setup: Debian packages present: {}", packages.join(" "));
         return Ok(());
     }
     if !vdc::is_root() {
