@@ -5,7 +5,7 @@ use crate::config::{AuthKey, Config};
 use crate::control::client::{self, ServerUrl, Session};
 use crate::control::netmap::Netmap;
 use crate::control::types::{
-    AuthInfo, CAPABILITY_VERSION, Hostinfo, MapRequest, MapResponse, NetInfo as TsNetInfo,
+    AuthInfo, CAPABILITY_VERSION, Hostinfo, MapRequest, MapResponse, NetInfo as TsNetInfo, Node,
     RegisterRequest, ZERO_TIME,
 };
 use crate::dataplane::shell::Shell;
@@ -114,9 +114,16 @@ impl Daemon {
     async fn start_local(&mut self) -> Result<()> {
         crate::firewall::apply(&self.cfg.settings)?;
         self.guard_firewall();
-        self.tunnel = Some(Tunnel::create(&self.cfg.settings.interface).await?);
         let port = self.cfg.settings.listen_port;
-        let udp = crate::dataplane::udp::bind(port)?;
+        let rt = crate::dataplane::shell::runtime()?;
+        let (udp, device) = {
+            let _in_dataplane = rt.enter();
+            (
+                crate::dataplane::udp::bind(port)?,
+                crate::netlink::open_tun(&self.cfg.settings.interface)?,
+            )
+        };
+        self.tunnel = Some(Tunnel::create(&self.cfg.settings.interface, device).await?);
         let engine = Engine::new(
             self.identity.node.clone(),
             crypto_box::SecretKey::from(self.disco.to_bytes()),
@@ -124,7 +131,7 @@ impl Daemon {
         );
         let tun = self.tunnel.as_ref().expect("created above").device.clone();
         let node = crypto_box::SecretKey::from(self.identity.node.to_bytes());
-        let data = Shell::start(engine, udp, tun, node, self.tls.clone());
+        let data = Shell::start(rt, engine, udp, tun, node, self.tls.clone());
         self.data = Some(data.clone());
         self.refresh_endpoints().await;
         let status = self.status.clone();
@@ -317,6 +324,10 @@ impl Daemon {
         if c.peers_changed + c.peers_removed > 0 {
             info!(peers = self.netmap.peers.len(), "peers updated");
             self.data().set_peers(self.peer_infos());
+            let routes = self.accepted_routes();
+            if let Some(t) = &mut self.tunnel {
+                t.set_routes(&routes).await;
+            }
             let peers = self.peer_status();
             self.set(|s| s.peers = peers);
         }
@@ -330,44 +341,56 @@ impl Daemon {
     }
 
     /// Hands the data plane the filter of the netmap's packet filter sets and our addresses.
-    /// A filter that does not parse keeps the previous one in force: failing closed would cut
-    /// the operators off the firewall (the mesh is their only way in, the public ports are
-    /// shut), failing open would drop the policy; the last policy headscale sent that we
-    /// understood is the one nobody is surprised by. The error is logged for the operator.
+    /// Rules that do not parse are left out and named in the log: what is left can only be
+    /// narrower than what headscale meant, never wider.
     fn update_filter(&self) {
-        match crate::filter::Filter::from_sets(&self.netmap.packet_filters) {
-            Ok(f) => {
-                // An invalid self address already failed the map; none at all means we have
-                // no address yet, and nothing is addressed to us.
-                let ours = crate::netlink::plan(&self.netmap.addresses()).unwrap_or_default();
-                let f = f.with_local(&ours);
-                info!(rules = f.rule_count(), "packet filter updated");
-                self.data().set_filter(f);
-            }
-            Err(e) => error!(error = %e, "keeping the previous packet filter"),
+        let parsed = crate::filter::Filter::from_sets(&self.netmap.packet_filters);
+        for rule in &parsed.skipped {
+            error!(rule = %rule, "packet filter rule not understood; left out (it grants nothing)");
         }
+        // An invalid self address already failed the map; none at all means we have no
+        // address yet, and nothing is addressed to us.
+        let ours = crate::netlink::plan(&self.netmap.addresses()).unwrap_or_default();
+        let f = parsed.filter.with_local(&ours);
+        info!(
+            rules = f.rule_count(),
+            skipped = parsed.skipped.len(),
+            "packet filter updated"
+        );
+        self.data().set_filter(f);
     }
 
-    /// The data plane's view of the netmap's peers.
+    /// The data plane's view of the netmap's peers: each is trusted with its own addresses,
+    /// and with the routes it serves only where we accept them (see [`accepted_prefixes`]).
     fn peer_infos(&self) -> Vec<PeerInfo> {
         self.netmap
             .peers
             .values()
             .filter_map(|p| {
-                let ips = if p.allowed_ips.is_empty() {
-                    &p.addresses
-                } else {
-                    &p.allowed_ips
-                };
                 Some(PeerInfo {
                     node_key: keys::parse_text("nodekey", &p.key)?,
                     disco_key: keys::parse_text("discokey", &p.disco_key),
-                    allowed: crate::netlink::plan(ips).ok()?,
+                    allowed: accepted_prefixes(p, self.cfg.accept_routes).ok()?,
                     endpoints: p.endpoints.iter().filter_map(|e| e.parse().ok()).collect(),
                     home_derp: p.home_derp,
                 })
             })
             .collect()
+    }
+
+    /// The subnet routes of all peers that we accept: the kernel sends them to the tunnel.
+    fn accepted_routes(&self) -> Vec<(std::net::IpAddr, u8)> {
+        let mut routes: Vec<_> = self
+            .netmap
+            .peers
+            .values()
+            .filter_map(|p| accepted_prefixes(p, self.cfg.accept_routes).ok())
+            .flatten()
+            .filter(|r| !crate::netlink::in_mesh(*r))
+            .collect();
+        routes.sort();
+        routes.dedup();
+        routes
     }
 
     fn peer_status(&self) -> Vec<PeerStatus> {
@@ -381,6 +404,13 @@ impl Daemon {
                 node_key: p.key.clone(),
                 home_derp: p.home_derp,
                 endpoints: p.endpoints.clone(),
+                routes: routes_of(p),
+                accepted_routes: accepted_prefixes(p, self.cfg.accept_routes)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|r| !is_address(p, *r))
+                    .map(|(ip, len)| format!("{ip}/{len}"))
+                    .collect(),
                 ..PeerStatus::default()
             })
             .collect()
@@ -451,6 +481,40 @@ impl Daemon {
             )),
         }
     }
+}
+
+/// Whether `prefix` is one of the node's own addresses.
+fn is_address(node: &Node, prefix: (std::net::IpAddr, u8)) -> bool {
+    crate::netlink::plan(&node.addresses).is_ok_and(|a| a.contains(&prefix))
+}
+
+/// What headscale lists in a peer's `AllowedIPs` beyond its own addresses: the subnet and
+/// exit routes it serves.
+fn routes_of(node: &Node) -> Vec<String> {
+    let own = crate::netlink::plan(&node.addresses).unwrap_or_default();
+    node.allowed_ips
+        .iter()
+        .filter(|a| {
+            crate::netlink::plan(std::slice::from_ref(a)).map_or(true, |p| !own.contains(&p[0]))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The prefixes a peer is trusted with, as tailscaled's route manager decides: its own
+/// addresses always; the subnet routes it serves only when `accept_routes` is on; exit
+/// routes (`0.0.0.0/0`, `::/0`) never, since the agent uses no exit node. headscale puts
+/// all of them in `AllowedIPs`; taking them as they come would let an approved exit node
+/// send with any source address, and draw our traffic to itself.
+pub fn accepted_prefixes(node: &Node, accept_routes: bool) -> Result<Vec<(std::net::IpAddr, u8)>> {
+    let mut out = crate::netlink::plan(&node.addresses)?;
+    for (ip, len) in crate::netlink::plan(&node.allowed_ips)? {
+        let exit = len == 0;
+        if accept_routes && !exit && !out.contains(&(ip, len)) {
+            out.push((ip, len));
+        }
+    }
+    Ok(out)
 }
 
 /// headscale's refusal texts, said in words an operator can act on.

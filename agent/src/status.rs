@@ -22,6 +22,12 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     #[serde(default)]
     pub rx_bytes: u64,
+    /// Subnet and exit routes headscale lists for the peer (beyond its own addresses).
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// Those of `routes` this agent sends to the peer and accepts from it.
+    #[serde(default)]
+    pub accepted_routes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -92,7 +92,11 @@ pub fn agent_command_with(
     .arg("--socket")
     .arg(agent_socket(lab, host))
     .env("NO_COLOR", "1")
-    .env("VPN_AGENT_LOG", "info");
+    // VDC_AGENT_LOG raises the agents' log level for a run that needs it (`debug`).
+    .env(
+        "VPN_AGENT_LOG",
+        std::env::var("VDC_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+    );
     Ok(c)
 }
 

@@ -265,6 +265,32 @@ impl Headscale {
         }
     }
 
+    /// The node named `name` as `headscale nodes list -o json` prints it (keys included).
+    pub fn node_json(&self, name: &str) -> Result<Value> {
+        let v = self.cli_json(&["nodes", "list"])?;
+        v.as_array()
+            .and_then(|n| n.iter().find(|n| n["name"] == name))
+            .cloned()
+            .ok_or_else(|| anyhow!("headscale lists no node {name}"))
+    }
+
+    /// Approves `routes` (replacing what was approved) for the node named `name`, as an
+    /// admin would with `headscale nodes approve-routes`.
+    pub fn approve_routes(&self, name: &str, routes: &[&str]) -> Result<()> {
+        let id = self.node_json(name)?["id"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("node {name} has no id"))?;
+        cmd::run(self.cli().args([
+            "nodes",
+            "approve-routes",
+            "-i",
+            &id.to_string(),
+            "-r",
+            &routes.join(","),
+        ]))
+        .map(drop)
+    }
+
     /// A REST client authenticated with `api_key`, running inside the control-plane host.
     pub fn rest(&self, api_key: &str) -> Rest {
         Rest {

@@ -405,11 +405,21 @@ impl Lab {
     /// A stock tailscaled on host `name`, joined to headscale as a new user `user` with a
     /// pre-auth key of its own.
     pub fn join_tailscaled(&self, name: &str, user: &str) -> Result<Tailscaled> {
+        self.join_tailscaled_with(name, user, &[])
+    }
+
+    /// [`Lab::join_tailscaled`] with more `tailscale up` flags.
+    pub fn join_tailscaled_with(
+        &self,
+        name: &str,
+        user: &str,
+        extra: &[&str],
+    ) -> Result<Tailscaled> {
         let hs = &self.headscale;
         let user = hs.create_user(user)?;
         let key = hs.create_preauth_key(&user, &crate::headscale::KeyOptions::default())?;
         let ts = self.start_tailscaled(name)?;
-        ts.up(&hs.url(), &key.key, name)?;
+        ts.up_with(&hs.url(), &key.key, name, extra)?;
         Ok(ts)
     }
 

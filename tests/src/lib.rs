@@ -14,6 +14,7 @@
 pub mod bench;
 pub mod cmd;
 pub mod firewall;
+pub mod flood;
 pub mod headscale;
 pub mod ignition;
 pub mod lab;

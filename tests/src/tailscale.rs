@@ -124,17 +124,32 @@ impl Tailscaled {
 
     /// `tailscale up` with a pre-auth key, passed as a file so it never shows in argv.
     pub fn up(&self, login_server: &str, auth_key: &str, hostname: &str) -> Result<()> {
+        self.up_with(login_server, auth_key, hostname, &[])
+    }
+
+    /// [`Tailscaled::up`] with more flags (`--advertise-routes=…`, `--accept-routes`).
+    pub fn up_with(
+        &self,
+        login_server: &str,
+        auth_key: &str,
+        hostname: &str,
+        extra: &[&str],
+    ) -> Result<()> {
         let key_file = self.dir.join("authkey");
         write_private(&key_file, auth_key.as_bytes())?;
-        let res = cmd::run(self.cli().args([
-            "up",
-            &format!("--login-server={login_server}"),
-            &format!("--auth-key=file:{}", key_file.display()),
-            &format!("--hostname={hostname}"),
-            "--accept-dns=false",
-            "--netfilter-mode=off",
-            "--timeout=60s",
-        ]));
+        let res = cmd::run(
+            self.cli()
+                .args([
+                    "up",
+                    &format!("--login-server={login_server}"),
+                    &format!("--auth-key=file:{}", key_file.display()),
+                    &format!("--hostname={hostname}"),
+                    "--accept-dns=false",
+                    "--netfilter-mode=off",
+                    "--timeout=60s",
+                ])
+                .args(extra),
+        );
         let _ = std::fs::remove_file(&key_file);
         res.map(drop).with_context(|| {
             format!(

@@ -21,11 +21,39 @@ pub struct Config {
     pub auth_key: Option<AuthKey>,
     pub hostname: String,
     pub enabled: bool,
+    /// tailscaled's `AcceptRoutes` (`--accept-routes`): use the subnet routes other nodes
+    /// serve. Off unless the config says so: a firewall should not start routing into
+    /// networks because some node in the tailnet offers them.
+    pub accept_routes: bool,
     pub settings: AgentSettings,
 }
 
+/// What the `alpha0` file says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mesh {
+    pub server_url: String,
+    pub auth_key: Option<AuthKey>,
+    pub hostname: Option<String>,
+    pub enabled: bool,
+    pub accept_routes: bool,
+}
+
+/// The value of `name` in `v`, with Go's case-insensitive match of JSON keys (tailscale's
+/// own files spell some keys `acceptRoutes`, the struct fields `AcceptRoutes`).
+fn key<'a>(v: &'a Value, name: &str) -> &'a Value {
+    v.as_object()
+        .and_then(|o| {
+            o.get(name).or_else(|| {
+                o.iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|e| e.1)
+            })
+        })
+        .unwrap_or(&Value::Null)
+}
+
 fn field<'a>(v: &'a Value, name: &str, path: &Path) -> Result<Option<&'a str>> {
-    match &v[name] {
+    match key(v, name) {
         Value::Null => Ok(None),
         Value::String(s) => Ok(Some(s)),
         other => Err(Error::Config(format!(
@@ -35,11 +63,22 @@ fn field<'a>(v: &'a Value, name: &str, path: &Path) -> Result<Option<&'a str>> {
     }
 }
 
+/// A boolean as tailscale's `opt.Bool` reads it: true, false, "true", "false", or absent.
+fn flag(v: &Value, name: &str, default: bool, path: &Path) -> Result<bool> {
+    match key(v, name) {
+        Value::Null => Ok(default),
+        Value::Bool(b) => Ok(*b),
+        Value::String(s) if s == "true" || s == "false" => Ok(s == "true"),
+        Value::String(s) if s.is_empty() => Ok(default),
+        other => Err(Error::Config(format!(
+            "{}: {name} must be true or false, found {other}",
+            path.display()
+        ))),
+    }
+}
+
 /// Parses a tailscale `alpha0` config file's text.
-pub fn parse_mesh(
-    text: &str,
-    path: &Path,
-) -> Result<(String, Option<AuthKey>, Option<String>, bool)> {
+pub fn parse_mesh(text: &str, path: &Path) -> Result<Mesh> {
     let v: Value = serde_json::from_str(text)
         .map_err(|e| Error::Config(format!("{} is not valid JSON: {e}", path.display())))?;
     match field(&v, "Version", path)? {
@@ -63,30 +102,29 @@ pub fn parse_mesh(
             path.display()
         )));
     }
+    // An exit node would carry the host's own traffic, control and DERP included, through
+    // another node: for a firewall whose only way in is this mesh, a lock-out waiting to
+    // happen. Refused rather than ignored, so nobody believes it is in use.
+    if field(&v, "ExitNode", path)?.is_some_and(|s| !s.is_empty()) {
+        return Err(Error::Config(format!(
+            "{}: ExitNode is set; vpn-agent never sends its host's traffic through an exit \
+             node (remove the key)",
+            path.display()
+        )));
+    }
     let auth = field(&v, "AuthKey", path)?
         .filter(|s| !s.is_empty())
         .map(|s| match s.strip_prefix("file:") {
             Some(p) => AuthKey::File(PathBuf::from(p)),
             None => AuthKey::Inline(Secret::new(s)),
         });
-    let hostname = field(&v, "Hostname", path)?.map(str::to_string);
-    let enabled = match &v["Enabled"] {
-        Value::Null => true,
-        Value::Bool(b) => *b,
-        Value::String(s) if s == "true" || s == "false" => s == "true",
-        other => {
-            return Err(Error::Config(format!(
-                "{}: Enabled must be true or false, found {other}",
-                path.display()
-            )));
-        }
-    };
-    Ok((
-        server.trim_end_matches('/').to_string(),
-        auth,
-        hostname,
-        enabled,
-    ))
+    Ok(Mesh {
+        server_url: server.trim_end_matches('/').to_string(),
+        auth_key: auth,
+        hostname: field(&v, "Hostname", path)?.map(str::to_string),
+        enabled: flag(&v, "Enabled", true, path)?,
+        accept_routes: flag(&v, "AcceptRoutes", false, path)?,
+    })
 }
 
 /// Reads the agent's own settings file.
@@ -108,20 +146,21 @@ impl Config {
     /// Reads both files; any problem names the file and the field.
     pub fn load(mesh: &Path, settings: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(mesh).map_err(|e| Error::io(mesh, e))?;
-        let (server_url, auth_key, hostname, enabled) = parse_mesh(&text, mesh)?;
-        let settings_v = load_settings(settings)?;
-        let hostname = match hostname {
+        let m = parse_mesh(&text, mesh)?;
+        let settings = load_settings(settings)?;
+        let hostname = match m.hostname {
             Some(h) => h,
             None => std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_string())
                 .unwrap_or_else(|_| "vpn-agent".into()),
         };
         Ok(Config {
-            server_url,
-            auth_key,
+            server_url: m.server_url,
+            auth_key: m.auth_key,
             hostname,
-            enabled,
-            settings: settings_v,
+            enabled: m.enabled,
+            accept_routes: m.accept_routes,
+            settings,
         })
     }
 }
@@ -140,11 +179,37 @@ mod tests {
             agent: AgentSettings::default(),
         };
         let text = userdata_gen::payload::mesh_config(&settings);
-        let (url, auth, host, enabled) = parse_mesh(&text, Path::new("t.conf")).unwrap();
-        assert_eq!(url, "https://hs.example:443");
-        assert_eq!(auth, Some(AuthKey::File("/etc/vpn-agent/authkey".into())));
-        assert_eq!(host.as_deref(), Some("m1"));
-        assert!(enabled);
+        let m = parse_mesh(&text, Path::new("t.conf")).unwrap();
+        assert_eq!(m.server_url, "https://hs.example:443");
+        assert_eq!(
+            m.auth_key,
+            Some(AuthKey::File("/etc/vpn-agent/authkey".into()))
+        );
+        assert_eq!(m.hostname.as_deref(), Some("m1"));
+        assert!(m.enabled);
+        assert!(!m.accept_routes, "routes are accepted only when asked for");
+    }
+
+    #[test]
+    fn accept_routes_as_tailscale_spells_it() {
+        let base = r#""Version":"alpha0","ServerURL":"https://h""#;
+        for (extra, want) in [
+            ("", false),
+            (r#","AcceptRoutes":true"#, true),
+            (r#","acceptRoutes":"true""#, true),
+            (r#","AcceptRoutes":false"#, false),
+            (r#","ExitNode":"""#, false),
+        ] {
+            let m = parse_mesh(&format!("{{{base}{extra}}}"), Path::new("t")).unwrap();
+            assert_eq!(m.accept_routes, want, "{extra}");
+        }
+        let e = parse_mesh(
+            &format!(r#"{{{base},"ExitNode":"100.64.0.9"}}"#),
+            Path::new("/etc/x.conf"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ExitNode") && e.contains("/etc/x.conf"), "{e}");
     }
 
     #[test]
@@ -164,6 +229,10 @@ mod tests {
             (
                 r#"{"Version":"alpha0","ServerURL":"https://h","Hostname":1}"#,
                 "Hostname must be a string",
+            ),
+            (
+                r#"{"Version":"alpha0","ServerURL":"https://h","AcceptRoutes":"yes"}"#,
+                "AcceptRoutes must be true or false",
             ),
         ] {
             let e = parse_mesh(text, Path::new("/etc/x.conf"))

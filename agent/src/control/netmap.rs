@@ -79,6 +79,10 @@ impl Netmap {
             }
             c.peers_changed += 1;
         }
+        if let Some(base) = r.packet_filter {
+            self.packet_filters.insert("base".into(), base);
+            c.filter_changed = true;
+        }
         if let Some(sets) = r.packet_filters {
             if sets.get("*").is_some_and(|v| v.is_none()) {
                 self.packet_filters.clear();
@@ -140,5 +144,21 @@ mod tests {
         let c = m.apply(resp(r#"{"Peers":[]}"#));
         assert_eq!(c.peers_removed, 2);
         assert!(m.peers.is_empty());
+    }
+
+    #[test]
+    fn the_legacy_packet_filter_is_the_set_base_and_packet_filters_win() {
+        let mut m = Netmap::default();
+        let c = m.apply(resp(r#"{"PacketFilter":[{"SrcIPs":["*"]}]}"#));
+        assert!(c.filter_changed);
+        assert_eq!(m.packet_filters.keys().collect::<Vec<_>>(), vec!["base"]);
+        // Both in one response: the legacy one first, then the named sets over it.
+        m.apply(resp(
+            r#"{"PacketFilter":[{"SrcIPs":["a"]}],"PacketFilters":{"*":null,"x":[]}}"#,
+        ));
+        assert_eq!(m.packet_filters.keys().collect::<Vec<_>>(), vec!["x"]);
+        // null is Go's nil slice: no change.
+        let c = m.apply(resp(r#"{"PacketFilter":null}"#));
+        assert!(!c.filter_changed);
     }
 }

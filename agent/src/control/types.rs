@@ -199,6 +199,10 @@ pub struct MapResponse {
     pub peers_removed: Vec<i64>,
     #[serde(rename = "PeersChangedPatch", deserialize_with = "null_vec")]
     pub peers_changed_patch: Vec<PeerChange>,
+    /// The legacy single filter: tailscale treats it as the named set "base", applied before
+    /// `PacketFilters`.
+    #[serde(rename = "PacketFilter")]
+    pub packet_filter: Option<serde_json::Value>,
     #[serde(rename = "PacketFilters")]
     pub packet_filters: Option<BTreeMap<String, Option<serde_json::Value>>>,
 }

@@ -85,6 +85,8 @@ pub fn os_rng() -> Rng {
 struct Peer {
     info: PeerInfo,
     path: PeerPath,
+    /// The disco box shared with the peer's disco key, made once (see [`disco::shared`]).
+    disco: Option<crypto_box::SalsaBox>,
 }
 
 #[derive(Default)]
@@ -100,6 +102,7 @@ pub struct Engine {
     wg: Wg,
     node_pub: [u8; 32],
     disco: crypto_box::SecretKey,
+    disco_pub: [u8; 32],
     peers: HashMap<[u8; 32], Peer>,
     /// Disco key → node key, for the peers in the netmap (only they get answers).
     by_disco: HashMap<[u8; 32], [u8; 32]>,
@@ -116,6 +119,7 @@ impl Engine {
         Engine {
             node_pub: *PublicKey::from(&node).as_bytes(),
             wg: Wg::new(node),
+            disco_pub: *disco.public_key().as_bytes(),
             disco,
             peers: HashMap::new(),
             by_disco: HashMap::new(),
@@ -151,15 +155,18 @@ impl Engine {
         );
         let mut old = std::mem::take(&mut self.peers);
         for info in peers {
-            let path = match old.remove(&info.node_key) {
+            let (path, disco) = match old.remove(&info.node_key) {
                 Some(mut p) if p.info.disco_key == info.disco_key => {
                     p.path.home_derp = info.home_derp;
                     p.path.endpoints = info.endpoints.clone();
-                    p.path
+                    (p.path, p.disco)
                 }
-                _ => PeerPath::new(info.home_derp, info.endpoints.clone()),
+                _ => (
+                    PeerPath::new(info.home_derp, info.endpoints.clone()),
+                    info.disco_key.map(|k| disco::shared(&self.disco, &k)),
+                ),
             };
-            self.peers.insert(info.node_key, Peer { info, path });
+            self.peers.insert(info.node_key, Peer { info, path, disco });
         }
         self.by_disco = self
             .peers
@@ -201,9 +208,11 @@ impl Engine {
         b
     }
 
-    fn seal(&mut self, to: &[u8; 32], msg: &Message) -> Vec<u8> {
+    /// Seals `msg` for the peer with node key `key`; `None` when it has no disco key.
+    fn seal(&mut self, key: &[u8; 32], msg: &Message) -> Option<Vec<u8>> {
         let nonce = self.random();
-        disco::seal(&self.disco, &crypto_box::PublicKey::from(*to), nonce, msg)
+        let b = self.peers.get(key)?.disco.as_ref()?;
+        Some(disco::seal_with(b, &self.disco_pub, nonce, msg))
     }
 
     /// A datagram on the shared UDP socket.
@@ -216,7 +225,7 @@ impl Engine {
                 {
                     peer.path.wg_from(from);
                 }
-                self.route(&mut wg_out, now, out);
+                self.route(&mut wg_out, Some(from), now, out);
                 self.wg_out = wg_out;
             }
             Kind::Disco => self.on_disco(Via::Udp(from), p, now, out),
@@ -238,7 +247,7 @@ impl Engine {
         }
         let mut wg_out = std::mem::take(&mut self.wg_out);
         self.wg.from_network(None, p, &mut wg_out);
-        self.route(&mut wg_out, now, out);
+        self.route(&mut wg_out, None, now, out);
         self.wg_out = wg_out;
     }
 
@@ -246,7 +255,7 @@ impl Engine {
     pub fn on_tun(&mut self, packet: &[u8], now: Instant, out: &mut Vec<Action>) {
         let mut wg_out = std::mem::take(&mut self.wg_out);
         self.wg.from_tun(packet, &mut wg_out);
-        self.route(&mut wg_out, now, out);
+        self.route(&mut wg_out, None, now, out);
         self.wg_out = wg_out;
     }
 
@@ -254,7 +263,7 @@ impl Engine {
     pub fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
         let mut wg_out = std::mem::take(&mut self.wg_out);
         self.wg.tick(&mut wg_out);
-        self.route(&mut wg_out, now, out);
+        self.route(&mut wg_out, None, now, out);
         self.wg_out = wg_out;
         let keys: Vec<[u8; 32]> = self.peers.keys().copied().collect();
         for key in keys {
@@ -264,10 +273,22 @@ impl Engine {
     }
 
     /// WireGuard's datagrams onto the paths their peers' state picks.
-    fn route(&mut self, wg_out: &mut Vec<wg::Action>, now: Instant, out: &mut Vec<Action>) {
+    /// `from`: where the datagram being handled came from, for cookie replies.
+    fn route(
+        &mut self,
+        wg_out: &mut Vec<wg::Action>,
+        from: Option<SocketAddr>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
         for a in wg_out.drain(..) {
             match a {
                 wg::Action::WriteTun(p) => out.push(Action::WriteTun(p)),
+                wg::Action::Reply(p) => {
+                    if let Some(to) = from {
+                        out.push(Action::SendUdp(to, p));
+                    }
+                }
                 wg::Action::ToPeer(key, p) => {
                     let Some(peer) = self.peers.get_mut(&key) else {
                         continue;
@@ -300,15 +321,14 @@ impl Engine {
     }
 
     fn ping(&mut self, key: [u8; 32], to: SocketAddr, now: Instant, out: &mut Vec<Action>) {
-        let Some(disco_key) = self.peers.get(&key).and_then(|p| p.info.disco_key) else {
-            return;
-        };
         let tx_id = self.random();
         let msg = Message::Ping {
             tx_id,
             node_key: self.node_pub,
         };
-        let packet = self.seal(&disco_key, &msg);
+        let Some(packet) = self.seal(&key, &msg) else {
+            return;
+        };
         if let Some(peer) = self.peers.get_mut(&key) {
             peer.path.ping_sent(tx_id, to, now);
         }
@@ -323,16 +343,17 @@ impl Engine {
         };
         let due = peer.path.due_pings(now);
         let cmm = peer.path.discovering(now) && peer.path.home_derp != 0;
-        let (region, disco_key) = (peer.path.home_derp, peer.info.disco_key);
+        let region = peer.path.home_derp;
         for to in due {
             self.ping(key, to, now, out);
         }
-        let Some(dk) = disco_key.filter(|_| cmm) else {
+        if !cmm {
             return;
-        };
+        }
         let endpoints: Vec<SocketAddr> = self.net_info().endpoints.iter().map(|e| e.0).collect();
-        if !endpoints.is_empty() {
-            let packet = self.seal(&dk, &Message::CallMeMaybe { endpoints });
+        if !endpoints.is_empty()
+            && let Some(packet) = self.seal(&key, &Message::CallMeMaybe { endpoints })
+        {
             out.push(Action::SendDerp {
                 region,
                 to: key,
@@ -346,7 +367,7 @@ impl Engine {
             .ok()
             .and_then(|d| self.by_disco.get(&d).copied())
         else {
-            tracing::debug!(?via, "disco packet from a sender not in the netmap");
+            tracing::trace!(?via, "disco packet from a sender not in the netmap");
             return;
         };
         if let Via::Derp(_, src) = via
@@ -358,17 +379,22 @@ impl Engine {
             );
             return;
         }
-        let (sender, msg) = match disco::open(&self.disco, p) {
+        let opened = match self.peers.get(&key).and_then(|p| p.disco.as_ref()) {
+            Some(b) => disco::open_with(b, p),
+            None => return,
+        };
+        let msg = match opened {
             Ok(m) => m,
             Err(e) => {
-                tracing::debug!(?via, error = %e, "disco packet dropped");
+                tracing::trace!(?via, error = %e, "disco packet dropped");
                 return;
             }
         };
         match (msg, via) {
             (Message::Ping { tx_id, .. }, Via::Udp(from)) => {
-                let pong = self.seal(&sender, &Message::Pong { tx_id, src: from });
-                out.push(Action::SendUdp(from, pong));
+                if let Some(pong) = self.seal(&key, &Message::Pong { tx_id, src: from }) {
+                    out.push(Action::SendUdp(from, pong));
+                }
                 let ping_back = self
                     .peers
                     .get_mut(&key)
@@ -379,12 +405,13 @@ impl Engine {
             }
             (Message::Ping { tx_id, .. }, Via::Derp(region, src)) => {
                 let magic = SocketAddr::new(DERP_MAGIC_IP.into(), region as u16);
-                let packet = self.seal(&sender, &Message::Pong { tx_id, src: magic });
-                out.push(Action::SendDerp {
-                    region,
-                    to: src,
-                    packet,
-                });
+                if let Some(packet) = self.seal(&key, &Message::Pong { tx_id, src: magic }) {
+                    out.push(Action::SendDerp {
+                        region,
+                        to: src,
+                        packet,
+                    });
+                }
             }
             (Message::Pong { tx_id, .. }, Via::Udp(from)) => {
                 if let Some(peer) = self.peers.get_mut(&key)

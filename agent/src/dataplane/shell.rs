@@ -1,6 +1,10 @@
 //! The data plane's IO shell: tokio tasks that move bytes between the UDP sockets, the TUN
 //! device and the DERP connections, and hand them to the `Engine`, which makes the decisions.
 //! The shell only keeps DERP connections open where the engine sends packets.
+//!
+//! The tasks run on a thread and runtime of their own ([`runtime`]): whatever arrives on the
+//! UDP port, a flood included, is paid for there, and the control session on the main
+//! runtime keeps its own core time (the operator's way in depends on it).
 
 use super::offload::{self, Coalescer};
 use super::udp::{self, RecvBatch};
@@ -31,6 +35,8 @@ struct Derps {
     node: crypto_box::SecretKey,
     tls: Arc<rustls::ClientConfig>,
     inbound: mpsc::Sender<(u32, derp::Event)>,
+    /// The data plane's runtime: connections run there, whoever asks for them.
+    rt: tokio::runtime::Handle,
 }
 
 impl Derps {
@@ -39,6 +45,7 @@ impl Derps {
             let target = self.targets.get(&region)?.clone();
             info!(region, server = %target.url.host_header(), "connecting to DERP");
             let h = conn::spawn(
+                &self.rt,
                 target,
                 self.node.clone(),
                 self.tls.clone(),
@@ -116,9 +123,27 @@ pub struct Shell {
     net_info: watch::Sender<NetInfo>,
 }
 
+/// Starts the data plane's thread with a single-threaded runtime of its own, and returns its
+/// handle. Sockets and the TUN device must be made inside it (`Handle::enter`), so that
+/// their readiness comes from this runtime's reactor, not the main one's.
+pub fn runtime() -> crate::Result<tokio::runtime::Handle> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| crate::Error::io("the data plane's tokio runtime", e))?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("dataplane".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .map_err(|e| crate::Error::io("the data plane's thread", e))?;
+    Ok(handle)
+}
+
 impl Shell {
-    /// Starts the tasks. `node` is our node key (DERP logs in with it).
+    /// Starts the tasks on `rt` (from [`runtime`]). `node` is our node key (DERP logs in
+    /// with it).
     pub fn start(
+        rt: tokio::runtime::Handle,
         engine: Engine,
         (udp4, udp6): (UdpSocket, Option<UdpSocket>),
         tun: Arc<tun::AsyncDevice>,
@@ -137,18 +162,19 @@ impl Shell {
                 node,
                 tls,
                 inbound,
+                rt: rt.clone(),
             })),
             udp4: Arc::new(udp4),
             udp6: udp6.map(Arc::new),
             tun,
         };
-        tokio::spawn(shell.clone().udp_loop(shell.udp4.clone()));
+        rt.spawn(shell.clone().udp_loop(shell.udp4.clone()));
         if let Some(u) = &shell.udp6 {
-            tokio::spawn(shell.clone().udp_loop(u.clone()));
+            rt.spawn(shell.clone().udp_loop(u.clone()));
         }
-        tokio::spawn(shell.clone().tun_loop());
-        tokio::spawn(shell.clone().derp_loop(inbound_rx));
-        tokio::spawn(shell.clone().timer_loop());
+        rt.spawn(shell.clone().tun_loop());
+        rt.spawn(shell.clone().derp_loop(inbound_rx));
+        rt.spawn(shell.clone().timer_loop());
         shell
     }
 

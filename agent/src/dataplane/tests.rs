@@ -73,6 +73,8 @@ impl Net {
         let (mut b, ib, _) = node(2, B);
         a.e.set_peers(vec![ib]);
         b.e.set_peers(vec![ia]);
+        a.e.set_filter(crate::filter::Filter::allow_all());
+        b.e.set_filter(crate::filter::Filter::allow_all());
         Net {
             a,
             b,
@@ -265,4 +267,33 @@ fn stun_response(tx: [u8; 12], a: SocketAddr) -> Vec<u8> {
     p.extend_from_slice(&[0, 0x20, 0, 8]);
     p.extend(v);
     p
+}
+
+#[test]
+fn nothing_reaches_the_host_before_a_policy_and_then_only_what_parses() {
+    let mut n = Net::new();
+    n.b.e.set_filter(crate::filter::Filter::default());
+    n.send_a_to_b();
+    assert!(n.b.delivered.is_empty(), "delivered before any policy");
+    let sets = |rules: serde_json::Value| {
+        let sets = serde_json::from_value(serde_json::json!({ "base": rules })).unwrap();
+        crate::filter::Filter::from_sets(&sets)
+    };
+    // A rule that would open everything, but does not parse (host bits set), and a rule
+    // that opens port 22 of b to a (which lets ICMP through, as in tailscale).
+    let bad = serde_json::json!({"SrcIPs":["*"],"DstPorts":[{"IP":"100.64.0.2/24","Ports":{"First":0,"Last":65535}}]});
+    let good = serde_json::json!({"SrcIPs":["100.64.0.1"],"DstPorts":[{"IP":"100.64.0.2","Ports":{"First":22,"Last":22}}]});
+    let only_bad = sets(serde_json::json!([bad.clone()]));
+    assert_eq!(only_bad.skipped.len(), 1);
+    n.b.e.set_filter(only_bad.filter);
+    n.send_a_to_b();
+    assert!(
+        n.b.delivered.is_empty(),
+        "the unparsable rule let a packet in"
+    );
+    let both = sets(serde_json::json!([bad, good]));
+    assert_eq!(both.skipped.len(), 1, "{:?}", both.skipped);
+    n.b.e.set_filter(both.filter);
+    n.send_a_to_b();
+    assert_eq!(n.b.delivered, vec![icmp("100.64.0.1", "100.64.0.2")]);
 }

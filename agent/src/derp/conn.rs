@@ -53,6 +53,7 @@ impl Handle {
 
 /// Starts the connection task for `target`.
 pub fn spawn(
+    rt: &tokio::runtime::Handle,
     target: Target,
     node: crypto_box::SecretKey,
     tls: Arc<rustls::ClientConfig>,
@@ -61,7 +62,7 @@ pub fn spawn(
 ) -> Handle {
     let (outbound, rx) = mpsc::channel(512);
     let preferred = Arc::new(AtomicBool::new(preferred));
-    let task = tokio::spawn(run(target, node, tls, preferred.clone(), rx, inbound));
+    let task = rt.spawn(run(target, node, tls, preferred.clone(), rx, inbound));
     Handle {
         outbound,
         preferred,

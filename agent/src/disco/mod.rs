@@ -146,14 +146,27 @@ impl Message {
     }
 }
 
+/// The box two disco keys share: one X25519 and a key derivation, so it is made once per
+/// peer disco key and kept, not once per packet (anyone may send us packets claiming a
+/// peer's disco key; they must cost a MAC check, not a key exchange).
+pub fn shared(ours: &SecretKey, peer: &[u8; 32]) -> SalsaBox {
+    SalsaBox::new(&PublicKey::from(*peer), ours)
+}
+
 /// Seals `msg` from `ours` to `peer` with `nonce` (24 random bytes from the caller).
 pub fn seal(ours: &SecretKey, peer: &PublicKey, nonce: [u8; 24], msg: &Message) -> Vec<u8> {
-    let sealed = SalsaBox::new(peer, ours)
+    let b = shared(ours, peer.as_bytes());
+    seal_with(&b, ours.public_key().as_bytes(), nonce, msg)
+}
+
+/// Seals `msg` with the box shared with the receiver; `ours` is our disco public key.
+pub fn seal_with(b: &SalsaBox, ours: &[u8; 32], nonce: [u8; 24], msg: &Message) -> Vec<u8> {
+    let sealed = b
         .encrypt(&nonce.into(), msg.encode().as_slice())
         .expect("sealing cannot fail");
     let mut out = Vec::with_capacity(HEADER + sealed.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(ours.public_key().as_bytes());
+    out.extend_from_slice(ours);
     out.extend_from_slice(&nonce);
     out.extend_from_slice(&sealed);
     out
@@ -162,11 +175,19 @@ pub fn seal(ours: &SecretKey, peer: &PublicKey, nonce: [u8; 24], msg: &Message) 
 /// Opens a disco packet addressed to `ours`.
 pub fn open(ours: &SecretKey, p: &[u8]) -> Result<([u8; 32], Message), DiscoError> {
     let from = sender(p)?;
+    Ok((from, open_with(&shared(ours, &from), p)?))
+}
+
+/// Opens a disco packet with the box shared with its claimed sender.
+pub fn open_with(b: &SalsaBox, p: &[u8]) -> Result<Message, DiscoError> {
+    if classify(p) != Kind::Disco {
+        return Err(DiscoError::NotDisco);
+    }
     let nonce: [u8; 24] = p[38..HEADER].try_into().expect("24 bytes");
-    let plain = SalsaBox::new(&PublicKey::from(from), ours)
+    let plain = b
         .decrypt(&nonce.into(), &p[HEADER..])
         .map_err(|_| DiscoError::Open)?;
-    Ok((from, Message::decode(&plain)?))
+    Message::decode(&plain)
 }
 
 #[cfg(test)]

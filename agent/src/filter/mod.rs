@@ -24,7 +24,6 @@ mod flows;
 mod packet;
 mod rules;
 
-use crate::{Error, Result};
 use flows::{Flow, Flows};
 use packet::{Ip, Packet, proto};
 use rules::{Range, Rule};
@@ -41,15 +40,31 @@ pub struct Filter {
     flows: Flows,
 }
 
+/// What parsing the map's filter sets gave: the filter of every rule that parsed, and one
+/// message per rule (or set) that did not, naming it.
+#[derive(Debug)]
+pub struct Parsed {
+    pub filter: Filter,
+    pub skipped: Vec<String>,
+}
+
 impl Default for Filter {
     fn default() -> Self {
-        Filter::allow_all()
+        Filter::deny_all()
     }
 }
 
 impl Filter {
-    /// Every well-formed packet passes (until the first map arrives, there are no peers to
-    /// send any). Malformed ones and multicast still do not.
+    /// Nothing passes: no rules, and no address of ours to deliver to. What the data plane
+    /// starts with, until headscale's policy is in force.
+    pub fn deny_all() -> Filter {
+        Filter {
+            local: Some(vec![]),
+            ..Filter::from_rules(vec![])
+        }
+    }
+
+    /// Every well-formed packet passes. Malformed ones and multicast still do not.
     pub fn allow_all() -> Filter {
         Filter::from_rules(vec![Rule::everything()])
     }
@@ -64,15 +79,18 @@ impl Filter {
 
     /// The effective filter of the netmap's named sets: their concatenation, by name. No
     /// sets, or empty ones, accept no new inbound flows (replies to ours still pass).
-    /// Anything that does not parse is an error for the whole filter: half a filter would
-    /// be a policy nobody wrote.
-    pub fn from_sets(sets: &BTreeMap<String, serde_json::Value>) -> Result<Filter> {
-        let mut rules = vec![];
+    /// A rule that does not parse is left out and reported: rules only ever accept, so
+    /// leaving one out can only narrow access, never widen it (tailscaled, too, keeps the
+    /// rules it understands).
+    pub fn from_sets(sets: &BTreeMap<String, serde_json::Value>) -> Parsed {
+        let (mut rules, mut skipped) = (vec![], vec![]);
         for (name, set) in sets {
-            rules::parse_set(name, set, &mut rules)
-                .map_err(|e| Error::Control(format!("packet filter: {e}")))?;
+            rules::parse_set(name, set, &mut rules, &mut skipped);
         }
-        Ok(Filter::from_rules(rules))
+        Parsed {
+            filter: Filter::from_rules(rules),
+            skipped,
+        }
     }
 
     /// Restricts accepted destinations to our own addresses (`ip/len`, as the self node

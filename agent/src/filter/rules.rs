@@ -178,21 +178,33 @@ impl Rule {
     }
 }
 
-/// Parses one named set (a JSON array of `FilterRule`), appending its rules to `out`. Rules
-/// that end up without sources or destinations (capability grants) are left out: they could
-/// never match a packet.
-pub fn parse_set(name: &str, rules: &serde_json::Value, out: &mut Vec<Rule>) -> Result<(), String> {
-    if rules.is_null() {
-        return Ok(());
-    }
-    let raw = Vec::<RawRule>::deserialize(rules).map_err(|e| format!("set {name:?}: {e}"))?;
-    for (i, r) in raw.into_iter().enumerate() {
-        let rule = parse_rule(r).map_err(|e| format!("set {name:?}, rule {i}: {e}"))?;
-        if !rule.srcs.is_empty() && !rule.dsts.is_empty() {
-            out.push(rule);
+/// Parses one named set (a JSON array of `FilterRule`), appending its rules to `out` and
+/// a message naming each rule that does not parse to `skipped`. Rules that end up without
+/// sources or destinations (capability grants) are left out: they could never match.
+pub fn parse_set(
+    name: &str,
+    rules: &serde_json::Value,
+    out: &mut Vec<Rule>,
+    skipped: &mut Vec<String>,
+) {
+    let list = match rules {
+        serde_json::Value::Null => return,
+        serde_json::Value::Array(list) => list,
+        other => {
+            skipped.push(format!("set {name:?}: not a list of rules: {other}"));
+            return;
+        }
+    };
+    for (i, raw) in list.iter().enumerate() {
+        let rule = RawRule::deserialize(raw)
+            .map_err(|e| e.to_string())
+            .and_then(parse_rule);
+        match rule {
+            Ok(rule) if !rule.srcs.is_empty() && !rule.dsts.is_empty() => out.push(rule),
+            Ok(_) => {}
+            Err(e) => skipped.push(format!("set {name:?}, rule {i}: {e}: {raw}")),
         }
     }
-    Ok(())
 }
 
 fn parse_rule(r: RawRule) -> Result<Rule, String> {

@@ -42,14 +42,24 @@ pub fn plan(addresses: &[String]) -> Result<Vec<(IpAddr, u8)>> {
 }
 
 /// Whether `ip` can be offered to peers as a direct endpoint.
+/// Whether the prefix lies inside the mesh's own ranges (the TUN routes those already).
+pub fn in_mesh((ip, len): (IpAddr, u8)) -> bool {
+    MESH_ROUTES.iter().any(|(net, net_len)| {
+        len >= *net_len
+            && match (ip, net) {
+                (IpAddr::V4(a), IpAddr::V4(n)) => {
+                    u32::from(a) >> (32 - net_len) == u32::from(*n) >> (32 - net_len)
+                }
+                (IpAddr::V6(a), IpAddr::V6(n)) => {
+                    u128::from(a) >> (128 - net_len) == u128::from(*n) >> (128 - net_len)
+                }
+                _ => false,
+            }
+    })
+}
+
 pub fn usable_endpoint(ip: IpAddr) -> bool {
-    let in_mesh = MESH_ROUTES.iter().any(|(net, len)| match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) => u32::from(a) >> (32 - len) == u32::from(*n) >> (32 - len),
-        (IpAddr::V6(a), IpAddr::V6(n)) => {
-            u128::from(a) >> (128 - len) == u128::from(*n) >> (128 - len)
-        }
-        _ => false,
-    });
+    let in_mesh = in_mesh((ip, if ip.is_ipv4() { 32 } else { 128 }));
     let link_local = match ip {
         IpAddr::V4(a) => a.is_link_local(),
         IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
@@ -82,28 +92,37 @@ fn net(e: impl std::fmt::Display, what: &str) -> Error {
 }
 
 /// The TUN device and a netlink handle to configure it. Dropping it removes the device.
+/// Creates the TUN device `name` (MTU 1280, up, with offloads). Synchronous: the caller
+/// picks the runtime it registers with (the data plane's own, see `dataplane::shell`).
+pub fn open_tun(name: &str) -> Result<tun::AsyncDevice> {
+    let mut cfg = tun::Configuration::default();
+    cfg.tun_name(name).mtu(MTU).up();
+    // A virtio-net header on every packet lets us hand the kernel coalesced TCP (GSO).
+    cfg.platform_config(|p| {
+        p.vnet_hdr(true);
+    });
+    let device = tun::create_as_async(&cfg).map_err(|e| {
+        Error::Control(format!(
+            "cannot create the TUN device {name}: {e} (needs CAP_NET_ADMIN and /dev/net/tun)"
+        ))
+    })?;
+    enable_offloads(&device)?;
+    Ok(device)
+}
+
 pub struct Tunnel {
     pub name: String,
     pub device: std::sync::Arc<tun::AsyncDevice>,
     index: u32,
     handle: rtnetlink::Handle,
+    /// Routes beyond the mesh's that we added (accepted subnet routes).
+    routes: Vec<(IpAddr, u8)>,
 }
 
 impl Tunnel {
-    /// Creates `name` (MTU 1280, up) and routes the mesh prefixes into it.
-    pub async fn create(name: &str) -> Result<Tunnel> {
-        let mut cfg = tun::Configuration::default();
-        cfg.tun_name(name).mtu(MTU).up();
-        // A virtio-net header on every packet lets us hand the kernel coalesced TCP (GSO).
-        cfg.platform_config(|p| {
-            p.vnet_hdr(true);
-        });
-        let device = tun::create_as_async(&cfg).map_err(|e| {
-            Error::Control(format!(
-                "cannot create the TUN device {name}: {e} (needs CAP_NET_ADMIN and /dev/net/tun)"
-            ))
-        })?;
-        enable_offloads(&device)?;
+    /// Takes over the TUN device `name` that [`open_tun`] made, and routes the mesh
+    /// prefixes into it.
+    pub async fn create(name: &str, device: tun::AsyncDevice) -> Result<Tunnel> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| net(e, "open"))?;
         tokio::spawn(conn);
         let link = handle
@@ -120,15 +139,22 @@ impl Tunnel {
             device: std::sync::Arc::new(device),
             index: link.header.index,
             handle,
+            routes: vec![],
         };
         for (ip, len) in MESH_ROUTES {
-            t.route(*ip, *len).await?;
+            t.handle
+                .route()
+                .add(t.route_message(*ip, *len))
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| net(e, &format!("route {ip}/{len} to {name}")))?;
         }
         Ok(t)
     }
 
-    async fn route(&self, ip: IpAddr, len: u8) -> Result<()> {
-        let msg = match ip {
+    fn route_message(&self, ip: IpAddr, len: u8) -> rtnetlink::packet_route::route::RouteMessage {
+        match ip {
             IpAddr::V4(v4) => rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(v4, len)
                 .output_interface(self.index)
@@ -137,14 +163,52 @@ impl Tunnel {
                 .destination_prefix(v6, len)
                 .output_interface(self.index)
                 .build(),
-        };
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| net(e, &format!("route {ip}/{len} to {}", self.name)))
+        }
+    }
+
+    /// Makes the accepted subnet routes point at the tunnel: adds the new ones, removes
+    /// those no longer wanted. A prefix the host already routes elsewhere (its own LAN) is
+    /// left alone, with a warning: a route from the tailnet must not take over a network the
+    /// firewall is attached to.
+    pub async fn set_routes(&mut self, wanted: &[(IpAddr, u8)]) {
+        for &(ip, len) in self.routes.clone().iter().filter(|r| !wanted.contains(r)) {
+            match self
+                .handle
+                .route()
+                .del(self.route_message(ip, len))
+                .execute()
+                .await
+            {
+                Ok(()) => tracing::info!(route = %format!("{ip}/{len}"), "subnet route removed"),
+                Err(e) => {
+                    tracing::warn!(route = %format!("{ip}/{len}"), error = %e, "cannot remove subnet route")
+                }
+            }
+        }
+        self.routes.retain(|r| wanted.contains(r));
+        let new: Vec<_> = wanted
+            .iter()
+            .filter(|r| !self.routes.contains(r))
+            .copied()
+            .collect();
+        for (ip, len) in new {
+            let route = format!("{ip}/{len}");
+            match self
+                .handle
+                .route()
+                .add(self.route_message(ip, len))
+                .execute()
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(%route, "subnet route from the tailnet accepted");
+                    self.routes.push((ip, len));
+                }
+                Err(e) => {
+                    tracing::warn!(%route, error = %e, "subnet route not added (the host routes it already?)")
+                }
+            }
+        }
     }
 
     /// This host's addresses that peers could reach us on: not loopback, link-local, the

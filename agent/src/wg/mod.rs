@@ -1,17 +1,35 @@
 //! WireGuard with boringtun: one `Tunn` per peer, keyed by node keys. `Wg` takes packets
 //! from the network and from the TUN device and returns what to send to which peer; which
 //! path (direct UDP or DERP) carries it is `dataplane`'s choice.
+//!
+//! Anyone can send to our UDP port, so what a datagram costs before it is known to come
+//! from someone who holds our public key matters: every handshake message has its `mac1`
+//! checked (one keyed BLAKE2s) before any X25519, and one rate limiter shared by all peers
+//! answers handshakes with cookie replies once more than [`HANDSHAKES_PER_SECOND`] arrive
+//! in a second, as wireguard-go and boringtun's own device do.
 
+mod table;
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult, handshake::parse_handshake_anon};
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
+use table::Table;
 use x25519_dalek::{PublicKey, StaticSecret};
+
+/// Handshake messages per second (all peers together) before the limiter wants cookies:
+/// boringtun's device uses the same figure.
+pub const HANDSHAKES_PER_SECOND: u64 = 100;
 
 /// What to do with a packet.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
     /// A WireGuard datagram for the peer with this node key.
     ToPeer([u8; 32], Vec<u8>),
+    /// A cookie reply, for the address the datagram came from (a handshake under load).
+    Reply(Vec<u8>),
     WriteTun(Vec<u8>),
 }
 
@@ -27,6 +45,9 @@ pub struct PeerStats {
 #[derive(Debug, Clone)]
 pub struct PeerSpec {
     pub node_key: [u8; 32],
+    /// The prefixes this peer is trusted with: its own addresses, and the routes it serves
+    /// that we accept. Packets from it must come from one of them (longest match among all
+    /// peers), and packets to them go to it.
     pub allowed: Vec<(IpAddr, u8)>,
 }
 
@@ -40,6 +61,9 @@ pub struct Wg {
     our_pub: PublicKey,
     slots: Vec<Option<Peer>>,
     by_key: HashMap<[u8; 32], usize>,
+    /// Every peer's allowed prefixes: where packets go, and which sources each may use.
+    table: Table,
+    limiter: Arc<RateLimiter>,
     buf: Vec<u8>,
     filter: crate::filter::Filter,
     /// Spent packet buffers, reused so the data path does not allocate per packet.
@@ -56,21 +80,6 @@ fn take(pool: &mut Vec<Vec<u8>>, p: &[u8]) -> Vec<u8> {
     v
 }
 
-fn contains(net: &(IpAddr, u8), ip: IpAddr) -> bool {
-    match (net.0, ip) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => {
-            net.1 == 0
-                || u32::from(n) >> (32 - net.1.min(32)) == u32::from(a) >> (32 - net.1.min(32))
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            net.1 == 0
-                || u128::from(n) >> (128 - net.1.min(128))
-                    == u128::from(a) >> (128 - net.1.min(128))
-        }
-        _ => false,
-    }
-}
-
 /// The destination address of an IP packet.
 pub fn destination(p: &[u8]) -> Option<IpAddr> {
     match p.first()? >> 4 {
@@ -81,15 +90,19 @@ pub fn destination(p: &[u8]) -> Option<IpAddr> {
 }
 
 impl Wg {
+    /// Starts with no peers and a filter that lets nothing in: until headscale's policy is
+    /// in force, no packet from a peer reaches the host (tailscaled starts allow-none too).
     pub fn new(our: StaticSecret) -> Wg {
         let our_pub = PublicKey::from(&our);
         Wg {
+            limiter: Arc::new(RateLimiter::new(&our_pub, HANDSHAKES_PER_SECOND)),
             our,
             our_pub,
             slots: vec![],
             by_key: HashMap::new(),
+            table: Table::default(),
             buf: vec![0u8; 65536 + 256],
-            filter: crate::filter::Filter::allow_all(),
+            filter: crate::filter::Filter::deny_all(),
             pool: vec![],
         }
     }
@@ -137,7 +150,7 @@ impl Wg {
                         None,
                         None,
                         slot as u32,
-                        None,
+                        Some(self.limiter.clone()),
                     );
                     let peer = Peer { spec, tunn };
                     if slot == self.slots.len() {
@@ -149,10 +162,30 @@ impl Wg {
                 }
             }
         }
+        self.rebuild_table();
     }
 
-    fn slot_for(&self, datagram: &[u8]) -> Option<usize> {
-        match Tunn::parse_incoming_packet(datagram).ok()? {
+    /// Peers in node key order, so that a prefix two peers claim goes to the same one after
+    /// every restart.
+    fn rebuild_table(&mut self) {
+        let mut keys: Vec<(&[u8; 32], &usize)> = self.by_key.iter().collect();
+        keys.sort();
+        let mut table = Table::default();
+        for (_, &slot) in keys {
+            if let Some(p) = &self.slots[slot] {
+                for &(ip, len) in &p.spec.allowed {
+                    table.insert(ip, len, slot);
+                }
+            }
+        }
+        self.table = table;
+    }
+
+    /// The peer a verified packet belongs to. Only a handshake initiation needs our private
+    /// key to tell (the sender's static key is encrypted), and only one whose `mac1` proved
+    /// that its sender knows our public key gets that far.
+    fn slot_for(&self, packet: Packet) -> Option<usize> {
+        match packet {
             Packet::HandshakeInit(init) => {
                 let half = parse_handshake_anon(&self.our, &self.our_pub, &init).ok()?;
                 self.by_key.get(&half.peer_static_public).copied()
@@ -171,9 +204,26 @@ impl Wg {
         datagram: &[u8],
         out: &mut Vec<Action>,
     ) -> Option<[u8; 32]> {
-        let slot = self.slot_for(datagram)?;
+        let mut cookie = [0u8; 64];
+        let packet = match self.limiter.verify_packet(src_ip, datagram, &mut cookie) {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(c)) => {
+                out.push(Action::Reply(take(&mut self.pool, c)));
+                return None;
+            }
+            Err(e) => {
+                if !matches!(e, TunnResult::Err(WireGuardError::InvalidMac)) {
+                    tracing::trace!(?src_ip, "WireGuard datagram refused before any peer");
+                }
+                return None;
+            }
+        };
+        let slot = self.slot_for(packet)?;
         let peer = self.slots.get_mut(slot).and_then(Option::as_mut)?;
         let key = peer.spec.node_key;
+        // `decapsulate` checks the macs once more with the same limiter: boringtun keeps the
+        // path that takes a verified packet to itself. That second BLAKE2s is paid only by
+        // datagrams that passed the first.
         match peer.tunn.decapsulate(src_ip, datagram, &mut self.buf) {
             TunnResult::WriteToNetwork(p) => {
                 out.push(Action::ToPeer(key, take(&mut self.pool, p)));
@@ -184,18 +234,20 @@ impl Wg {
                     out.push(Action::ToPeer(key, take(&mut self.pool, p)));
                 }
             }
-            TunnResult::WriteToTunnelV4(p, a) => {
-                if peer.spec.allowed.iter().any(|n| contains(n, IpAddr::V4(a)))
-                    && self.filter.allow_in(p)
-                {
+            TunnResult::WriteToTunnelV4(p, src) => {
+                // Cryptokey routing: the source must route back to this very peer. A peer
+                // that also serves routes cannot borrow another node's address.
+                if self.table.lookup(src.into()) == Some(slot) && self.filter.allow_in(p) {
                     out.push(Action::WriteTun(take(&mut self.pool, p)));
+                } else {
+                    tracing::trace!(peer = slot, %src, "inbound packet refused (source or filter)");
                 }
             }
-            TunnResult::WriteToTunnelV6(p, a) => {
-                if peer.spec.allowed.iter().any(|n| contains(n, IpAddr::V6(a)))
-                    && self.filter.allow_in(p)
-                {
+            TunnResult::WriteToTunnelV6(p, src) => {
+                if self.table.lookup(src.into()) == Some(slot) && self.filter.allow_in(p) {
                     out.push(Action::WriteTun(take(&mut self.pool, p)));
+                } else {
+                    tracing::trace!(peer = slot, %src, "inbound packet refused (source or filter)");
                 }
             }
             TunnResult::Done => {}
@@ -209,14 +261,10 @@ impl Wg {
 
     /// An IP packet from the TUN device.
     pub fn from_tun(&mut self, packet: &[u8], out: &mut Vec<Action>) {
-        let Some(dst) = destination(packet) else {
-            return;
-        };
-        let Some(peer) = self
-            .slots
-            .iter_mut()
-            .flatten()
-            .find(|p| p.spec.allowed.iter().any(|n| contains(n, dst)))
+        let Some(peer) = destination(packet)
+            .and_then(|dst| self.table.lookup(dst))
+            .and_then(|slot| self.slots.get_mut(slot))
+            .and_then(Option::as_mut)
         else {
             return;
         };
@@ -245,6 +293,8 @@ impl Wg {
 
     /// Drives handshake and keep-alive timers; call every 100-250 ms.
     pub fn tick(&mut self, out: &mut Vec<Action>) {
+        // The limiter counts handshakes per second; it checks itself that a second passed.
+        self.limiter.reset_count();
         for peer in self.slots.iter_mut().flatten() {
             if let TunnResult::WriteToNetwork(p) = peer.tunn.update_timers(&mut self.buf) {
                 out.push(Action::ToPeer(peer.spec.node_key, take(&mut self.pool, p)));
@@ -282,6 +332,8 @@ mod tests {
         let (mut a, mut b) = (Wg::new(ka.clone()), Wg::new(kb.clone()));
         a.sync(vec![spec(&kb, "100.64.0.2")]);
         b.sync(vec![spec(&ka, "100.64.0.1")]);
+        a.set_filter(crate::filter::Filter::allow_all());
+        b.set_filter(crate::filter::Filter::allow_all());
         // a sends to b: the first packet starts a handshake.
         let mut out = vec![];
         a.from_tun(&ping([100, 64, 0, 1], [100, 64, 0, 2]), &mut out);
@@ -297,6 +349,7 @@ mod tests {
                         assert_eq!(a.from_network(None, &p, &mut next), Some(pb));
                     }
                     Action::WriteTun(p) => delivered.push(p),
+                    Action::Reply(p) => panic!("cookie reply without load: {p:?}"),
                 }
             }
             out = next;
@@ -342,5 +395,145 @@ mod tests {
         );
         w.from_tun(&[0x45, 0], &mut out);
         assert!(out.is_empty());
+    }
+
+    /// Runs packets between `a` (key `ka`) and the peers in `others` until nothing moves;
+    /// returns what each delivered to its TUN device, by node key.
+    fn exchange(
+        nodes: &mut [(&StaticSecret, &mut Wg)],
+        mut out: Vec<([u8; 32], Action)>,
+    ) -> HashMap<[u8; 32], Vec<Vec<u8>>> {
+        let mut delivered: HashMap<[u8; 32], Vec<Vec<u8>>> = HashMap::new();
+        for _ in 0..8 {
+            let mut next = vec![];
+            for (from, act) in out.drain(..) {
+                match act {
+                    Action::ToPeer(to, p) => {
+                        let (_, w) = nodes
+                            .iter_mut()
+                            .find(|(k, _)| *PublicKey::from(*k).as_bytes() == to)
+                            .expect("a known peer");
+                        let mut o = vec![];
+                        w.from_network(None, &p, &mut o);
+                        next.extend(o.into_iter().map(|a| (to, a)));
+                    }
+                    Action::WriteTun(p) => delivered.entry(from).or_default().push(p),
+                    Action::Reply(_) => {}
+                }
+            }
+            out = next;
+        }
+        delivered
+    }
+
+    #[test]
+    fn the_longest_prefix_picks_the_peer_and_sources_must_route_back() {
+        let (kf, ko, kr) = (
+            StaticSecret::from([1; 32]),
+            StaticSecret::from([2; 32]),
+            StaticSecret::from([3; 32]),
+        );
+        let key = |k: &StaticSecret| *PublicKey::from(k).as_bytes();
+        // The firewall knows the operator (its /32) and a router that serves a subnet and
+        // the whole internet (as the daemon would hand it only with routes accepted).
+        let router = PeerSpec {
+            node_key: key(&kr),
+            allowed: vec![
+                ("100.64.0.3".parse().unwrap(), 32),
+                ("198.51.100.0".parse().unwrap(), 24),
+                ("0.0.0.0".parse().unwrap(), 0),
+            ],
+        };
+        for order in [false, true] {
+            let mut fw = Wg::new(kf.clone());
+            let mut peers = vec![spec(&ko, "100.64.0.2"), router.clone()];
+            if order {
+                peers.reverse();
+            }
+            fw.sync(peers);
+            fw.set_filter(crate::filter::Filter::allow_all());
+            let (mut op, mut rt) = (Wg::new(ko.clone()), Wg::new(kr.clone()));
+            op.sync(vec![spec(&kf, "100.64.0.1")]);
+            rt.sync(vec![spec(&kf, "100.64.0.1")]);
+            for w in [&mut op, &mut rt] {
+                w.set_filter(crate::filter::Filter::allow_all());
+            }
+            // Outbound: the operator's /32 beats the router's /0, the subnet goes to the router.
+            let mut out = vec![];
+            fw.from_tun(&ping([100, 64, 0, 1], [100, 64, 0, 2]), &mut out);
+            fw.from_tun(&ping([100, 64, 0, 1], [198, 51, 100, 7]), &mut out);
+            let dests: Vec<[u8; 32]> = out
+                .iter()
+                .map(|a| match a {
+                    Action::ToPeer(k, _) => *k,
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert_eq!(dests, vec![key(&ko), key(&kr)], "order {order}");
+            // Inbound: the router may send from its own address and its subnet, not from
+            // the operator's address, though its /0 covers it.
+            let mut out = vec![];
+            rt.from_tun(&ping([100, 64, 0, 3], [100, 64, 0, 1]), &mut out);
+            rt.from_tun(&ping([198, 51, 100, 7], [100, 64, 0, 1]), &mut out);
+            rt.from_tun(&ping([100, 64, 0, 2], [100, 64, 0, 1]), &mut out);
+            let out = out.into_iter().map(|a| (key(&kr), a)).collect();
+            let got = exchange(&mut [(&kf, &mut fw), (&kr, &mut rt)], out);
+            assert_eq!(
+                got[&key(&kf)],
+                vec![
+                    ping([100, 64, 0, 3], [100, 64, 0, 1]),
+                    ping([198, 51, 100, 7], [100, 64, 0, 1])
+                ]
+            );
+        }
+    }
+
+    /// A handshake initiation as an attacker who knows our public key sends it: random
+    /// content under a correct `mac1`.
+    fn initiation_with_mac1(to: &PublicKey, seed: u8) -> Vec<u8> {
+        use blake2::digest::{FixedOutput, Mac};
+        use blake2::{Blake2s256, Blake2sMac, Digest};
+        let mut p = vec![seed; 148];
+        p[..4].copy_from_slice(&[1, 0, 0, 0]);
+        let key = Blake2s256::new()
+            .chain_update(b"mac1----")
+            .chain_update(to.as_bytes())
+            .finalize();
+        let mut mac = Blake2sMac::<blake2::digest::consts::U16>::new_from_slice(&key).unwrap();
+        mac.update(&p[..116]);
+        p[116..132].copy_from_slice(&mac.finalize_fixed());
+        p
+    }
+
+    #[test]
+    fn junk_handshakes_are_dropped_and_a_flood_gets_cookies() {
+        let ours = StaticSecret::from([1; 32]);
+        let mut w = Wg::new(ours.clone());
+        w.sync(vec![spec(&StaticSecret::from([2; 32]), "100.64.0.2")]);
+        let from = Some("192.0.2.66".parse().unwrap());
+        let mut out = vec![];
+        // Without a valid mac1: nothing, however many.
+        for seed in 0..200u8 {
+            let mut p = vec![seed; 148];
+            p[..4].copy_from_slice(&[1, 0, 0, 0]);
+            assert_eq!(w.from_network(from, &p, &mut out), None);
+        }
+        assert!(out.is_empty(), "{out:?}");
+        // With one: the first hundred a second are looked at (and fail: junk inside), then
+        // the limiter answers with cookie replies, which only the real sender receives.
+        let us = PublicKey::from(&ours);
+        for seed in 0..=HANDSHAKES_PER_SECOND as u8 + 10 {
+            w.from_network(from, &initiation_with_mac1(&us, seed), &mut out);
+        }
+        assert!(
+            out.iter()
+                .all(|a| matches!(a, Action::Reply(c) if c.len() == 64)),
+            "{out:?}"
+        );
+        assert!(out.len() >= 5, "{}", out.len());
+        // Via DERP there is no address to send a cookie to: dropped under load.
+        let mut derp = vec![];
+        w.from_network(None, &initiation_with_mac1(&us, 1), &mut derp);
+        assert!(derp.is_empty());
     }
 }
