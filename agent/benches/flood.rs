@@ -51,6 +51,22 @@ fn junk_initiation(j: &mut Junk) -> Vec<u8> {
     p
 }
 
+/// An initiation under a correct `mac1` for `to`: someone who knows our public key (every
+/// peer does). Past the limiter's 100 per second these get cookie replies.
+fn initiation_with_mac1(j: &mut Junk, to: &[u8; 32]) -> Vec<u8> {
+    use blake2::digest::{FixedOutput, Mac};
+    use blake2::{Blake2s256, Blake2sMac, Digest};
+    let mut p = junk_initiation(j);
+    let key = Blake2s256::new()
+        .chain_update(b"mac1----")
+        .chain_update(to)
+        .finalize();
+    let mut mac = Blake2sMac::<blake2::digest::consts::U16>::new_from_slice(&key).unwrap();
+    mac.update(&p[..116]);
+    p[116..132].copy_from_slice(&mac.finalize_fixed());
+    p
+}
+
 /// A disco-shaped packet (magic, a peer's real disco key, random nonce and box): disco keys
 /// are not secret, anyone who saw one on the wire can send these.
 fn junk_disco(j: &mut Junk, sender: &[u8; 32]) -> Vec<u8> {
@@ -87,6 +103,11 @@ fn measure(name: &str, mut packet: impl FnMut() -> Vec<u8>) {
 fn main() {
     let mut j = Junk(0x9e37_79b9_7f4a_7c15);
     measure("junk handshake initiation", || junk_initiation(&mut j));
+    let ours = *PublicKey::from(&StaticSecret::from([1u8; 32])).as_bytes();
+    let mut j = Junk(0x1234_5678_9abc_def1);
+    measure("handshake initiation with a valid mac1", || {
+        initiation_with_mac1(&mut j, &ours)
+    });
     let (_, sender) = engine();
     let mut j = Junk(0x2545_f491_4f6c_dd1d);
     measure("junk disco packet, known sender key", || {

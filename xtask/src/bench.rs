@@ -13,14 +13,19 @@ pub enum Which {
     UserdataGen,
     /// iperf3 and ping through vpn-agent against a stock tailscaled, in the lab.
     Dataplane,
+    /// What junk on the agent's UDP port costs per packet, no network.
+    Flood,
 }
 
 pub fn run(which: Option<Which>, profile: bool) -> Result<()> {
-    if profile && which == Some(Which::UserdataGen) {
+    if profile && which.is_some_and(|w| w != Which::Dataplane) {
         bail!("--profile profiles the agent: it goes with `cargo xtask bench dataplane`");
     }
     if !profile && which.is_none_or(|w| w == Which::UserdataGen) {
         userdata_gen()?;
+    }
+    if !profile && which.is_none_or(|w| w == Which::Flood) {
+        flood()?;
     }
     if which.is_none_or(|w| w == Which::Dataplane) {
         dataplane(profile)?;
@@ -28,11 +33,10 @@ pub fn run(which: Option<Which>, profile: bool) -> Result<()> {
     Ok(())
 }
 
-fn userdata_gen() -> Result<()> {
-    let root = vdc::tools::workspace_root();
-    println!("==> bench: userdata-gen generation, no network (release build)");
+/// Runs `cargo bench -p PACKAGE --bench NAME` and returns the JSON objects it printed.
+fn cargo_bench(package: &str, name: &str) -> Result<Vec<Value>> {
     let out = cargo()
-        .args(["bench", "-q", "-p", "userdata-gen", "--bench", "generate"])
+        .args(["bench", "-q", "-p", package, "--bench", name])
         .output()
         .context("cannot run cargo bench")?;
     if !out.status.success() {
@@ -41,12 +45,46 @@ fn userdata_gen() -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let mut table = String::from("| case | input | runs | median | p95 |\n|---|---|---|---|---|\n");
-    for line in String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.starts_with('{'))
-    {
-        let v: Value = serde_json::from_str(line)?;
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
+}
+
+/// The cost of junk on the agent's UDP port (release build, one core, no network).
+fn flood() -> Result<()> {
+    let root = vdc::tools::workspace_root();
+    println!("==> bench: junk packets into the agent's data-plane engine (release build)");
+    let built_from = commit();
+    let mut table = String::from(
+        "| junk packet | time per packet | packets per second on one core |\n|---|---|---|\n",
+    );
+    for v in cargo_bench("vpn-agent", "flood")? {
+        table.push_str(&format!(
+            "| {} | {:.2} µs | {:.0} |\n",
+            v["case"].as_str().unwrap_or_default(),
+            v["ns_per_packet"].as_f64().unwrap_or_default() / 1e3,
+            v["packets_per_core_second"].as_f64().unwrap_or_default(),
+        ));
+    }
+    print!("{table}");
+    write_section(
+        &root.join("README.md"),
+        "flood",
+        &format!(
+            "Measured by `cargo xtask bench flood` on {}, {} (release build of {built_from}):\n\n{table}",
+            machine(),
+            vdc::bench::today(),
+        ),
+    )
+}
+
+fn userdata_gen() -> Result<()> {
+    let root = vdc::tools::workspace_root();
+    println!("==> bench: userdata-gen generation, no network (release build)");
+    let mut table = String::from("| case | input | runs | median | p95 |\n|---|---|---|---|---|\n");
+    for v in cargo_bench("userdata-gen", "generate")? {
         table.push_str(&format!(
             "| {} | {} bytes | {} | {:.2} ms | {:.2} ms |\n",
             v["case"].as_str().unwrap_or_default(),
