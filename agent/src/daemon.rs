@@ -21,8 +21,9 @@ use tracing::{error, info, warn};
 use userdata_gen::payload::Secret;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-/// How often the firewall table is compared with the intended one.
-const FIREWALL_CHECK: Duration = Duration::from_secs(2);
+/// How often the firewall table is compared with the intended one besides every change
+/// nftables announces: a backstop should the announcements ever fail.
+const FIREWALL_POLL: Duration = Duration::from_secs(10);
 
 /// tailscaled's watchdog: no message (keep-alives included) for this long means a dead stream.
 const MAP_WATCHDOG: Duration = Duration::from_secs(120);
@@ -158,20 +159,44 @@ impl Daemon {
         self.data.as_ref().expect("start_local ran")
     }
 
-    /// Puts the table back whenever someone else removes or changes it.
+    /// Puts the table back whenever someone else removes or changes it: at once on every
+    /// ruleset change nftables announces (an `nft flush ruleset` by a reload of
+    /// nftables.service), and every [`FIREWALL_POLL`] in any case.
     fn guard_firewall(&self) {
         let settings = self.cfg.settings.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(FIREWALL_CHECK);
+            let mut watch = match crate::firewall::watch::Watch::open() {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    warn!(error = %e, "no nftables change events; checking the table by polling only");
+                    None
+                }
+            };
+            let mut tick = tokio::time::interval(FIREWALL_POLL);
             loop {
-                tick.tick().await;
+                let changed = async {
+                    match watch.as_mut() {
+                        Some(w) => w.changed().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = changed => if let Err(e) = r {
+                        warn!(error = %e, "nftables change events failed; polling only");
+                        watch = None;
+                    },
+                    _ = tick.tick() => {}
+                }
+                let started = std::time::Instant::now();
                 let s = settings.clone();
                 match tokio::task::spawn_blocking(move || crate::firewall::restore_if_changed(&s))
                     .await
                 {
-                    Ok(Ok(d)) if !d.is_empty() => {
-                        warn!(differences = ?d, "nftables table was changed by someone else; restored")
-                    }
+                    Ok(Ok(d)) if !d.is_empty() => warn!(
+                        differences = ?d,
+                        restored_in = ?started.elapsed(),
+                        "nftables table was changed by someone else; restored"
+                    ),
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => error!(error = %e, "cannot check the nftables table"),
                     Err(e) => error!(error = %e, "firewall check task failed"),

@@ -339,3 +339,35 @@ pub fn ssh(
             .arg(command),
     )
 }
+
+/// The command lines of `key` (`ExecStart`, `ExecReload`, …) in the unit file or drop-in at
+/// `path` inside the firewall's `root`, as Ignition wrote it.
+pub fn unit_lines(root: &std::path::Path, path: &str, key: &str) -> Result<Vec<String>> {
+    let file = root.join(path.trim_start_matches('/'));
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("{} (written by Ignition?)", file.display()))?;
+    let prefix = format!("{key}=");
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// Runs a unit's command line on `host` as systemd would on the firewall: inside `root`'s
+/// `/etc`, with our build standing in for `/usr/local/bin/vpn-agent`.
+pub fn run_unit_line(lab: &Lab, host: &str, root: &std::path::Path, line: &str) -> Result<String> {
+    let mut words = line.split_whitespace();
+    let program = match words.next() {
+        Some("/usr/local/bin/vpn-agent") => tools::project_bin("vpn-agent"),
+        Some(p) => PathBuf::from(p),
+        None => bail!("an empty command line"),
+    };
+    cmd::run_quiet(
+        lab.host(host)
+            .ns()
+            .command_in_root(root, program)
+            .args(words),
+    )
+}

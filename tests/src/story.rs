@@ -209,15 +209,10 @@ pub fn run(lab: &Lab, step: &mut dyn FnMut(&str)) -> Result<()> {
 /// What the early unit, the firewall's own ruleset and sshd do at boot, before the agent.
 fn boot_without_agent(lab: &Lab, root: &Path) -> Result<()> {
     let ns = lab.host("fw").ns();
-    cmd::run(
-        ns.command_in_root(root, tools::project_bin("vpn-agent"))
-            .args([
-                "firewall",
-                "apply",
-                "--settings",
-                "/etc/vpn-agent/agent.json",
-            ]),
-    )?;
+    let early = "/etc/systemd/system/vpn-agent-firewall.service";
+    for line in crate::firewall::unit_lines(root, early, "ExecStart")? {
+        crate::firewall::run_unit_line(lab, "fw", root, &line)?;
+    }
     let metal = lab.host_dir("fw").join("metal.nft");
     std::fs::write(&metal, METAL_RULESET)?;
     cmd::run_quiet(ns.command("nft").arg("-f").arg(&metal))?;

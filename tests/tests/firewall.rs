@@ -70,7 +70,7 @@ fn public_ssh_closes_mesh_ssh_stays_and_metals_table_is_untouched() {
     // Applying twice changes nothing; check agrees; a tampered table is reported and repaired.
     assert!(agent(&fw, &settings, &["apply"]).status.success());
     let rules = nft(&fw, &["list", "table", "inet", "vpn_agent"]);
-    assert_eq!(rules.matches("drop").count(), 1, "{rules}");
+    assert_eq!(rules.matches("tcp dport 22 drop").count(), 1, "{rules}");
     assert!(agent(&fw, &settings, &["check"]).status.success());
     nft(
         &fw,
@@ -109,14 +109,18 @@ fn systemd_accepts_the_units() {
     let dir = std::env::temp_dir().join(format!("vdc-units-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(tools::project_bin("vpn-agent"), dir.join("vpn-agent")).unwrap();
+    // Our units and the drop-ins for nftables.service and ssh.service, from a unit path of
+    // their own in front of the system's (Debian's nftables and openssh units are there).
     let units = tools::workspace_root().join("systemd");
     let out = vdc::cmd::quiet_output(
         std::process::Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg(r#"mount --bind "$0" /usr/local/bin && exec systemd-analyze verify "$1" "$2""#)
+            .arg(
+                r#"mount --bind "$0" /usr/local/bin && SYSTEMD_UNIT_PATH="$1:" exec systemd-analyze verify \
+                   tailscaled.service vpn-agent-firewall.service nftables.service ssh.service"#,
+            )
             .arg(&dir)
-            .arg(units.join("tailscaled.service"))
-            .arg(units.join("vpn-agent-firewall.service")),
+            .arg(&units),
     )
     .unwrap();
     std::fs::remove_dir_all(&dir).unwrap();

@@ -27,6 +27,25 @@ pub const UNITS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Drop-ins for units that are not ours, as files under [`UNIT_DIR`] (not as Ignition unit
+/// entries: the user's config may list these units itself, and two entries for one unit
+/// conflict). nftables.service puts our table back after every (re)load of its ruleset;
+/// sshd waits for our table and does not start without it.
+pub const FOREIGN_DROPINS: &[(&str, &str)] = &[
+    (
+        "nftables.service.d/50-vpn-agent.conf",
+        include_str!("../../systemd/nftables.service.d/50-vpn-agent.conf"),
+    ),
+    (
+        "ssh.service.d/50-vpn-agent.conf",
+        include_str!("../../systemd/ssh.service.d/50-vpn-agent.conf"),
+    ),
+    (
+        "sshd.service.d/50-vpn-agent.conf",
+        include_str!("../../systemd/ssh.service.d/50-vpn-agent.conf"),
+    ),
+];
+
 /// The agent's unit, the one a VRF drop-in wraps.
 pub const AGENT_UNIT: &str = "tailscaled.service";
 pub const VRF_DROPIN: &str = "10-vrf.conf";
@@ -190,6 +209,11 @@ impl Payload {
             contents: (serde_json::to_string_pretty(&agent).expect("settings serialize") + "\n")
                 .into_bytes(),
         });
+        files.extend(FOREIGN_DROPINS.iter().map(|(path, contents)| PayloadFile {
+            path: format!("{UNIT_DIR}/{path}"),
+            mode: 0o644,
+            contents: contents.as_bytes().to_vec(),
+        }));
         let units = UNITS
             .iter()
             .map(|(name, contents)| PayloadUnit {

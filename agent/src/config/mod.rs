@@ -127,19 +127,51 @@ pub fn parse_mesh(text: &str, path: &Path) -> Result<Mesh> {
     })
 }
 
-/// Reads the agent's own settings file.
+/// Reads the agent's own settings file, and refuses settings that would leave a port open
+/// or make the firewall rules match more than the tunnel: nothing is loaded from them.
 pub fn load_settings(path: &Path) -> Result<AgentSettings> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let s: AgentSettings = serde_json::from_str(&text)
         .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-    if s.version != 1 {
-        return Err(Error::Config(format!(
-            "{}: version {} is not supported (expected 1)",
-            path.display(),
-            s.version
-        )));
-    }
+    check_settings(&s).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
     Ok(s)
+}
+
+/// Whether `name` names exactly one interface in nftables: 1 to 15 characters, none of
+/// which nft reads as a wildcard (`*`) or escape, no spaces or slashes.
+pub fn valid_interface(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The settings' own rules; the message names the field.
+pub fn check_settings(s: &AgentSettings) -> std::result::Result<(), String> {
+    if s.version != 1 {
+        return Err(format!(
+            "version {} is not supported (expected 1)",
+            s.version
+        ));
+    }
+    if !valid_interface(&s.interface) {
+        return Err(format!(
+            "interface {:?} is not one interface name (1-15 letters, digits, '-', '_', '.'; \
+             a wildcard would let SSH in on other interfaces)",
+            s.interface
+        ));
+    }
+    if s.ssh_port == 0 || !s.closed_tcp_ports.contains(&s.ssh_port) {
+        return Err(format!(
+            "ssh_port {} is not among closed_tcp_ports {:?}: SSH would stay open on every \
+             interface",
+            s.ssh_port, s.closed_tcp_ports
+        ));
+    }
+    if s.closed_tcp_ports.contains(&0) || s.listen_port == 0 {
+        return Err("port 0 in closed_tcp_ports or listen_port".into());
+    }
+    Ok(())
 }
 
 impl Config {
@@ -188,6 +220,41 @@ mod tests {
         assert_eq!(m.hostname.as_deref(), Some("m1"));
         assert!(m.enabled);
         assert!(!m.accept_routes, "routes are accepted only when asked for");
+    }
+
+    #[test]
+    fn settings_that_would_leave_ssh_open_are_refused() {
+        assert_eq!(check_settings(&AgentSettings::default()), Ok(()));
+        for (change, want) in [
+            (
+                (|s: &mut AgentSettings| s.ssh_port = 2222) as fn(&mut AgentSettings),
+                "ssh_port 2222 is not among closed_tcp_ports",
+            ),
+            (
+                |s| s.closed_tcp_ports = vec![],
+                "not among closed_tcp_ports",
+            ),
+            (
+                |s| s.interface = "tailscale*".into(),
+                "not one interface name",
+            ),
+            (|s| s.interface = String::new(), "not one interface name"),
+            (
+                |s| s.interface = "tailscale0 ".into(),
+                "not one interface name",
+            ),
+            (
+                |s| s.interface = "a-very-long-name0".into(),
+                "not one interface name",
+            ),
+            (|s| s.closed_tcp_ports.push(0), "port 0"),
+            (|s| s.version = 2, "version 2"),
+        ] {
+            let mut s = AgentSettings::default();
+            change(&mut s);
+            let e = check_settings(&s).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]
