@@ -658,3 +658,90 @@ fn a_vrf_runs_the_agent_through_ip_vrf_exec() {
     let (out, _) = generate_offline(&s, Some(&fcm), &["--vrf", "vrf; rm -rf /"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The tenant writes the userdata; metal-api runs us in its allocation path. A gzip bomb
+/// in a `data:` child and a "billion laughs" cloud-config are refused with exit 2, quickly
+/// and within 1 GiB of address space; the output holding the key is 0600; http:// URLs
+/// for headscale are refused unless a lab allows them.
+#[test]
+fn hostile_userdata_is_refused_quickly_within_bounded_memory() {
+    require_lab!();
+    // 64 MiB of zeros, gzipped (~65 KiB), as a spec 3.3 child config.
+    let bomb = vdc::cmd::run_quiet(Command::new("python3").args([
+        "-c",
+        "import gzip,base64,sys; sys.stdout.write(base64.b64encode(gzip.compress(b' ' * (64 << 20), 9)).decode())",
+    ]))
+    .unwrap();
+    let gzip_bomb = format!(
+        r#"{{"ignition":{{"version":"3.3.0","config":{{"merge":[{{"source":"data:;base64,{}","compression":"gzip"}}]}}}}}}"#,
+        bomb.trim()
+    );
+    let mut laughs = String::from(
+        "#cloud-config\nl0: &l0 [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+    );
+    for i in 1..10 {
+        let refs = vec![format!("*l{}", i - 1); 9].join(",");
+        laughs.push_str(&format!("l{i}: &l{i} [{refs}]\n"));
+    }
+    for (input, want) in [
+        (gzip_bomb.as_str(), "limit of 16 MiB"),
+        (laughs.as_str(), "more than 100000 YAML nodes"),
+    ] {
+        let s = Scratch::new("hostile");
+        std::fs::write(s.path("key"), KEY).unwrap();
+        std::fs::write(s.path("userdata"), input).unwrap();
+        let started = std::time::Instant::now();
+        let out = udg(Command::new("sh")
+            .args(["-c", r#"ulimit -v 1048576 && exec "$@""#, "sh"])
+            .arg(tools::project_bin("userdata-gen"))
+            .args(["generate", "--machine-id", "m1", "--project", "p1"])
+            .args(["--login-server", "https://headscale.example:443"])
+            .arg("--auth-key-file")
+            .arg(s.path("key"))
+            .arg("--userdata")
+            .arg(s.path("userdata"))
+            .arg("--output")
+            .arg(s.path("out")));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!(
+            "{want}: exit {:?} after {:.0?} ({} bytes of input)",
+            out.status.code(),
+            started.elapsed(),
+            input.len()
+        );
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(want), "{stderr}");
+        assert!(!s.path("out").exists());
+    }
+
+    // The output holds the key: 0600.
+    let s = Scratch::new("mode");
+    let (out, path) = generate_offline(&s, None, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mode(&path), 0o600);
+
+    // Plain http for headscale: refused, unless a lab says so.
+    for (extra, ok) in [(&[][..], false), (&["--allow-plaintext"][..], true)] {
+        std::fs::write(s.path("key"), KEY).unwrap();
+        let out = udg(Command::new(tools::project_bin("userdata-gen"))
+            .args(["generate", "--machine-id", "m1", "--project", "p1"])
+            .args(["--login-server", "http://headscale.example:8080"])
+            .arg("--auth-key-file")
+            .arg(s.path("key"))
+            .arg("--output")
+            .arg(s.path("plain"))
+            .args(extra));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if ok {
+            assert!(out.status.success(), "{stderr}");
+        } else {
+            assert_eq!(out.status.code(), Some(2), "{stderr}");
+            assert!(stderr.contains("plain http"), "{stderr}");
+            assert!(!s.path("plain").exists());
+        }
+    }
+}

@@ -8,7 +8,53 @@ use crate::error::{Error, Result};
 use crate::ignition::{Taken, check_conflicts, normalize};
 use crate::payload::{Payload, UNIT_DIR};
 use base64::Engine;
+use std::collections::HashMap;
+use yaml_rust2::parser::{Event, EventReceiver, Parser};
 use yaml_rust2::{Yaml, YamlLoader};
+
+/// The most nodes a cloud-config may stand for with its aliases followed. YAML aliases copy
+/// what they name, so ten levels of ten aliases ("billion laughs") are 10^10 nodes from a
+/// few hundred bytes of text; real cloud-configs have hundreds.
+pub const MAX_YAML_NODES: u64 = 100_000;
+
+/// Counts what a YAML text expands to, aliases followed, without expanding anything.
+#[derive(Default)]
+struct Expansion {
+    nodes: u64,
+    /// Collections still open: their anchor id (0: none) and the count when they opened.
+    open: Vec<(usize, u64)>,
+    /// Per anchor id, the nodes an alias to it stands for.
+    sizes: HashMap<usize, u64>,
+}
+
+impl EventReceiver for Expansion {
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Scalar(_, _, anchor, _) => {
+                self.nodes = self.nodes.saturating_add(1);
+                if anchor > 0 {
+                    self.sizes.insert(anchor, 1);
+                }
+            }
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                self.nodes = self.nodes.saturating_add(1);
+                self.open.push((anchor, self.nodes));
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                if let Some((anchor, start)) = self.open.pop()
+                    && anchor > 0
+                {
+                    self.sizes.insert(anchor, self.nodes - start + 1);
+                }
+            }
+            Event::Alias(id) => {
+                let size = self.sizes.get(&id).copied().unwrap_or(1);
+                self.nodes = self.nodes.saturating_add(size);
+            }
+            _ => {}
+        }
+    }
+}
 
 /// The header both metal-stack detectors look for.
 pub const HEADER: &str = "#cloud-config";
@@ -66,6 +112,14 @@ pub fn merge(text: &str, payload: &Payload) -> Result<String> {
 }
 
 fn parse(text: &str, what: &str) -> Result<Yaml> {
+    // Counted on the event stream first: loading expands aliases as copies.
+    let mut count = Expansion::default();
+    if Parser::new_from_str(text).load(&mut count, true).is_ok() && count.nodes > MAX_YAML_NODES {
+        return Err(Error::input(format!(
+            "{what} stands for more than {MAX_YAML_NODES} YAML nodes once its aliases are \
+             followed; refused (a cloud-config this size is an attack, not a config)"
+        )));
+    }
     let mut docs = YamlLoader::load_from_str(text)
         .map_err(|e| Error::input(format!("{what} is not valid cloud-config YAML: {e}")))?;
     if docs.len() > 1 {
@@ -266,6 +320,20 @@ mod tests {
 
     fn payload() -> Payload {
         crate::payload::test_payload()
+    }
+
+    #[test]
+    fn aliases_that_expand_past_the_limit_are_refused_before_loading() {
+        let mut laughs = String::from("#cloud-config\nl0: &l0 [a,a,a,a,a,a,a,a,a,a]\n");
+        for i in 1..8 {
+            let refs = vec![format!("*l{}", i - 1); 10].join(",");
+            laughs.push_str(&format!("l{i}: &l{i} [{refs}]\n"));
+        }
+        let e = merge(&laughs, &payload()).unwrap_err().to_string();
+        assert!(e.contains("more than 100000 YAML nodes"), "{e}");
+        // A few aliases, as real configs use them, are fine.
+        let ok = "#cloud-config\nbase: &b {a: 1}\nx: *b\ny: *b\n";
+        assert!(merge(ok, &payload()).is_ok());
     }
 
     const USER: &str = "#cloud-config\n# keep me\nhostname: fw-1 # trailing\nwrite_files:\n  - path: /etc/motd\n    content: hi\n    permissions: 0644\n\n# between\nruncmd:\n- echo one\npackages: [yes, on, 1:20]\n";

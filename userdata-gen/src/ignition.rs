@@ -80,7 +80,8 @@ pub fn merge(text: &str, payload: &Payload) -> Result<Merged> {
     let spec = version(&doc, "userdata")?;
     let mut taken = vec![];
     let mut warnings = vec![];
-    collect(&doc, spec, "$", 0, &mut taken, &mut warnings)?;
+    let mut inflate = MAX_INFLATED;
+    collect(&doc, spec, "$", 0, &mut taken, &mut warnings, &mut inflate)?;
     check_conflicts(payload, &taken)?;
     add(&mut doc, spec, payload)?;
     let out = if text.contains('\n') {
@@ -159,7 +160,13 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// Collects every path and unit `doc` claims, following `data:` child configs.
+/// The most bytes gzip-compressed `data:` children may inflate to, all together. The tenant
+/// writes the userdata and metal-api runs us in its allocation path: a few kilobytes of
+/// gzip must not take gigabytes there. Real child configs are kilobytes.
+pub const MAX_INFLATED: usize = 16 << 20;
+
+/// Collects every path and unit `doc` claims, following `data:` child configs; `inflate` is
+/// what is left of [`MAX_INFLATED`].
 fn collect(
     doc: &Value,
     spec: Spec,
@@ -167,6 +174,7 @@ fn collect(
     depth: usize,
     taken: &mut Vec<Taken>,
     warnings: &mut Vec<String>,
+    inflate: &mut usize,
 ) -> Result<()> {
     let config = &doc["ignition"]["config"];
     let replace = &config["replace"]["source"];
@@ -221,13 +229,24 @@ fn collect(
                     "userdata: {cat} nests data: configs more than 8 deep"
                 )));
             }
-            let bytes = data_url(source, child["compression"].as_str())
+            let bytes = data_url(source, child["compression"].as_str(), *inflate)
                 .map_err(|e| Error::input(format!("userdata: {cat}.source: {e}")))?;
+            if child["compression"].as_str() == Some("gzip") {
+                *inflate -= bytes.len();
+            }
             let text = String::from_utf8(bytes)
                 .map_err(|_| Error::input(format!("userdata: {cat}.source is not UTF-8 text")))?;
             let child_doc = parse_doc(&text, &format!("userdata {cat} (data URL)"))?;
             let child_spec = version(&child_doc, &format!("userdata {cat} (data URL)"))?;
-            collect(&child_doc, child_spec, &cat, depth + 1, taken, warnings)?;
+            collect(
+                &child_doc,
+                child_spec,
+                &cat,
+                depth + 1,
+                taken,
+                warnings,
+                inflate,
+            )?;
         } else if !source.is_empty() {
             warnings.push(format!(
                 "userdata {cat} fetches {} at boot; it was not checked and could override \
@@ -301,7 +320,12 @@ pub fn normalize(p: &str) -> String {
 }
 
 /// Decodes an RFC 2397 data URL, and gzip when `compression` says so.
-pub fn data_url(url: &str, compression: Option<&str>) -> Result<Vec<u8>, String> {
+/// Decodes a `data:` URL; gzip content may inflate to `max_inflated` bytes at most.
+pub fn data_url(
+    url: &str,
+    compression: Option<&str>,
+    max_inflated: usize,
+) -> Result<Vec<u8>, String> {
     let rest = url.strip_prefix("data:").ok_or("not a data: URL")?;
     let (header, data) = rest.split_once(',').ok_or("data URL without a comma")?;
     let raw = if header.ends_with(";base64") {
@@ -321,8 +345,16 @@ pub fn data_url(url: &str, compression: Option<&str>) -> Result<Vec<u8>, String>
         Some("gzip") => {
             let mut out = vec![];
             flate2::read::GzDecoder::new(raw.as_slice())
+                .take(max_inflated as u64 + 1)
                 .read_to_end(&mut out)
                 .map_err(|e| format!("bad gzip in data URL: {e}"))?;
+            if out.len() > max_inflated {
+                return Err(format!(
+                    "gzip data inflates past the limit of {} MiB for all compressed children \
+                     together; refused",
+                    MAX_INFLATED >> 20
+                ));
+            }
             Ok(out)
         }
         Some(other) => Err(format!("unknown compression {other:?}")),
@@ -437,6 +469,22 @@ mod tests {
 
     fn payload() -> Payload {
         crate::payload::test_payload()
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_cut_off_at_the_limit() {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(vec![], flate2::Compression::best());
+        gz.write_all(&vec![b' '; MAX_INFLATED + 1]).unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(gz.finish().unwrap());
+        let config = format!(
+            r#"{{"ignition":{{"version":"3.3.0","config":{{"merge":[{{"source":"data:;base64,{b64}","compression":"gzip"}}]}}}}}}"#
+        );
+        let e = merge(&config, &payload()).unwrap_err().to_string();
+        assert!(
+            e.contains("limit of 16 MiB") && e.contains("merge[0]"),
+            "{e}"
+        );
     }
 
     #[test]

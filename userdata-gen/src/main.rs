@@ -6,6 +6,7 @@
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 use userdata_gen::headscale::{Client, KeyRequest, MintedKey};
@@ -43,6 +44,22 @@ struct HeadscaleArgs {
     /// Timeout for each call to headscale.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Accept http:// URLs for headscale. The API key and the pre-auth key then cross the
+    /// network in clear: for labs only.
+    #[arg(long)]
+    allow_plaintext: bool,
+}
+
+/// Refuses an http:// `url` given as `flag` unless plaintext was allowed: the API key (and,
+/// through the agent, the pre-auth key) would travel in clear.
+fn require_tls(url: &str, flag: &str, h: &HeadscaleArgs) -> Result<()> {
+    if url.starts_with("http://") && !h.allow_plaintext {
+        return Err(Error::Input(format!(
+            "{flag} {url:?} is plain http: keys would cross the network in clear; use https://, \
+             or --allow-plaintext in a lab"
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -184,10 +201,12 @@ fn ca_pem(h: &HeadscaleArgs) -> Result<Option<Vec<u8>>> {
 
 fn client(h: &HeadscaleArgs, default_url: &str, ca: Option<&[u8]>) -> Result<Client> {
     let url = h.headscale_api_url.as_deref().unwrap_or(default_url);
+    require_tls(url, "--headscale-api-url", h)?;
     Client::new(url, api_key(h)?, ca, h.timeout)
 }
 
-/// Writes `data` to `path` atomically: a temporary file in the same directory, then rename.
+/// Writes `data` to `path` atomically: a temporary file in the same directory, then rename;
+/// the file is 0600.
 fn stage(path: &Path, data: &[u8]) -> Result<PathBuf> {
     let dir = path
         .parent()
@@ -198,7 +217,14 @@ fn stage(path: &Path, data: &[u8]) -> Result<PathBuf> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    // 0600 from the start (the userdata holds the pre-auth key), and created here or not at
+    // all: never through a file or link someone put at that name.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
     f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(&tmp, e)
@@ -248,6 +274,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         }
         return write_outputs(&outs);
     };
+    require_tls(&login_server, "--login-server", &a.headscale)?;
     let fresh: Format = a.format.parse()?;
     if let Some(v) = &a.vrf
         && !userdata_gen::payload::valid_vrf(v)
