@@ -358,16 +358,28 @@ pub fn unit_lines(root: &std::path::Path, path: &str, key: &str) -> Result<Vec<S
 /// Runs a unit's command line on `host` as systemd would on the firewall: inside `root`'s
 /// `/etc`, with our build standing in for `/usr/local/bin/vpn-agent`.
 pub fn run_unit_line(lab: &Lab, host: &str, root: &std::path::Path, line: &str) -> Result<String> {
-    let mut words = line.split_whitespace();
-    let program = match words.next() {
-        Some("/usr/local/bin/vpn-agent") => tools::project_bin("vpn-agent"),
-        Some(p) => PathBuf::from(p),
-        None => bail!("an empty command line"),
+    let argv: Vec<String> = line.split_whitespace().map(String::from).collect();
+    run_in_root(lab, host, root, &argv)
+}
+
+/// Runs `argv` on `host` inside `root`'s `/etc` (see [`run_unit_line`]).
+pub fn run_in_root(
+    lab: &Lab,
+    host: &str,
+    root: &std::path::Path,
+    argv: &[String],
+) -> Result<String> {
+    let Some((program, args)) = argv.split_first() else {
+        bail!("an empty command line");
+    };
+    let program = match program.as_str() {
+        "/usr/local/bin/vpn-agent" => tools::project_bin("vpn-agent"),
+        p => PathBuf::from(p),
     };
     cmd::run_quiet(
         lab.host(host)
             .ns()
             .command_in_root(root, program)
-            .args(words),
+            .args(args),
     )
 }

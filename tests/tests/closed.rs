@@ -232,3 +232,55 @@ fn settings_that_would_leave_ssh_open_are_refused_before_any_rule() {
         }
     }
 }
+
+/// A cloud-config firewall's first boot: cloud-init runs `bootcmd` early on every boot,
+/// before `write_files` and before sshd, while `runcmd` (which enables our units) runs
+/// late. The generated `bootcmd` lines, run in order on an empty root, close the public
+/// port before sshd listens; run again (the next boot), they change nothing.
+#[test]
+fn a_cloud_config_first_boot_closes_the_port_before_sshd_listens() {
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw", "dc"])).unwrap();
+    let dir = lab.host_dir("fw");
+    std::fs::write(dir.join("key"), "hskey-auth-TESTONLY").unwrap();
+    std::fs::write(dir.join("user.yaml"), "#cloud-config\nhostname: fw-1\n").unwrap();
+    vdc::cmd::run_quiet(
+        std::process::Command::new(tools::project_bin("userdata-gen"))
+            .args(["generate", "--machine-id", "m1", "--project", "p1"])
+            .args(["--login-server", "https://headscale.example:443"])
+            .arg("--auth-key-file")
+            .arg(dir.join("key"))
+            .arg("--userdata")
+            .arg(dir.join("user.yaml"))
+            .arg("--output")
+            .arg(dir.join("userdata.yaml")),
+    )
+    .unwrap();
+    // cloud-init reads YAML 1.1 with PyYAML: so do we, to take the list as it would.
+    let bootcmd = vdc::cmd::run_quiet(std::process::Command::new("python3").args([
+        "-c",
+        "import json,sys,yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))['bootcmd']))",
+        dir.join("userdata.yaml").to_str().unwrap(),
+    ]))
+    .unwrap();
+    let bootcmd: Vec<Vec<String>> = serde_json::from_str(&bootcmd).unwrap();
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    let fw = lab.host("fw").ns();
+    for boot in 1..=2 {
+        for cmd in &bootcmd {
+            vdc::firewall::run_in_root(&lab, "fw", &root, cmd)
+                .unwrap_or_else(|e| panic!("boot {boot}: bootcmd {cmd:?}: {e:#}"));
+        }
+        assert!(our_table(&fw), "boot {boot}: no table after bootcmd");
+    }
+    assert!(root.join("etc/vpn-agent/agent.json").exists());
+    start_sshd(&lab, "fw").unwrap();
+    sshd_listening(&lab, "fw");
+    let public: SocketAddr = (lab.host("fw").addr, 22).into();
+    let b = banner(&lab.host("dc").ns(), public, Duration::from_secs(2));
+    assert!(
+        b.is_err(),
+        "public SSH answers on a cloud-config first boot: {b:?}"
+    );
+}

@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::ignition::{Taken, check_conflicts, normalize};
-use crate::payload::{Payload, UNIT_DIR};
+use crate::payload::{AGENT_SETTINGS_PATH, CONFIG_DIR, FIREWALL_UNIT, Payload, UNIT_DIR, UNITS};
 use base64::Engine;
 use std::collections::HashMap;
 use yaml_rust2::parser::{Event, EventReceiver, Parser};
@@ -70,6 +70,39 @@ pub fn commands(payload: &Payload) -> Vec<Vec<String>> {
     vec![vec!["systemctl".into(), "daemon-reload".into()], enable]
 }
 
+/// Commands for `bootcmd`, which cloud-init runs early on every boot, before sshd starts and
+/// (on the first boot) before `write_files` and `runcmd`: write our settings if they are
+/// not there yet, then load our table with the early unit's own command. Without them the
+/// public port would be open on a first boot until `runcmd` enables our units.
+pub fn boot_commands(payload: &Payload) -> Vec<Vec<String>> {
+    let settings = payload
+        .files
+        .iter()
+        .find(|f| f.path == AGENT_SETTINGS_PATH)
+        .expect("the payload has the agent's settings");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&settings.contents);
+    let write = vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "[ -e {p} ] || {{ mkdir -p {d} && echo \"$1\" | base64 -d > {p}; }}",
+            p = AGENT_SETTINGS_PATH,
+            d = CONFIG_DIR
+        ),
+        "sh".into(),
+        b64,
+    ];
+    let apply = UNITS
+        .iter()
+        .find(|(name, _)| *name == FIREWALL_UNIT)
+        .and_then(|(_, unit)| unit.lines().find_map(|l| l.strip_prefix("ExecStart=")))
+        .expect("the firewall unit has an ExecStart")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    vec![write, apply]
+}
+
 /// Adds `payload` to the cloud-config `text`.
 pub fn merge(text: &str, payload: &Payload) -> Result<String> {
     let before = parse(text, "userdata")?;
@@ -85,6 +118,7 @@ pub fn merge(text: &str, payload: &Payload) -> Result<String> {
     };
     let files = list(&root, "write_files")?;
     let cmds = list(&root, "runcmd")?;
+    let boot = list(&root, "bootcmd")?;
     let mut taken = vec![];
     for (i, f) in files.iter().enumerate() {
         if let Some(p) = f["path"].as_str() {
@@ -99,7 +133,9 @@ pub fn merge(text: &str, payload: &Payload) -> Result<String> {
 
     let nl = if text.contains("\r\n") { "\r\n" } else { "\n" };
     let mut out = insert(text, "write_files", &file_items(payload), nl)?;
-    out = insert(&out, "runcmd", &command_items(payload), nl)?;
+    out = insert(&out, "runcmd", &command_items(&commands(payload)), nl)?;
+    let early = boot_commands(payload);
+    out = insert(&out, "bootcmd", &command_items(&early), nl)?;
 
     let ours = payload.files.len()
         + payload
@@ -107,7 +143,15 @@ pub fn merge(text: &str, payload: &Payload) -> Result<String> {
             .iter()
             .map(|u| 1 + u.dropins.len())
             .sum::<usize>();
-    verify(&root, &out, files.len() + ours, cmds.len() + 2)?;
+    verify(
+        &root,
+        &out,
+        &[
+            ("write_files", files.len() + ours),
+            ("runcmd", cmds.len() + 2),
+            ("bootcmd", boot.len() + early.len()),
+        ],
+    )?;
     Ok(out)
 }
 
@@ -186,8 +230,8 @@ fn file_items(payload: &Payload) -> Vec<Vec<String>> {
     items
 }
 
-fn command_items(payload: &Payload) -> Vec<Vec<String>> {
-    commands(payload)
+fn command_items(commands: &[Vec<String>]) -> Vec<Vec<String>> {
+    commands
         .iter()
         .map(|c| {
             vec![format!(
@@ -278,8 +322,9 @@ fn insert(text: &str, key: &str, items: &[Vec<String>], nl: &str) -> Result<Stri
     }
 }
 
-/// The merged text must hold exactly the user's document plus our list items.
-fn verify(before: &Yaml, out: &str, n_files: usize, n_cmds: usize) -> Result<()> {
+/// The merged text must hold exactly the user's document plus our list items: `lists` says
+/// how long each of our lists must be now.
+fn verify(before: &Yaml, out: &str, lists: &[(&str, usize)]) -> Result<()> {
     let after = parse(out, "the merged cloud-config")?;
     let (Yaml::Hash(b), Yaml::Hash(a)) = (before, &after) else {
         return Err(Error::input(
@@ -289,12 +334,12 @@ fn verify(before: &Yaml, out: &str, n_files: usize, n_cmds: usize) -> Result<()>
     let mismatch = |what: &str| {
         Error::input(format!(
             "merging into this cloud-config would change {what}; its layout is not one we can extend safely \
-             (write `write_files` and `runcmd` as top-level block lists)"
+             (write `write_files`, `runcmd` and `bootcmd` as top-level block lists)"
         ))
     };
     for (k, v) in b {
         let key = k.as_str().unwrap_or_default();
-        if key == "write_files" || key == "runcmd" {
+        if lists.iter().any(|(l, _)| *l == key) {
             let prefix = v.as_vec().cloned().unwrap_or_default();
             let now = a
                 .get(k)
@@ -308,7 +353,7 @@ fn verify(before: &Yaml, out: &str, n_files: usize, n_cmds: usize) -> Result<()>
         }
     }
     let len = |k: &str| after[k].as_vec().map_or(0, Vec::len);
-    if len("write_files") != n_files || len("runcmd") != n_cmds || a.len() < b.len() {
+    if lists.iter().any(|(k, n)| len(k) != *n) || a.len() < b.len() {
         return Err(mismatch("the lists"));
     }
     Ok(())
@@ -346,9 +391,43 @@ mod tests {
             out.contains("\n\n# between\nruncmd:\n- echo one\n- ['systemctl', 'daemon-reload']\n"),
             "{out}"
         );
-        assert!(out.ends_with("packages: [yes, on, 1:20]\n"), "{out}");
+        // bootcmd did not exist: it is added at the end, after the user's last key.
+        assert!(
+            out.contains("packages: [yes, on, 1:20]\nbootcmd:\n  - ['sh', '-c', '[ -e /etc/vpn-agent/agent.json ] ||"),
+            "{out}"
+        );
+        assert!(
+            out.ends_with("  - ['/usr/local/bin/vpn-agent', 'firewall', 'apply', '--settings', '/etc/vpn-agent/agent.json']\n"),
+            "{out}"
+        );
         assert_eq!(out.matches("write_files:").count(), 1);
         assert_eq!(out.matches("runcmd:").count(), 1);
+    }
+
+    #[test]
+    fn boot_commands_write_the_settings_then_load_the_table() {
+        let p = payload();
+        let [write, apply] = &boot_commands(&p)[..] else {
+            panic!()
+        };
+        let settings = p
+            .files
+            .iter()
+            .find(|f| f.path == AGENT_SETTINGS_PATH)
+            .unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(&write[4])
+            .unwrap();
+        assert_eq!(decoded, settings.contents);
+        assert_eq!(apply[0], "/usr/local/bin/vpn-agent");
+        assert_eq!(apply[1..3], ["firewall", "apply"]);
+        // An existing bootcmd keeps its items first.
+        let user = "#cloud-config\nbootcmd:\n  - echo early\n";
+        let out = merge(user, &p).unwrap();
+        assert!(
+            out.starts_with("#cloud-config\nbootcmd:\n  - echo early\n  - ['sh'"),
+            "{out}"
+        );
     }
 
     #[test]

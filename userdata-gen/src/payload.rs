@@ -46,6 +46,9 @@ pub const FOREIGN_DROPINS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The unit that loads our table early at boot.
+pub const FIREWALL_UNIT: &str = "vpn-agent-firewall.service";
+
 /// The agent's unit, the one a VRF drop-in wraps.
 pub const AGENT_UNIT: &str = "tailscaled.service";
 pub const VRF_DROPIN: &str = "10-vrf.conf";
