@@ -383,3 +383,38 @@ pub fn run_in_root(
             .args(args),
     )
 }
+
+/// A firewall on `host` as it runs after boot: provisioned through userdata-gen and
+/// Ignition (`extra` adds generator flags), its agent started and online in headscale.
+/// Returns what Ignition wrote and the firewall's mesh IPv4 address.
+pub fn start_firewall(
+    lab: &Lab,
+    host: &str,
+    machine: &str,
+    project: &str,
+    extra: &[&str],
+) -> Result<(Provisioned, std::net::IpAddr)> {
+    let fw = provision(lab, host, machine, project, extra)?;
+    start_agent(lab, host, &fw.root)?;
+    let node = wait_online(lab, host, machine)?;
+    let ip = node
+        .addresses
+        .iter()
+        .find_map(|a| a.parse::<std::net::Ipv4Addr>().ok())
+        .with_context(|| format!("{machine} has no IPv4 mesh address: {node:?}"))?;
+    Ok((fw, ip.into()))
+}
+
+/// `python3 -m http.server` on `host`, port `port`, bound to `ip` (`0.0.0.0`: all).
+pub fn serve_http(lab: &Lab, host: &str, ip: std::net::IpAddr, port: u16) -> Result<()> {
+    let mut c = lab.host(host).ns().command("python3");
+    c.args([
+        "-m",
+        "http.server",
+        &port.to_string(),
+        "--bind",
+        &ip.to_string(),
+    ])
+    .current_dir(lab.host_dir(host));
+    lab.spawn(host, &format!("http-{port}"), c)
+}

@@ -6,8 +6,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use vdc::firewall::{
-    AGENT_LOG, banner, join_operator, provision, run_unit_line, start_agent, start_sshd,
-    unit_lines, wait_banner, wait_online,
+    AGENT_LOG, banner, join_operator, provision, run_unit_line, serve_http, start_firewall,
+    start_sshd, unit_lines, wait_banner,
 };
 use vdc::netns::Netns;
 use vdc::{Lab, LabOptions, require_lab, tools};
@@ -39,9 +39,7 @@ fn a_ruleset_flush_is_undone_at_once_while_the_agent_runs() {
     require_lab!();
     let lab = Lab::start(LabOptions::hosts(&["fw", "dc"])).unwrap();
     let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000c1";
-    let fw = provision(&lab, "fw", machine, "project-c", &[]).unwrap();
-    start_agent(&lab, "fw", &fw.root).unwrap();
-    wait_online(&lab, "fw", machine).unwrap();
+    start_firewall(&lab, "fw", machine, "project-c", &[]).unwrap();
     start_sshd(&lab, "fw").unwrap();
     sshd_listening(&lab, "fw");
     let (fw_ns, dc) = (lab.host("fw").ns(), lab.host("dc").ns());
@@ -132,16 +130,9 @@ fn the_mesh_address_answers_only_through_the_mesh() {
     require_lab!();
     let lab = Lab::start(LabOptions::hosts(&["fw", "op", "dc"])).unwrap();
     let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000c3";
-    let fw = provision(&lab, "fw", machine, "project-c", &[]).unwrap();
-    start_agent(&lab, "fw", &fw.root).unwrap();
-    let fw_ip: IpAddr = wait_online(&lab, "fw", machine).unwrap().addresses[0]
-        .parse()
-        .unwrap();
+    let (_fw, fw_ip) = start_firewall(&lab, "fw", machine, "project-c", &[]).unwrap();
     let (_op, op_ip) = join_operator(&lab, "op", "fw").unwrap();
-    let mut web = lab.host("fw").ns().command("python3");
-    web.args(["-m", "http.server", "8080", "--bind", "0.0.0.0"])
-        .current_dir(lab.host_dir("fw"));
-    lab.spawn("fw", "http-8080", web).unwrap();
+    serve_http(&lab, "fw", [0, 0, 0, 0].into(), 8080).unwrap();
     let mesh_web: SocketAddr = (fw_ip, 8080).into();
     let op_ns = lab.host("op").ns();
     let connects = |ns: &Netns, addr: SocketAddr| {

@@ -7,8 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vdc::firewall::{
-    AGENT_LOG, agent_status, join_operator, provision, ssh, start_agent, start_sshd, wait_online,
-    wait_status,
+    AGENT_LOG, agent_status, join_operator, serve_http, ssh, start_agent, start_firewall,
+    start_sshd, wait_status,
 };
 use vdc::{Lab, LabOptions, require_lab};
 
@@ -119,11 +119,7 @@ fn a_router_in_the_tailnet_is_trusted_with_its_own_addresses_only() {
     require_lab!();
     let lab = Lab::start(LabOptions::hosts(&["fw", "op", "rtr"])).unwrap();
     let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000e1";
-    let fw = provision(&lab, "fw", machine, "project-r", &[]).unwrap();
-    start_agent(&lab, "fw", &fw.root).unwrap();
-    let fw_ip: IpAddr = wait_online(&lab, "fw", machine).unwrap().addresses[0]
-        .parse()
-        .unwrap();
+    let (fw, fw_ip) = start_firewall(&lab, "fw", machine, "project-r", &[]).unwrap();
     let (_op, op_ip) = join_operator(&lab, "op", "fw").unwrap();
 
     // The router: a stock tailscaled that serves a LAN (a veth pair inside its namespace,
@@ -261,11 +257,7 @@ fn a_flood_on_the_wireguard_port_does_not_lock_the_operator_out() {
     require_lab!();
     let lab = Lab::start(LabOptions::hosts(&["fw", "op", "dc"])).unwrap();
     let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000e2";
-    let fw = provision(&lab, "fw", machine, "project-d", &[]).unwrap();
-    start_agent(&lab, "fw", &fw.root).unwrap();
-    let fw_ip: IpAddr = wait_online(&lab, "fw", machine).unwrap().addresses[0]
-        .parse()
-        .unwrap();
+    let (_fw, fw_ip) = start_firewall(&lab, "fw", machine, "project-d", &[]).unwrap();
     let (_op, op_ip) = join_operator(&lab, "op", "fw").unwrap();
     let authorized = start_sshd(&lab, "fw").unwrap();
     vdc::firewall::wait_banner(&lab.host("op").ns(), (fw_ip, 22).into()).unwrap();
@@ -367,7 +359,7 @@ fn a_policy_that_lets_the_operator_in_nowhere_leaves_every_port_shut() {
     })
     .unwrap();
     let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000e3";
-    let fw = provision(
+    let (_fw, fw_ip) = start_firewall(
         &lab,
         "fw",
         machine,
@@ -375,20 +367,18 @@ fn a_policy_that_lets_the_operator_in_nowhere_leaves_every_port_shut() {
         &["--tags", "tag:firewall"],
     )
     .unwrap();
-    start_agent(&lab, "fw", &fw.root).unwrap();
-    let fw_ip: IpAddr = wait_online(&lab, "fw", machine).unwrap().addresses[0]
-        .parse()
-        .unwrap();
     let (op, op_ip) = join_operator(&lab, "op", "fw").unwrap();
     start_sshd(&lab, "fw").unwrap();
-    let mut web = lab.host("fw").ns().command("python3");
-    web.args(["-m", "http.server", "8080", "--bind", "0.0.0.0"])
-        .current_dir(lab.host_dir("fw"));
-    lab.spawn("fw", "http-8080", web).unwrap();
+    serve_http(&lab, "fw", [0, 0, 0, 0].into(), 8080).unwrap();
 
-    // The firewall reaches the operator: the mesh works, both ways, on a direct path.
-    vdc::smoke::icmp(&lab, "fw", op_ip).unwrap();
+    // The operator sees the firewall, and the firewall reaches the operator (replies
+    // included): the mesh works.
     op.wait_peer(fw_ip, Duration::from_secs(30)).unwrap();
+    wait_until(
+        "the firewall pings the operator",
+        Duration::from_secs(20),
+        || vdc::smoke::icmp(&lab, "fw", op_ip).is_ok(),
+    );
     let ns = lab.host("op").ns();
     for port in [22, 8080] {
         let b = vdc::firewall::banner(&ns, (fw_ip, port).into(), Duration::from_secs(3));
