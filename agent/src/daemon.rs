@@ -114,6 +114,7 @@ impl Daemon {
     /// loaded it already), the status socket, the TUN device, the UDP port, the data plane.
     async fn start_local(&mut self) -> Result<()> {
         crate::firewall::apply(&self.cfg.settings)?;
+        crate::uplink::set(self.cfg.settings.bind_device.as_deref());
         self.guard_firewall();
         let port = self.cfg.settings.listen_port;
         let rt = crate::dataplane::shell::runtime()?;
@@ -151,7 +152,12 @@ impl Daemon {
             }
             s
         })?;
-        info!(interface = %self.cfg.settings.interface, udp_port = port, "local setup done");
+        info!(
+            interface = %self.cfg.settings.interface,
+            udp_port = port,
+            bind_device = crate::uplink::device(),
+            "local setup done"
+        );
         Ok(())
     }
 

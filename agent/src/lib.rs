@@ -21,6 +21,7 @@ pub mod keys;
 pub mod netlink;
 pub mod status;
 pub mod stun;
+pub mod uplink;
 pub mod wg;
 
 pub use error::{Error, Result};

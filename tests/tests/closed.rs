@@ -6,8 +6,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use vdc::firewall::{
-    AGENT_LOG, banner, join_operator, provision, run_unit_line, serve_http, start_firewall,
-    start_sshd, unit_lines, wait_banner,
+    AGENT_LOG, banner, join_operator, provision, run_unit_line, serve_http, start_agent,
+    start_firewall, start_sshd, unit_lines, wait_banner,
 };
 use vdc::netns::Netns;
 use vdc::{Lab, LabOptions, require_lab, tools};
@@ -274,4 +274,57 @@ fn a_cloud_config_first_boot_closes_the_port_before_sshd_listens() {
         b.is_err(),
         "public SSH answers on a cloud-config first boot: {b:?}"
     );
+}
+
+/// On VRF firewalls the routes to headscale and the peers live in the VRF's table, and the
+/// agent binds its sockets to the VRF device (`bind_device`) instead of running inside
+/// `ip vrf exec`. This kernel has no VRF module, so the same socket option is tested with
+/// the uplink itself: the firewall's underlay route moves to a table that is looked up only
+/// for sockets bound to `eth0`. The agent joins, and the operator's ssh over the mesh works,
+/// only with `bind_device` set.
+#[test]
+fn bind_device_reaches_headscale_through_a_routing_table_of_its_own() {
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw", "op"])).unwrap();
+    let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000c5";
+    let fw_ns = lab.host("fw").ns();
+    let underlay = format!("{}/{}", vdc::lab::UNDERLAY, vdc::lab::UNDERLAY_PREFIX_LEN);
+    fw_ns
+        .ip(&["route", "del", &underlay, "dev", "eth0"])
+        .unwrap();
+    fw_ns
+        .ip(&["route", "add", &underlay, "dev", "eth0", "table", "100"])
+        .unwrap();
+    fw_ns
+        .ip(&["rule", "add", "oif", "eth0", "lookup", "100"])
+        .unwrap();
+    let hs_addr = lab.headscale().addr().to_string();
+    assert!(
+        fw_ns.ip(&["route", "get", &hs_addr]).is_err(),
+        "headscale is still routed without a bound socket"
+    );
+
+    let fw = provision(&lab, "fw", machine, "project-v", &[]).unwrap();
+    start_agent(&lab, "fw", &fw.root).unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let log = lab.log("fw", AGENT_LOG);
+    assert!(
+        log.contains("control connection failed") && !log.contains("map stream open"),
+        "without bind_device the agent should find no route to headscale:\n{log}"
+    );
+    lab.stop("fw", AGENT_LOG).unwrap();
+
+    let path = fw.root.join("etc/vpn-agent/agent.json");
+    let mut settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    settings["bind_device"] = "eth0".into();
+    std::fs::write(&path, settings.to_string()).unwrap();
+    start_agent(&lab, "fw", &fw.root).unwrap();
+    let node = vdc::firewall::wait_online(&lab, "fw", machine).unwrap();
+    let fw_ip: IpAddr = node.addresses[0].parse().unwrap();
+    join_operator(&lab, "op", "fw").unwrap();
+    let authorized = start_sshd(&lab, "fw").unwrap();
+    wait_banner(&lab.host("op").ns(), (fw_ip, 22).into()).unwrap();
+    let out = vdc::firewall::ssh(&lab, "op", fw_ip, &authorized, "echo bound").unwrap();
+    assert!(out.contains("bound"), "{out}");
 }

@@ -99,8 +99,9 @@ struct GenerateArgs {
     /// The Ignition on the target image; a format it cannot run is reported.
     #[arg(long, value_enum, default_value = "metal-stack-v036")]
     target: Target,
-    /// Run the agent inside this VRF (`ip vrf exec`), as metal-stack runs tailscaled on
-    /// firewalls whose default route lives in a VRF, e.g. vrf104009.
+    /// The VRF whose table holds the firewall's routes to headscale and the peers, e.g.
+    /// vrf104009: the agent binds its own sockets to it (`bind_device` in agent.json), where
+    /// metal-stack runs tailscaled through `ip vrf exec`.
     #[arg(long)]
     vrf: Option<String>,
     /// The tunnel interface name on the firewall.

@@ -49,26 +49,12 @@ pub const FOREIGN_DROPINS: &[(&str, &str)] = &[
 /// The unit that loads our table early at boot.
 pub const FIREWALL_UNIT: &str = "vpn-agent-firewall.service";
 
-/// The agent's unit, the one a VRF drop-in wraps.
-pub const AGENT_UNIT: &str = "tailscaled.service";
-pub const VRF_DROPIN: &str = "10-vrf.conf";
-
 /// Whether `name` is a usable VRF device name (an interface name: 1-15 safe characters).
 pub fn valid_vrf(name: &str) -> bool {
     (1..=15).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// A drop-in that runs the unit's own command inside `vrf`, as metal-stack runs tailscaled:
-/// `ip vrf exec` binds to the VRF and execs, so the agent stays the main PID (Type=notify).
-pub fn vrf_dropin(unit: &str, vrf: &str) -> String {
-    let cmd = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("ExecStart="))
-        .expect("the agent unit has an ExecStart");
-    format!("[Service]\nExecStart=\nExecStart=/bin/ip vrf exec {vrf} {cmd}\n")
 }
 
 /// A secret string (pre-auth key, API key). It never prints itself.
@@ -119,6 +105,10 @@ pub struct AgentSettings {
     /// A CA file to trust for headscale, besides the system roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
+    /// The device the agent's own sockets are bound to (`SO_BINDTODEVICE`): the VRF whose
+    /// table holds the routes to headscale and the peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind_device: Option<String>,
 }
 
 impl Default for AgentSettings {
@@ -131,6 +121,7 @@ impl Default for AgentSettings {
             listen_port: 41641,
             advertise_tags: vec![],
             ca_file: None,
+            bind_device: None,
         }
     }
 }
@@ -187,6 +178,9 @@ impl Payload {
     /// Builds our files and units for `settings`, with `auth_key` in its own 0600 file.
     pub fn new(settings: &MeshSettings, auth_key: &Secret) -> Payload {
         let mut agent = settings.agent.clone();
+        if let Some(vrf) = &settings.vrf {
+            agent.bind_device = Some(vrf.clone());
+        }
         let mut files = vec![];
         if let Some(ca) = &settings.ca_pem {
             agent.ca_file = Some(CA_PATH.into());
@@ -222,10 +216,7 @@ impl Payload {
             .map(|(name, contents)| PayloadUnit {
                 name: name.to_string(),
                 contents: contents.to_string(),
-                dropins: match (&settings.vrf, *name == AGENT_UNIT) {
-                    (Some(vrf), true) => vec![(VRF_DROPIN.to_string(), vrf_dropin(contents, vrf))],
-                    _ => vec![],
-                },
+                dropins: vec![],
             })
             .collect();
         Payload { files, units }
@@ -333,20 +324,26 @@ mod tests {
     }
 
     #[test]
-    fn a_vrf_wraps_the_agent_in_ip_vrf_exec() {
+    fn a_vrf_binds_the_agents_sockets_to_it() {
         let mut s = settings();
         s.vrf = Some("vrf104009".into());
         let p = Payload::new(&s, &Secret::new("k"));
-        let agent = p.units.iter().find(|u| u.name == AGENT_UNIT).unwrap();
-        let (name, body) = &agent.dropins[0];
-        assert_eq!(name, VRF_DROPIN);
-        assert!(body.starts_with("[Service]\nExecStart=\nExecStart=/bin/ip vrf exec vrf104009 /usr/local/bin/vpn-agent run "), "{body}");
-        assert!(
-            p.units
-                .iter()
-                .filter(|u| u.name != AGENT_UNIT)
-                .all(|u| u.dropins.is_empty())
-        );
+        let f = p
+            .files
+            .iter()
+            .find(|f| f.path == AGENT_SETTINGS_PATH)
+            .unwrap();
+        let agent: AgentSettings = serde_json::from_slice(&f.contents).unwrap();
+        assert_eq!(agent.bind_device.as_deref(), Some("vrf104009"));
+        // No `ip vrf exec`: the unit runs the agent as it is.
+        assert!(p.units.iter().all(|u| u.dropins.is_empty()));
+        let plain = Payload::new(&settings(), &Secret::new("k"));
+        let f = plain
+            .files
+            .iter()
+            .find(|f| f.path == AGENT_SETTINGS_PATH)
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&f.contents).contains("bind_device"));
         assert!(valid_vrf("vrf104009") && !valid_vrf("vrf;rm") && !valid_vrf(""));
     }
 

@@ -161,6 +161,11 @@ pub fn check_settings(s: &AgentSettings) -> std::result::Result<(), String> {
             s.interface
         ));
     }
+    if let Some(d) = &s.bind_device
+        && !valid_interface(d)
+    {
+        return Err(format!("bind_device {d:?} is not one interface name"));
+    }
     if s.ssh_port == 0 || !s.closed_tcp_ports.contains(&s.ssh_port) {
         return Err(format!(
             "ssh_port {} is not among closed_tcp_ports {:?}: SSH would stay open on every \

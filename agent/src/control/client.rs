@@ -14,7 +14,6 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 /// Largest map message we accept (tailscale uses the same bound for early payloads).
@@ -118,7 +117,7 @@ pub(crate) async fn dial_via(
     url: &ServerUrl,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Result<Box<dyn Io>> {
-    let tcp = TcpStream::connect((connect, url.port))
+    let tcp = crate::uplink::connect(connect, url.port)
         .await
         .map_err(|e| Error::Control(format!("cannot connect to {}:{}: {e}", connect, url.port)))?;
     let _ = tcp.set_nodelay(true);

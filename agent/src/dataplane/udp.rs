@@ -41,6 +41,7 @@ pub fn bind(port: u16) -> crate::Result<(UdpSocket, Option<UdpSocket>)> {
             s.set_only_v6(true)?;
         }
         s.set_nonblocking(true)?;
+        crate::uplink::bind(&s)?;
         s.bind(&addr.into())?;
         enable_gro(&s);
         grow_buffers(&s);
