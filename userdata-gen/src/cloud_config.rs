@@ -137,12 +137,7 @@ pub fn merge(text: &str, payload: &Payload) -> Result<String> {
     let early = boot_commands(payload);
     out = insert(&out, "bootcmd", &command_items(&early), nl)?;
 
-    let ours = payload.files.len()
-        + payload
-            .units
-            .iter()
-            .map(|u| 1 + u.dropins.len())
-            .sum::<usize>();
+    let ours = payload.files.len() + payload.units.len();
     verify(
         &root,
         &out,
@@ -222,10 +217,6 @@ fn file_items(payload: &Payload) -> Vec<Vec<String>> {
             0o644,
             u.contents.as_bytes(),
         ));
-        for (name, contents) in &u.dropins {
-            let path = format!("{UNIT_DIR}/{}.d/{name}", u.name);
-            items.push(item(&path, 0o644, contents.as_bytes()));
-        }
     }
     items
 }

@@ -450,14 +450,6 @@ fn add(doc: &mut Value, spec: Spec, payload: &Payload) -> Result<()> {
         entry.insert("name".into(), json!(u.name));
         entry.insert(enable_key.into(), json!(true));
         entry.insert("contents".into(), json!(u.contents));
-        if !u.dropins.is_empty() {
-            let d: Vec<Value> = u
-                .dropins
-                .iter()
-                .map(|(name, contents)| json!({ "name": name, "contents": contents }))
-                .collect();
-            entry.insert("dropins".into(), Value::Array(d));
-        }
         units.push(Value::Object(entry));
     }
     Ok(())

@@ -153,8 +153,6 @@ pub struct PayloadFile {
 pub struct PayloadUnit {
     pub name: String,
     pub contents: String,
-    /// Drop-ins: (file name, contents), under `<unit>.d/`.
-    pub dropins: Vec<(String, String)>,
 }
 
 /// The files and units we add, in the order they are added.
@@ -216,7 +214,6 @@ impl Payload {
             .map(|(name, contents)| PayloadUnit {
                 name: name.to_string(),
                 contents: contents.to_string(),
-                dropins: vec![],
             })
             .collect();
         Payload { files, units }
@@ -335,8 +332,12 @@ mod tests {
             .unwrap();
         let agent: AgentSettings = serde_json::from_slice(&f.contents).unwrap();
         assert_eq!(agent.bind_device.as_deref(), Some("vrf104009"));
-        // No `ip vrf exec`: the unit runs the agent as it is.
-        assert!(p.units.iter().all(|u| u.dropins.is_empty()));
+        // No `ip vrf exec`: the unit runs the agent as it is, with no drop-in of ours.
+        assert!(
+            !p.file_paths()
+                .iter()
+                .any(|f| f.contains("tailscaled.service.d"))
+        );
         let plain = Payload::new(&settings(), &Secret::new("k"));
         let f = plain
             .files
