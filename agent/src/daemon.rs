@@ -461,6 +461,9 @@ impl Daemon {
             let r = s.register(&req).await?;
             if r.error.is_empty() && r.machine_authorized {
                 info!("re-attached to headscale with the stored node key");
+                // A crash between saving the identity and scrubbing leaves the used key
+                // on disk; it goes now.
+                self.scrub_used_key();
                 return Ok(());
             }
             warn!(error = %r.error, "stored node key not accepted; registering with the auth key");
@@ -482,13 +485,23 @@ impl Daemon {
         self.identity.registered = true;
         self.identity.save(&self.state_dir)?;
         info!(hostname = %self.cfg.hostname, "registered with headscale");
-        if let Some(AuthKey::File(path)) = &self.cfg.auth_key {
-            match crate::fsutil::scrub(path) {
-                Ok(()) => info!(path = %path.display(), "used pre-auth key scrubbed"),
-                Err(e) => warn!(error = %e, "could not scrub the used pre-auth key"),
-            }
-        }
+        self.scrub_used_key();
         Ok(())
+    }
+
+    /// Overwrites and removes the pre-auth key file, if there is one: once this node is
+    /// registered, the key is used up and only a secret lying around.
+    fn scrub_used_key(&self) {
+        let Some(AuthKey::File(path)) = &self.cfg.auth_key else {
+            return;
+        };
+        if !path.exists() {
+            return;
+        }
+        match crate::fsutil::scrub(path) {
+            Ok(()) => info!(path = %path.display(), "used pre-auth key scrubbed"),
+            Err(e) => warn!(error = %e, "could not scrub the used pre-auth key"),
+        }
     }
 
     fn auth_key(&self) -> Result<Secret> {

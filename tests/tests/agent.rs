@@ -159,9 +159,13 @@ fn agent_joins_with_the_generated_userdata_and_rejoins_without_a_key() {
     )
     .unwrap();
 
-    // And after kill -9; meanwhile the public ports stay closed (fail closed).
+    // And after kill -9; meanwhile the public ports stay closed (fail closed). The crash
+    // came, say, after the identity was saved but before the used key was scrubbed: the
+    // key file is back on disk, and the re-attach scrubs it.
     lab.kill9("fw", AGENT_LOG).unwrap();
     assert!(firewall_intact(&lab, &fw.root));
+    let key_file = fw.root.join("etc/vpn-agent/authkey");
+    std::fs::write(&key_file, "hskey-auth-used-before-the-crash").unwrap();
     start_agent(&lab, "fw", &fw.root).unwrap();
     lab.wait_log(
         "fw",
@@ -172,6 +176,15 @@ fn agent_joins_with_the_generated_userdata_and_rejoins_without_a_key() {
     .unwrap();
     let after = wait_online(&lab, "fw", MACHINE).unwrap();
     assert_eq!(after.id, node.id);
+    let start = std::time::Instant::now();
+    while key_file.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the used key stayed on disk after the re-attach:\n{}",
+            lab.log_tail("fw", AGENT_LOG)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
