@@ -392,7 +392,7 @@ impl Daemon {
     }
 
     /// The data plane's view of the netmap's peers: each is trusted with its own addresses,
-    /// and with the routes it serves only where we accept them (see [`accepted_prefixes`]).
+    /// and with the routes it serves only where we accept them (see [`PeerRoutes`]).
     fn peer_infos(&self) -> Vec<PeerInfo> {
         self.netmap
             .peers
@@ -401,7 +401,7 @@ impl Daemon {
                 Some(PeerInfo {
                     node_key: keys::parse_text("nodekey", &p.key)?,
                     disco_key: keys::parse_text("discokey", &p.disco_key),
-                    allowed: accepted_prefixes(p, self.cfg.accept_routes).ok()?,
+                    allowed: PeerRoutes::of(p, self.cfg.accept_routes).ok()?.trusted(),
                     endpoints: p.endpoints.iter().filter_map(|e| e.parse().ok()).collect(),
                     home_derp: p.home_derp,
                 })
@@ -415,8 +415,8 @@ impl Daemon {
             .netmap
             .peers
             .values()
-            .filter_map(|p| accepted_prefixes(p, self.cfg.accept_routes).ok())
-            .flatten()
+            .filter_map(|p| PeerRoutes::of(p, self.cfg.accept_routes).ok())
+            .flat_map(|r| r.accepted)
             .filter(|r| !crate::netlink::in_mesh(*r))
             .collect();
         routes.sort();
@@ -428,21 +428,22 @@ impl Daemon {
         self.netmap
             .peers
             .values()
-            .map(|p| PeerStatus {
-                name: p.name.clone(),
-                addresses: p.addresses.clone(),
-                online: p.online,
-                node_key: p.key.clone(),
-                home_derp: p.home_derp,
-                endpoints: p.endpoints.clone(),
-                routes: routes_of(p),
-                accepted_routes: accepted_prefixes(p, self.cfg.accept_routes)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|r| !is_address(p, *r))
-                    .map(|(ip, len)| format!("{ip}/{len}"))
-                    .collect(),
-                ..PeerStatus::default()
+            .map(|p| {
+                let routes = PeerRoutes::of(p, self.cfg.accept_routes).unwrap_or_default();
+                let text = |v: &[(std::net::IpAddr, u8)]| {
+                    v.iter().map(|(ip, len)| format!("{ip}/{len}")).collect()
+                };
+                PeerStatus {
+                    name: p.name.clone(),
+                    addresses: p.addresses.clone(),
+                    online: p.online,
+                    node_key: p.key.clone(),
+                    home_derp: p.home_derp,
+                    endpoints: p.endpoints.clone(),
+                    routes: text(&routes.served),
+                    accepted_routes: text(&routes.accepted),
+                    ..PeerStatus::default()
+                }
             })
             .collect()
     }
@@ -527,38 +528,45 @@ impl Daemon {
     }
 }
 
-/// Whether `prefix` is one of the node's own addresses.
-fn is_address(node: &Node, prefix: (std::net::IpAddr, u8)) -> bool {
-    crate::netlink::plan(&node.addresses).is_ok_and(|a| a.contains(&prefix))
+/// What a peer may be trusted with, as tailscaled's route manager decides: its own
+/// addresses always; the routes it serves (headscale's `AllowedIPs` beyond its addresses)
+/// only when `AcceptRoutes` is on, and exit routes (`0.0.0.0/0`, `::/0`) never, since the
+/// agent uses no exit node. Taking `AllowedIPs` as they come would let an approved exit
+/// node send with any source address, and draw our traffic to itself.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PeerRoutes {
+    pub own: Vec<(std::net::IpAddr, u8)>,
+    /// The subnet and exit routes headscale lists for the peer.
+    pub served: Vec<(std::net::IpAddr, u8)>,
+    /// Those of `served` that we use.
+    pub accepted: Vec<(std::net::IpAddr, u8)>,
 }
 
-/// What headscale lists in a peer's `AllowedIPs` beyond its own addresses: the subnet and
-/// exit routes it serves.
-fn routes_of(node: &Node) -> Vec<String> {
-    let own = crate::netlink::plan(&node.addresses).unwrap_or_default();
-    node.allowed_ips
-        .iter()
-        .filter(|a| {
-            crate::netlink::plan(std::slice::from_ref(a)).map_or(true, |p| !own.contains(&p[0]))
+impl PeerRoutes {
+    pub fn of(node: &Node, accept_routes: bool) -> Result<PeerRoutes> {
+        let own = crate::netlink::plan(&node.addresses)?;
+        let served: Vec<_> = crate::netlink::plan(&node.allowed_ips)?
+            .into_iter()
+            .filter(|r| !own.contains(r))
+            .collect();
+        let accepted = served
+            .iter()
+            .copied()
+            .filter(|&(_, len)| accept_routes && len != 0)
+            .collect();
+        Ok(PeerRoutes {
+            own,
+            served,
+            accepted,
         })
-        .cloned()
-        .collect()
-}
-
-/// The prefixes a peer is trusted with, as tailscaled's route manager decides: its own
-/// addresses always; the subnet routes it serves only when `accept_routes` is on; exit
-/// routes (`0.0.0.0/0`, `::/0`) never, since the agent uses no exit node. headscale puts
-/// all of them in `AllowedIPs`; taking them as they come would let an approved exit node
-/// send with any source address, and draw our traffic to itself.
-pub fn accepted_prefixes(node: &Node, accept_routes: bool) -> Result<Vec<(std::net::IpAddr, u8)>> {
-    let mut out = crate::netlink::plan(&node.addresses)?;
-    for (ip, len) in crate::netlink::plan(&node.allowed_ips)? {
-        let exit = len == 0;
-        if accept_routes && !exit && !out.contains(&(ip, len)) {
-            out.push((ip, len));
-        }
     }
-    Ok(out)
+
+    /// The prefixes the data plane trusts the peer with.
+    pub fn trusted(self) -> Vec<(std::net::IpAddr, u8)> {
+        let mut out = self.own;
+        out.extend(self.accepted);
+        out
+    }
 }
 
 /// headscale's refusal texts, said in words an operator can act on.
@@ -573,4 +581,33 @@ pub fn explain(error: &str) -> String {
         "see headscale's log"
     };
     format!("{error} ({hint})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_is_trusted_with_its_routes_only_when_they_are_accepted_and_never_exit_routes() {
+        let node: Node = serde_json::from_str(
+            r#"{"Addresses":["100.64.0.3/32","fd7a:115c:a1e0::3/128"],
+                "AllowedIPs":["100.64.0.3/32","fd7a:115c:a1e0::3/128","198.51.100.0/24","0.0.0.0/0","::/0"]}"#,
+        )
+        .unwrap();
+        let p = |s: &str| crate::netlink::plan(&[s.to_string()]).unwrap()[0];
+        let off = PeerRoutes::of(&node, false).unwrap();
+        assert_eq!(
+            off.own,
+            vec![p("100.64.0.3/32"), p("fd7a:115c:a1e0::3/128")]
+        );
+        assert_eq!(
+            off.served,
+            vec![p("198.51.100.0/24"), p("0.0.0.0/0"), p("::/0")]
+        );
+        assert!(off.accepted.is_empty());
+        assert_eq!(off.trusted().len(), 2);
+        let on = PeerRoutes::of(&node, true).unwrap();
+        assert_eq!(on.accepted, vec![p("198.51.100.0/24")]);
+        assert_eq!(on.trusted().last(), Some(&p("198.51.100.0/24")));
+    }
 }

@@ -10,7 +10,6 @@
 
 mod table;
 
-use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult, handshake::parse_handshake_anon};
 use std::collections::HashMap;
@@ -211,12 +210,8 @@ impl Wg {
                 out.push(Action::Reply(take(&mut self.pool, c)));
                 return None;
             }
-            Err(e) => {
-                if !matches!(e, TunnResult::Err(WireGuardError::InvalidMac)) {
-                    tracing::trace!(?src_ip, "WireGuard datagram refused before any peer");
-                }
-                return None;
-            }
+            // Not WireGuard, a wrong mac1, or under load via DERP (no address for a cookie).
+            Err(_) => return None,
         };
         let slot = self.slot_for(packet)?;
         let peer = self.slots.get_mut(slot).and_then(Option::as_mut)?;
