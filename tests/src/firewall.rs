@@ -418,3 +418,32 @@ pub fn serve_http(lab: &Lab, host: &str, ip: std::net::IpAddr, port: u16) -> Res
     .current_dir(lab.host_dir(host));
     lab.spawn(host, &format!("http-{port}"), c)
 }
+
+/// Whether a TCP connection from `ns` to `addr` is set up within three seconds. Panics if
+/// the namespace cannot be entered: "no connection" must mean the network said no.
+pub fn connects(ns: &crate::netns::Netns, addr: std::net::SocketAddr) -> bool {
+    ns.enter(move || {
+        Ok(std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3)).is_ok())
+    })
+    .expect("enter the lab namespace")
+}
+
+/// Waits up to `timeout` for `addr` to accept a connection from `ns` (a server still
+/// starting, a path still being set up).
+pub fn wait_connects(
+    ns: &crate::netns::Netns,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    while !connects(ns, addr) {
+        if start.elapsed() > timeout {
+            bail!(
+                "{addr} does not answer from {} within {timeout:?}",
+                ns.name()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Ok(())
+}

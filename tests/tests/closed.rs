@@ -6,8 +6,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use vdc::firewall::{
-    AGENT_LOG, banner, join_operator, provision, run_unit_line, serve_http, start_agent,
-    start_firewall, start_sshd, unit_lines, wait_banner,
+    AGENT_LOG, banner, connects, join_operator, provision, run_unit_line, serve_http, start_agent,
+    start_firewall, start_sshd, unit_lines, wait_banner, wait_connects,
 };
 use vdc::netns::Netns;
 use vdc::{Lab, LabOptions, require_lab, tools};
@@ -135,19 +135,7 @@ fn the_mesh_address_answers_only_through_the_mesh() {
     serve_http(&lab, "fw", [0, 0, 0, 0].into(), 8080).unwrap();
     let mesh_web: SocketAddr = (fw_ip, 8080).into();
     let op_ns = lab.host("op").ns();
-    let connects = |ns: &Netns, addr: SocketAddr| {
-        ns.enter(move || {
-            Ok(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok())
-        })
-        .unwrap()
-    };
-    let start = Instant::now();
-    while !connects(&op_ns, mesh_web) {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "the operator cannot reach {mesh_web}"
-        );
-    }
+    wait_connects(&op_ns, mesh_web, Duration::from_secs(15)).unwrap();
 
     let dc = lab.host("dc").ns();
     let fw_underlay = lab.host("fw").addr.to_string();

@@ -1,9 +1,11 @@
 //! The agent enforces headscale's policy as tailscaled does: a stock operator node reaches
 //! the firewall only where the policy lets it, and the firewall's own flows get their replies.
 
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
-use vdc::firewall::{AGENT_LOG, join_operator, serve_http, start_firewall, start_sshd};
+use vdc::firewall::{
+    AGENT_LOG, connects, join_operator, serve_http, start_firewall, start_sshd, wait_connects,
+};
 use vdc::netns::Netns;
 use vdc::{Lab, LabOptions, require_lab};
 
@@ -60,8 +62,8 @@ fn the_agent_lets_in_what_the_policy_allows_and_the_replies_to_its_own_flows() {
     udp_echo(&lab, "fw", OP_UDP);
     udp_echo(&lab, "op", OP_UDP);
     let web: SocketAddr = (fw_ip, WEB).into();
-    wait_connects(&fw_ns, web);
-    wait_connects(&op_ns, (op_ip, OP_TCP).into());
+    wait_connects(&fw_ns, web, Duration::from_secs(10)).unwrap();
+    wait_connects(&op_ns, (op_ip, OP_TCP).into(), Duration::from_secs(10)).unwrap();
     assert!(
         udp_answers(&fw_ns, (fw_ip, OP_UDP).into(), 10),
         "fw's own echo"
@@ -101,7 +103,7 @@ fn the_agent_lets_in_what_the_policy_allows_and_the_replies_to_its_own_flows() {
         .unwrap();
     wait_log_count(&lab, "packet filter updated", updates + 1);
     // headscale may have sent another update first; the new filter follows within seconds.
-    wait_connects(&op_ns, web);
+    wait_connects(&op_ns, web, Duration::from_secs(10)).unwrap();
     vdc::firewall::ssh(&lab, "op", fw_ip, &authorized, "true").unwrap();
     let log = lab.log("fw", AGENT_LOG);
     assert!(!log.contains("not understood"), "{log}");
@@ -116,24 +118,6 @@ fn udp_echo(lab: &Lab, host: &str, port: u16) {
     let mut c = lab.host(host).ns().command("python3");
     c.args(["-c", &script]);
     lab.spawn(host, &format!("udp-echo-{port}"), c).unwrap();
-}
-
-/// Whether a TCP connection from `ns` to `addr` is set up within three seconds.
-fn connects(ns: &Netns, addr: SocketAddr) -> bool {
-    ns.enter(move || Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_ok()))
-        .unwrap()
-}
-
-/// Waits up to ten seconds for a server that is still starting.
-fn wait_connects(ns: &Netns, addr: SocketAddr) {
-    let start = Instant::now();
-    while !connects(ns, addr) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{addr} does not answer"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Whether a datagram from `ns` to a UDP echo at `addr` comes back, trying `tries` times a
