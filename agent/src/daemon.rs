@@ -2,10 +2,11 @@
 
 use crate::backoff::{Backoff, jitter};
 use crate::config::{AuthKey, Config};
+use crate::control::cache;
 use crate::control::client::{self, ServerUrl, Session};
-use crate::control::netmap::Netmap;
+use crate::control::netmap::{Changes, Netmap, format_time, is_expired, key_expiry};
 use crate::control::types::{
-    AuthInfo, CAPABILITY_VERSION, Hostinfo, MapRequest, MapResponse, NetInfo as TsNetInfo, Node,
+    AuthInfo, CAPABILITY_VERSION, Hostinfo, MapRequest, NetInfo as TsNetInfo, Node, PingRequest,
     RegisterRequest, ZERO_TIME,
 };
 use crate::dataplane::shell::Shell;
@@ -17,9 +18,9 @@ use crate::status::{PeerStatus, Status, now_secs};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use userdata_gen::payload::Secret;
-use x25519_dalek::{PublicKey, StaticSecret};
+use x25519_dalek::PublicKey;
 
 /// How often the firewall table is compared with the intended one besides every change
 /// nftables announces: a backstop should the announcements ever fail.
@@ -34,6 +35,23 @@ const ENDPOINT_REFRESH: Duration = Duration::from_secs(30);
 /// How long an endpoint update may take before the session is started afresh.
 const LITE_UPDATE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long the map request may take to bring the first (full) map; the watchdog above
+/// only starts after it.
+const MAP_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often we ask control, with an endpoint update, whether it still knows us.
+const CONTROL_CHECK: Duration = Duration::from_secs(60);
+
+/// How often a changed netmap is written to the cache at most.
+const CACHE_FLUSH: Duration = Duration::from_secs(5);
+
+/// A session whose map stream was open this long was healthy: the next failure starts the
+/// backoff afresh.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+
+/// How often the pre-auth key file is looked at while a key is wanted.
+const KEY_FILE_POLL: Duration = Duration::from_secs(1);
+
 pub struct Daemon {
     status: Arc<Mutex<Status>>,
     socket: PathBuf,
@@ -41,12 +59,17 @@ pub struct Daemon {
     /// The running data plane (after `start_local`).
     data: Option<Shell>,
     announced_ready: bool,
+    /// When the current session's map stream opened.
+    stream_opened: Option<tokio::time::Instant>,
+    /// The last `STATUS=` line sent to systemd, without its figures.
+    status_line: Mutex<String>,
+    /// The URL of the last ping request answered: control repeats it.
+    last_ping_url: Option<String>,
     cfg: Config,
     url: ServerUrl,
     tls: Arc<rustls::ClientConfig>,
     state_dir: PathBuf,
     identity: Identity,
-    disco: StaticSecret,
     pub netmap: Netmap,
 }
 
@@ -74,12 +97,14 @@ impl Daemon {
             tunnel: None,
             data: None,
             announced_ready: false,
+            stream_opened: None,
+            status_line: Mutex::new(String::new()),
+            last_ping_url: None,
             cfg,
             url,
             tls,
             state_dir,
             identity,
-            disco: keys::generate(),
             netmap: Netmap::default(),
         })
     }
@@ -108,6 +133,7 @@ impl Daemon {
 
     fn set(&self, f: impl FnOnce(&mut Status)) {
         f(&mut self.status.lock().expect("status lock"));
+        self.publish_status();
     }
 
     /// Brings up what does not need control: the firewall table (again: the early unit
@@ -128,7 +154,7 @@ impl Daemon {
         self.tunnel = Some(Tunnel::create(&self.cfg.settings.interface, device).await?);
         let engine = Engine::new(
             self.identity.node.clone(),
-            crypto_box::SecretKey::from(self.disco.to_bytes()),
+            crypto_box::SecretKey::from(self.identity.disco.to_bytes()),
             crate::dataplane::os_rng(),
         );
         let tun = self.tunnel.as_ref().expect("created above").device.clone();
@@ -232,7 +258,7 @@ impl Daemon {
             compress: "zstd".into(),
             keep_alive: stream,
             node_key: self.node_key_text(),
-            disco_key: keys::public_text("discokey", &PublicKey::from(&self.disco)),
+            disco_key: keys::public_text("discokey", &PublicKey::from(&self.identity.disco)),
             stream,
             omit_peers: !stream,
             hostinfo: self.hostinfo(net),
@@ -244,75 +270,244 @@ impl Daemon {
     /// Runs until the process is stopped: reconnects with capped, jittered backoff.
     pub async fn run(&mut self) -> Result<()> {
         self.start_local().await?;
+        if self.cfg.enabled {
+            self.start_from_cache().await;
+        }
+        // The local side is in place: the table, the TUN device, the cached mesh if any.
+        // Waiting for headscale here would make systemd kill a firewall whose control
+        // server is down, again and again.
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        self.publish_status();
+        self.keep_watchdog_fed();
         if !self.cfg.enabled {
             info!("Enabled is false in the mesh config: not connecting");
             std::future::pending::<()>().await;
         }
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        // Nothing answers: trying again costs headscale nothing, and the mesh gets its
+        // control back within seconds of headscale's return.
+        let mut unreachable = Backoff::new(Duration::from_secs(1), Duration::from_secs(3));
+        // headscale answers, but badly or slowly: spare it, within reason.
+        let mut failing = Backoff::new(Duration::from_secs(1), Duration::from_secs(15));
         let mut refused = Backoff::new(Duration::from_secs(30), Duration::from_secs(600));
         loop {
-            let delay = match self.session().await {
-                Ok(()) => {
-                    backoff.reset();
-                    refused.reset();
-                    backoff.next(jitter())
+            let err = match self.session().await {
+                Ok(never) => match never {},
+                Err(e) => e,
+            };
+            if self
+                .stream_opened
+                .take()
+                .is_some_and(|t| t.elapsed() >= HEALTHY_SESSION)
+            {
+                unreachable.reset();
+                failing.reset();
+                refused.reset();
+            }
+            self.set(|s| {
+                if s.control_connected || s.control_lost_since.is_none() {
+                    s.control_lost_since = Some(s.last_contact.unwrap_or_else(now_secs));
                 }
-                Err(Error::Refused(msg)) => {
+                s.control_connected = false;
+            });
+            let (delay, key_wanted) = match err {
+                Error::NodeGone(msg) => {
+                    self.identity.registered = false;
+                    if let Err(e) = self.identity.save(&self.state_dir) {
+                        error!(error = %e, "cannot save the identity");
+                    }
+                    let d = refused.next(jitter());
+                    error!(reason = %msg, retry_in = ?d, "headscale no longer knows this node");
+                    self.needs_login(msg);
+                    (d, true)
+                }
+                Error::Refused(msg) => {
                     let d = refused.next(jitter());
                     error!(reason = %msg, retry_in = ?d, "headscale refused the registration");
-                    self.set(|s| {
-                        s.backend_state = "NeedsLogin".into();
-                        s.error = Some(msg);
-                        s.control_connected = false;
-                    });
-                    d
+                    self.needs_login(msg);
+                    (d, true)
                 }
-                Err(e) => {
-                    let d = backoff.next(jitter());
+                e => {
+                    let d = match e {
+                        Error::Unreachable(_) => unreachable.next(jitter()),
+                        _ => failing.next(jitter()),
+                    };
                     warn!(error = %e, retry_in = ?d, "control connection failed");
-                    self.set(|s| {
-                        s.error = Some(e.to_string());
-                        s.control_connected = false;
-                    });
-                    d
+                    self.set(|s| s.error = Some(e.to_string()));
+                    (d, false)
                 }
             };
-            tokio::time::sleep(delay).await;
+            if key_wanted {
+                self.wait_for_new_key(delay).await;
+            } else {
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+
+    fn needs_login(&self, msg: String) {
+        self.set(|s| {
+            s.backend_state = "NeedsLogin".into();
+            s.error = Some(msg);
+        });
+    }
+
+    /// Sleeps `delay`, or less once the pre-auth key file changes: a key dropped in by an
+    /// operator is used at once, not after the refusal backoff.
+    async fn wait_for_new_key(&self, delay: Duration) {
+        let Some(AuthKey::File(path)) = &self.cfg.auth_key else {
+            return tokio::time::sleep(delay).await;
+        };
+        let stamp = |p: &Path| {
+            std::fs::metadata(p)
+                .ok()
+                .filter(|m| m.len() > 0)
+                .and_then(|m| m.modified().ok())
+        };
+        let before = stamp(path);
+        let until = tokio::time::Instant::now() + delay;
+        while tokio::time::Instant::now() < until {
+            tokio::time::sleep(KEY_FILE_POLL.min(until - tokio::time::Instant::now())).await;
+            let now = stamp(path);
+            if now.is_some() && now != before {
+                info!(path = %path.display(), "a new pre-auth key file appeared; registering");
+                return;
+            }
+        }
+    }
+
+    /// Brings the mesh up from the netmap cached by the last run, before control is reached:
+    /// the operator's way in survives a restart or a reboot while headscale is away. The
+    /// live map replaces it as soon as headscale answers.
+    async fn start_from_cache(&mut self) {
+        let cached = match cache::load(&self.state_dir, &self.node_key_text()) {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(error = %e, "the cached netmap is not used");
+                return;
+            }
+        };
+        let of = cached
+            .saved_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        info!(
+            netmap_of = %crate::control::netmap::format_time(cached.saved_at),
+            peers = cached.netmap.peers.len(),
+            "starting on the cached netmap until headscale answers"
+        );
+        self.netmap = cached.netmap;
+        self.set(|s| s.cached_netmap_of = Some(of));
+        let everything = Changes::everything(&self.netmap);
+        if let Err(e) = self.apply_changes(everything).await {
+            warn!(error = %e, "the cached netmap could not be applied");
+        }
+    }
+
+    /// Tells systemd's watchdog we live, as long as both the daemon's runtime and the data
+    /// plane's thread do their work: a wedged agent is restarted.
+    fn keep_watchdog_fed(&self) {
+        let Some(limit) = sd_notify::watchdog_enabled() else {
+            return;
+        };
+        let data = self.data().clone();
+        let every = limit / 3;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let quiet = now_secs().saturating_sub(data.last_tick());
+                if Duration::from_secs(quiet) < limit / 2 {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                } else {
+                    error!(
+                        quiet_secs = quiet,
+                        "the data plane's thread stopped ticking; not feeding the watchdog"
+                    );
+                }
+            }
+        });
+    }
+
+    /// Sends the status line to systemd when it changed.
+    fn publish_status(&self) {
+        let line = self.status.lock().expect("status lock").summary(now_secs());
+        let mut last = self.status_line.lock().expect("status line lock");
+        // The seconds in the line change every second; only the words matter here.
+        let words: String = line.chars().filter(|c| !c.is_ascii_digit()).collect();
+        if *last != words {
+            *last = words;
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
         }
     }
 
     /// One control session: connect, register if needed, follow the map stream; tell
-    /// control when our home DERP region or endpoints change (a "lite" map request).
-    async fn session(&mut self) -> Result<()> {
+    /// control when our home DERP region or endpoints change (a "lite" map request), and
+    /// ask it now and then whether it still knows us.
+    async fn session(&mut self) -> Result<std::convert::Infallible> {
         let mut s = client::connect(&self.url, &self.tls, &self.identity.machine).await?;
         self.ensure_registered(&mut s).await?;
         self.refresh_endpoints().await;
         let mut net_rx = self.data().net_info();
         let net = net_rx.borrow_and_update().clone();
         let req = self.map_request(&net, true);
-        let mut body = s.map(&req).await?;
+        let (mut body, mut first) =
+            client::deadline("opening the map stream", MAP_OPEN_TIMEOUT, async {
+                let mut body = s.map(&req).await?;
+                let first = body.next_message().await?.ok_or_else(|| {
+                    Error::Control("the map stream ended before the first map".into())
+                })?;
+                Ok((body, first))
+            })
+            .await?;
         info!(server = %self.cfg.server_url, endpoints = ?req.endpoints, home_derp = net.home_derp, "map stream open");
+        self.stream_opened = Some(tokio::time::Instant::now());
         self.set(|s| {
             s.control_connected = true;
+            s.control_lost_since = None;
+            s.cached_netmap_of = None;
             s.last_contact = Some(now_secs());
             s.error = None;
             if s.backend_state == "NeedsLogin" {
                 s.backend_state = "Starting".into();
             }
         });
+        let ping = first.ping_request.take();
+        let c = self.netmap.replace_with(first);
+        self.apply_changes(c).await?;
+        self.answer_ping(ping);
+        self.save_cache().await;
+        let (mut ended, mut pong) = s.liveness();
         let mut last_message = tokio::time::Instant::now();
         let mut refresh = tokio::time::interval(ENDPOINT_REFRESH);
+        let mut check =
+            tokio::time::interval_at(tokio::time::Instant::now() + CONTROL_CHECK, CONTROL_CHECK);
+        let mut flush = tokio::time::interval(CACHE_FLUSH);
+        let mut cache_dirty = false;
         loop {
+            let next_expiry = self.next_expiry();
             tokio::select! {
                 msg = body.next_message() => {
-                    let Some(msg) = msg? else {
+                    let Some(mut msg) = msg? else {
                         return Err(Error::Control("the map stream ended".into()));
                     };
                     last_message = tokio::time::Instant::now();
                     self.set(|s| s.last_contact = Some(now_secs()));
                     if !msg.keep_alive {
-                        self.apply(msg).await?;
+                        let ping = msg.ping_request.take();
+                        let c = self.netmap.apply(msg);
+                        self.apply_changes(c).await?;
+                        self.answer_ping(ping);
+                        cache_dirty = true;
                     }
+                }
+                r = ended.wait_for(Option::is_some) => {
+                    let reason = r.ok().and_then(|r| r.clone()).unwrap_or_default();
+                    return Err(Error::Control(reason));
+                }
+                Ok(()) = pong.changed() => {
+                    let t = *pong.borrow_and_update();
+                    self.set(|s| s.last_contact = Some(t));
                 }
                 changed = net_rx.changed() => {
                     if changed.is_err() {
@@ -320,13 +515,23 @@ impl Daemon {
                     }
                     let net = net_rx.borrow_and_update().clone();
                     info!(home_derp = net.home_derp, endpoints = ?net.endpoints, "telling control our new endpoints");
-                    // The stream is not read meanwhile: a stuck answer must not stall it.
-                    let lite = async { s.map(&self.map_request(&net, false)).await?.read_all().await };
-                    tokio::time::timeout(LITE_UPDATE_TIMEOUT, lite)
-                        .await
-                        .map_err(|_| Error::Control("no answer to the endpoint update".into()))??;
+                    self.lite_update(&mut s, &net).await?;
+                }
+                _ = check.tick() => {
+                    // headscale keeps a deleted node's stream alive with keep-alives; only
+                    // a request of ours finds out (HTTP 404).
+                    let net = net_rx.borrow().clone();
+                    self.lite_update(&mut s, &net).await?;
                 }
                 _ = refresh.tick() => self.refresh_endpoints().await,
+                _ = flush.tick(), if cache_dirty => {
+                    cache_dirty = false;
+                    self.save_cache().await;
+                }
+                _ = sleep_until_system(next_expiry), if next_expiry.is_some() => {
+                    info!("a node key expired; peers updated");
+                    self.refresh_peers().await;
+                }
                 _ = tokio::time::sleep_until(last_message + MAP_WATCHDOG) => {
                     return Err(Error::Control(format!("no map message for {MAP_WATCHDOG:?}")));
                 }
@@ -334,9 +539,58 @@ impl Daemon {
         }
     }
 
-    /// One map message: addresses, DERP map, peers, filter.
-    async fn apply(&mut self, msg: MapResponse) -> Result<()> {
-        let c = self.netmap.apply(msg);
+    /// A non-streaming map request (endpoints, home DERP). The stream is not read meanwhile:
+    /// a stuck answer must not stall it.
+    async fn lite_update(&self, s: &mut Session, net: &NetInfo) -> Result<()> {
+        let lite = async { s.map(&self.map_request(net, false)).await?.read_all().await };
+        client::deadline("the endpoint update", LITE_UPDATE_TIMEOUT, lite)
+            .await
+            .map(|_| ())
+    }
+
+    /// Answers control's ping as tailscaled does: a HEAD request to the URL it gave (headscale
+    /// v0.29 checks HA subnet routers this way). Each URL once; in the background.
+    fn answer_ping(&mut self, pr: Option<PingRequest>) {
+        let Some(pr) = pr else { return };
+        if !pr.types.is_empty() {
+            debug!(types = %pr.types, "ping request of a kind the agent does not answer");
+            return;
+        }
+        if self.last_ping_url.as_deref() == Some(pr.url.as_str()) {
+            return;
+        }
+        self.last_ping_url = Some(pr.url.clone());
+        let (url, tls) = (pr.url, self.tls.clone());
+        tokio::spawn(async move {
+            match client::head(&url, &tls).await {
+                Ok(status) => debug!(status, "answered control's ping"),
+                Err(e) => warn!(error = %e, "could not answer control's ping"),
+            }
+        });
+    }
+
+    /// Writes the netmap to the state directory (off the daemon's thread: a large map
+    /// takes a while to sync).
+    async fn save_cache(&self) {
+        let bytes = cache::encode(
+            &self.netmap,
+            &self.node_key_text(),
+            std::time::SystemTime::now(),
+        );
+        let dir = self.state_dir.clone();
+        match tokio::task::spawn_blocking(move || cache::save(&dir, &bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot cache the netmap"),
+            Err(e) => warn!(error = %e, "netmap cache task failed"),
+        }
+    }
+
+    fn next_expiry(&self) -> Option<std::time::SystemTime> {
+        self.netmap.next_expiry(std::time::SystemTime::now())
+    }
+
+    /// Applies what changed in the netmap: addresses, DERP map, peers, filter.
+    async fn apply_changes(&mut self, c: Changes) -> Result<()> {
         if c.self_changed {
             let addrs = crate::netlink::plan(&self.netmap.addresses())?;
             if let Some(t) = &self.tunnel {
@@ -352,23 +606,50 @@ impl Daemon {
         if c.filter_changed || c.self_changed {
             self.update_filter();
         }
-        if c.peers_changed + c.peers_removed > 0 {
-            info!(peers = self.netmap.peers.len(), "peers updated");
-            self.data().set_peers(self.peer_infos());
-            let routes = self.accepted_routes();
-            if let Some(t) = &mut self.tunnel {
-                t.set_routes(&routes).await;
-            }
-            let peers = self.peer_status();
-            self.set(|s| s.peers = peers);
+        if c.peers_changed + c.peers_removed > 0 || c.self_changed {
+            self.refresh_peers().await;
         }
         if !self.announced_ready && self.netmap.self_node.is_some() {
             self.announced_ready = true;
             self.set(|s| s.backend_state = "Running".into());
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             info!("running");
         }
         Ok(())
+    }
+
+    /// Hands the data plane the peers, the kernel the accepted routes, and status both;
+    /// again whenever a key expires.
+    async fn refresh_peers(&mut self) {
+        let now = std::time::SystemTime::now();
+        let self_expiry = self.netmap.self_node.as_ref().and_then(key_expiry);
+        if self.netmap.self_expired(now) {
+            let file = match &self.cfg.auth_key {
+                Some(AuthKey::File(p)) => p.display().to_string(),
+                _ => "the AuthKey file".into(),
+            };
+            let msg = format!(
+                "this node's key expired{}: headscale lets it back only with a new pre-auth key; \
+                 put one into {file} and restart vpn-agent (SSH over the mesh is closed until then: \
+                 use the serial console)",
+                self_expiry
+                    .filter(|t| *t > std::time::UNIX_EPOCH)
+                    .map(|t| format!(" at {}", format_time(t)))
+                    .unwrap_or_default()
+            );
+            error!("{msg}");
+            self.needs_login(msg);
+        }
+        info!(peers = self.netmap.peers.len(), "peers updated");
+        self.data().set_peers(self.peer_infos(now));
+        let routes = self.accepted_routes();
+        if let Some(t) = &mut self.tunnel {
+            t.set_routes(&routes).await;
+        }
+        let peers = self.peer_status(now);
+        self.set(|s| {
+            s.peers = peers;
+            s.key_expiry = self_expiry.map(format_time);
+        });
     }
 
     /// Hands the data plane the filter of the netmap's packet filter sets and our addresses.
@@ -393,10 +674,16 @@ impl Daemon {
 
     /// The data plane's view of the netmap's peers: each is trusted with its own addresses,
     /// and with the routes it serves only where we accept them (see [`PeerRoutes`]).
-    fn peer_infos(&self) -> Vec<PeerInfo> {
+    /// Peers whose keys have expired are left out, as tailscaled does; all of them while
+    /// our own key has expired.
+    fn peer_infos(&self, now: std::time::SystemTime) -> Vec<PeerInfo> {
+        if self.netmap.self_expired(now) {
+            return vec![];
+        }
         self.netmap
             .peers
             .values()
+            .filter(|p| !is_expired(p, now))
             .filter_map(|p| {
                 Some(PeerInfo {
                     node_key: keys::parse_text("nodekey", &p.key)?,
@@ -424,7 +711,7 @@ impl Daemon {
         routes
     }
 
-    fn peer_status(&self) -> Vec<PeerStatus> {
+    fn peer_status(&self, now: std::time::SystemTime) -> Vec<PeerStatus> {
         self.netmap
             .peers
             .values()
@@ -442,6 +729,7 @@ impl Daemon {
                     endpoints: p.endpoints.clone(),
                     routes: text(&routes.served),
                     accepted_routes: text(&routes.accepted),
+                    key_expired: is_expired(p, now),
                     ..PeerStatus::default()
                 }
             })
@@ -515,8 +803,9 @@ impl Daemon {
                     p.display()
                 ))),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Refused(format!(
-                    "this node is not registered and its pre-auth key file {} is gone (already used?); \
-                     a new key is needed",
+                    "this node is not registered with headscale (new, or deleted there) and its \
+                     pre-auth key file {} is gone (already used?); put a new key there: it is \
+                     picked up at once",
                     p.display()
                 ))),
                 Err(e) => Err(Error::io(p, e)),
@@ -525,6 +814,19 @@ impl Daemon {
                 "this node is not registered and the config holds no AuthKey".into(),
             )),
         }
+    }
+}
+
+/// Sleeps until the wall-clock time `at` (key expiry is wall-clock), or forever for none.
+async fn sleep_until_system(at: Option<std::time::SystemTime>) {
+    match at {
+        Some(t) => {
+            let left = t
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(left).await
+        }
+        None => std::future::pending().await,
     }
 }
 

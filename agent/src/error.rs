@@ -15,6 +15,10 @@ pub enum Error {
     /// The control server could not be reached or spoke something unexpected.
     #[error("control: {0}")]
     Control(String),
+    /// No connection to the server at all (nothing answers, or the network is down): cheap
+    /// to retry soon, unlike a server that answers badly.
+    #[error("control: {0}")]
+    Unreachable(String),
     /// A DERP relay could not be reached or spoke something unexpected.
     #[error("DERP relay: {0}")]
     Derp(String),
@@ -24,6 +28,9 @@ pub enum Error {
     /// headscale refused the registration; retrying with the same key will not help.
     #[error("registration refused: {0}")]
     Refused(String),
+    /// headscale no longer knows this node (deleted there, or its database lost it).
+    #[error("control: {0}")]
+    NodeGone(String),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

@@ -1,5 +1,7 @@
 //! The node's keys: the machine key (identity on the control channel) and the node key
-//! (WireGuard), kept in the state directory; the disco key, new every run. Text forms as
+//! (WireGuard), kept in the state directory, and the disco key, kept there too: after a
+//! restart while control is away, peers know no other disco key of ours, and must still
+//! recognise our path discovery. Text forms as
 //! tailscale writes them (`privkey:`, `mkey:`, `nodekey:`, `discokey:` + 64 hex digits).
 
 use crate::error::{Error, Result};
@@ -44,6 +46,7 @@ pub fn parse_public(prefix: &str, s: &str) -> Option<PublicKey> {
 pub struct Identity {
     pub machine: StaticSecret,
     pub node: StaticSecret,
+    pub disco: StaticSecret,
     /// Whether headscale accepted this node key once (a restart then needs no auth key).
     pub registered: bool,
 }
@@ -52,6 +55,9 @@ pub struct Identity {
 struct Stored {
     machine: String,
     node: String,
+    /// Absent in identities written before the disco key was kept: a new one is made.
+    #[serde(default)]
+    disco: Option<String>,
     #[serde(default)]
     registered: bool,
 }
@@ -78,16 +84,25 @@ impl Identity {
                             ))
                         })
                 };
-                Ok(Identity {
+                let id = Identity {
                     machine: key(&s.machine, "machine")?,
                     node: key(&s.node, "node")?,
+                    disco: match &s.disco {
+                        Some(d) => key(d, "disco")?,
+                        None => generate(),
+                    },
                     registered: s.registered,
-                })
+                };
+                if s.disco.is_none() {
+                    id.save(state_dir)?;
+                }
+                Ok(id)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let id = Identity {
                     machine: generate(),
                     node: generate(),
+                    disco: generate(),
                     registered: false,
                 };
                 id.save(state_dir)?;
@@ -102,6 +117,7 @@ impl Identity {
         let s = Stored {
             machine: format!("privkey:{}", hex(&self.machine.to_bytes())),
             node: format!("privkey:{}", hex(&self.node.to_bytes())),
+            disco: Some(format!("privkey:{}", hex(&self.disco.to_bytes()))),
             registered: self.registered,
         };
         let text = serde_json::to_string_pretty(&s).expect("serializes");
@@ -144,6 +160,7 @@ mod tests {
         let b = Identity::load_or_create(&dir).unwrap();
         assert_eq!(a.node_public().as_bytes(), b.node_public().as_bytes());
         assert_eq!(a.machine_public().as_bytes(), b.machine_public().as_bytes());
+        assert_eq!(a.disco.to_bytes(), b.disco.to_bytes());
         let mode = std::fs::metadata(Identity::path(&dir))
             .unwrap()
             .permissions()

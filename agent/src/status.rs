@@ -28,6 +28,9 @@ pub struct PeerStatus {
     /// Those of `routes` this agent sends to the peer and accepts from it.
     #[serde(default)]
     pub accepted_routes: Vec<String>,
+    /// The peer's node key has expired: the agent neither sends to it nor accepts from it.
+    #[serde(default)]
+    pub key_expired: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -43,7 +46,47 @@ pub struct Status {
     pub control_connected: bool,
     /// Unix seconds of the last message from control.
     pub last_contact: Option<u64>,
+    /// Unix seconds since when control is unreachable (none while connected).
+    #[serde(default)]
+    pub control_lost_since: Option<u64>,
+    /// While the agent runs on the netmap it cached, the Unix seconds when headscale sent it.
+    #[serde(default)]
+    pub cached_netmap_of: Option<u64>,
+    /// When our node key expires (RFC 3339), if it does.
+    #[serde(default)]
+    pub key_expiry: Option<String>,
     pub peers: Vec<PeerStatus>,
+}
+
+impl Status {
+    /// One line for systemd's `STATUS=`: the control state and where the netmap comes from.
+    pub fn summary(&self, now: u64) -> String {
+        let control = match (self.control_connected, self.control_lost_since) {
+            (true, _) => "control connected".to_string(),
+            (false, Some(t)) => format!(
+                "control unreachable since {} ({}s)",
+                crate::control::netmap::format_time(at(t)),
+                now.saturating_sub(t)
+            ),
+            (false, None) => "connecting to control".to_string(),
+        };
+        let map = match self.cached_netmap_of {
+            Some(t) => format!(
+                ", running on the netmap of {}",
+                crate::control::netmap::format_time(at(t))
+            ),
+            None => String::new(),
+        };
+        format!(
+            "{}: {control}{map}, {} peers",
+            self.backend_state,
+            self.peers.len()
+        )
+    }
+}
+
+fn at(secs: u64) -> SystemTime {
+    UNIX_EPOCH + std::time::Duration::from_secs(secs)
 }
 
 /// Serves `snapshot()` as JSON to every client of the Unix socket at `path` (mode 0600).
@@ -116,14 +159,9 @@ pub fn render(s: &Status, now: u64) -> String {
         None => "no contact yet".into(),
     };
     out.push_str(&format!(
-        "# {} ({}, control {}, {contact})\n",
-        s.backend_state,
-        s.server_url,
-        if s.control_connected {
-            "connected"
-        } else {
-            "disconnected"
-        },
+        "# {} ({}, {contact})\n",
+        s.summary(now),
+        s.server_url
     ));
     if let Some(e) = &s.error {
         out.push_str(&format!("# error: {e}\n"));
@@ -180,11 +218,28 @@ mod tests {
         };
         let r = render(&s, 103);
         assert!(
-            r.starts_with("# Running (https://hs, control connected, last contact 3s ago)\n"),
+            r.starts_with(
+                "# Running: control connected, 1 peers (https://hs, last contact 3s ago)\n"
+            ),
             "{r}"
         );
         assert!(r.contains("100.64.0.2      fw-1"), "{r}");
         assert!(r.contains("100.64.0.1      op "), "{r}");
         assert!(r.contains("online"));
+    }
+
+    #[test]
+    fn says_since_when_control_is_away_and_which_netmap_is_in_force() {
+        let s = Status {
+            backend_state: "Running".into(),
+            control_lost_since: Some(1_796_166_000),
+            cached_netmap_of: Some(1_796_165_000),
+            ..Default::default()
+        };
+        assert_eq!(
+            s.summary(1_796_166_040),
+            "Running: control unreachable since 2026-12-01T23:00:00Z (40s), \
+             running on the netmap of 2026-12-01T22:43:20Z, 0 peers"
+        );
     }
 }

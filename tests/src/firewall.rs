@@ -384,6 +384,38 @@ pub fn run_in_root(
     )
 }
 
+/// What `vpn-agent-firewall.service` does first at boot: the table, before anything else.
+pub fn run_early_unit(lab: &Lab, host: &str, root: &std::path::Path) -> Result<()> {
+    let early = "/etc/systemd/system/vpn-agent-firewall.service";
+    for line in unit_lines(root, early, "ExecStart")? {
+        run_unit_line(lab, host, root, &line)?;
+    }
+    Ok(())
+}
+
+/// How long until `addr` accepts a TCP connection from `ns`, trying every 100 ms up to
+/// `limit`; `None` if it never does.
+pub fn time_to_connect(
+    ns: &crate::netns::Netns,
+    addr: std::net::SocketAddr,
+    limit: std::time::Duration,
+) -> Option<std::time::Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        let left = limit
+            .saturating_sub(start.elapsed())
+            .min(std::time::Duration::from_secs(1));
+        let ok = ns
+            .enter(move || Ok(std::net::TcpStream::connect_timeout(&addr, left).is_ok()))
+            .expect("enter the lab namespace");
+        if ok {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    None
+}
+
 /// A firewall on `host` as it runs after boot: provisioned through userdata-gen and
 /// Ignition (`extra` adds generator flags), its agent started and online in headscale.
 /// Returns what Ignition wrote and the firewall's mesh IPv4 address.

@@ -300,7 +300,16 @@ impl Lab {
     /// Stops headscale and starts it again on the same state, as an operator's restart or a
     /// crash would.
     pub fn restart_headscale(&self) -> Result<()> {
-        self.stop(CTL, "headscale")?;
+        self.stop_headscale()?;
+        self.start_headscale()
+    }
+
+    pub fn stop_headscale(&self) -> Result<()> {
+        self.stop(CTL, "headscale")
+    }
+
+    /// Starts headscale on the lab's state; returns once it answers.
+    pub fn start_headscale(&self) -> Result<()> {
         self.push_child(format!("headscale@{CTL}"), self.headscale.spawn(true)?);
         Ok(())
     }
@@ -313,15 +322,18 @@ impl Lab {
             .policy_path()
             .context("the lab started without a policy: headscale reads no policy file")?;
         std::fs::write(&path, policy)?;
+        self.signal(CTL, "headscale", nix::sys::signal::Signal::SIGHUP)
+    }
+
+    /// Sends `signal` to the process started as `log` on `host`, and to no other: a
+    /// SIGSTOP of this lab's headscale leaves every other lab's alone.
+    pub fn signal(&self, host: &str, log: &str, signal: nix::sys::signal::Signal) -> Result<()> {
         let children = self.children.lock().unwrap();
         let (_, child) = children
             .iter()
-            .find(|(n, _)| n == &format!("headscale@{CTL}"))
-            .context("headscale is not running")?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )?;
+            .find(|(n, _)| n == &format!("{log}@{host}"))
+            .with_context(|| format!("no process {log} runs on {host}"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)?;
         Ok(())
     }
 

@@ -209,10 +209,7 @@ pub fn run(lab: &Lab, step: &mut dyn FnMut(&str)) -> Result<()> {
 /// What the early unit, the firewall's own ruleset and sshd do at boot, before the agent.
 fn boot_without_agent(lab: &Lab, root: &Path) -> Result<()> {
     let ns = lab.host("fw").ns();
-    let early = "/etc/systemd/system/vpn-agent-firewall.service";
-    for line in crate::firewall::unit_lines(root, early, "ExecStart")? {
-        crate::firewall::run_unit_line(lab, "fw", root, &line)?;
-    }
+    crate::firewall::run_early_unit(lab, "fw", root)?;
     let metal = lab.host_dir("fw").join("metal.nft");
     std::fs::write(&metal, METAL_RULESET)?;
     cmd::run_quiet(ns.command("nft").arg("-f").arg(&metal))?;

@@ -13,8 +13,35 @@ use bytes::Bytes;
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
 use x25519_dalek::{PublicKey, StaticSecret};
+
+/// How long a TCP connect may take. Short: SYNs to a server that is away vanish, and the
+/// next attempt comes soon (see the daemon's backoff) rather than after the kernel's two
+/// minutes of retransmits.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long each later step may take: TLS, `GET /key`, the upgrade and Noise handshake,
+/// the HTTP/2 handshake, one request's answer head.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Registration may make headscale check a key and write its database.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 PINGs on an idle control connection: a server that stopped answering is noticed
+/// within `PING_EVERY + PING_TIMEOUT`, long before the map stream's own watchdog.
+const PING_EVERY: Duration = Duration::from_secs(10);
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `fut`, or an error naming `what` once `limit` has passed.
+pub(crate) async fn deadline<T>(
+    what: &str,
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| Error::Control(format!("{what}: no answer within {limit:?}")))?
+}
 
 /// Largest map message we accept (tailscale uses the same bound for early payloads).
 const MAX_MESSAGE: usize = 10 << 20;
@@ -117,19 +144,25 @@ pub(crate) async fn dial_via(
     url: &ServerUrl,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Result<Box<dyn Io>> {
-    let tcp = crate::uplink::connect(connect, url.port)
+    let unreachable =
+        |e: String| Error::Unreachable(format!("cannot connect to {connect}:{}: {e}", url.port));
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, crate::uplink::connect(connect, url.port))
         .await
-        .map_err(|e| Error::Control(format!("cannot connect to {}:{}: {e}", connect, url.port)))?;
+        .map_err(|_| unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| unreachable(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
     if !url.https {
         return Ok(Box::new(tcp));
     }
     let name = rustls::pki_types::ServerName::try_from(url.host.clone())
         .map_err(|e| Error::Config(format!("ServerURL host {:?}: {e}", url.host)))?;
-    let tls = tokio_rustls::TlsConnector::from(tls.clone())
-        .connect(name, tcp)
-        .await
-        .map_err(|e| Error::Control(format!("TLS with {}:{} failed: {e}", url.host, url.port)))?;
+    let tls = deadline("TLS handshake", STEP_TIMEOUT, async {
+        tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| Error::Control(format!("TLS with {}:{} failed: {e}", url.host, url.port)))
+    })
+    .await?;
     Ok(Box::new(tls))
 }
 
@@ -184,29 +217,7 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
 /// `GET /key?v=<capver>`: the control server's Noise public key.
 pub async fn server_key(url: &ServerUrl, tls: &Arc<rustls::ClientConfig>) -> Result<PublicKey> {
     let mut io = dial(url, tls).await?;
-    let req = format!(
-        "GET /key?v={CAPABILITY_VERSION} HTTP/1.1\r\nHost: {}\r\nUser-Agent: vpn-agent\r\nConnection: close\r\n\r\n",
-        url.host_header()
-    );
-    io.write_all(req.as_bytes())
-        .await
-        .map_err(|e| Error::Control(format!("sending GET /key: {e}")))?;
-    let (status, head, mut body) = read_head(&mut io).await?;
-    io.read_to_end(&mut body)
-        .await
-        .map_err(|e| Error::Control(format!("reading GET /key: {e}")))?;
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body);
-    }
-    if status != 200 {
-        return Err(Error::Control(format!(
-            "GET /key answered HTTP {status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        )));
-    }
+    let body = deadline("GET /key", STEP_TIMEOUT, fetch_key(url, &mut io)).await?;
     let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
         Error::Control(format!(
             "GET /key: not JSON ({e}); is this a headscale server?"
@@ -222,11 +233,72 @@ pub async fn server_key(url: &ServerUrl, tls: &Arc<rustls::ClientConfig>) -> Res
         })
 }
 
+async fn fetch_key(url: &ServerUrl, io: &mut Box<dyn Io>) -> Result<Vec<u8>> {
+    let req = format!(
+        "GET /key?v={CAPABILITY_VERSION} HTTP/1.1\r\nHost: {}\r\nUser-Agent: vpn-agent\r\nConnection: close\r\n\r\n",
+        url.host_header()
+    );
+    io.write_all(req.as_bytes())
+        .await
+        .map_err(|e| Error::Control(format!("sending GET /key: {e}")))?;
+    let (status, head, mut body) = read_head(io).await?;
+    io.read_to_end(&mut body)
+        .await
+        .map_err(|e| Error::Control(format!("reading GET /key: {e}")))?;
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    if status != 200 {
+        return Err(Error::Control(format!(
+            "GET /key answered HTTP {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        )));
+    }
+    Ok(body)
+}
+
+/// `HEAD url` over plain HTTPS (how control's ping requests are answered); the status code.
+pub async fn head(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<u16> {
+    let (base, path) = split_url(url)?;
+    let server = ServerUrl::parse(base)?;
+    let mut io = dial(&server, tls).await?;
+    deadline("HEAD", STEP_TIMEOUT, async {
+        let req = format!(
+            "HEAD {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: vpn-agent\r\nConnection: close\r\n\r\n",
+            server.host_header()
+        );
+        io.write_all(req.as_bytes())
+            .await
+            .map_err(|e| Error::Control(format!("sending HEAD: {e}")))?;
+        Ok(read_head(&mut io).await?.0)
+    })
+    .await
+}
+
+/// `scheme://authority` and the path with its query (`/` when there is none).
+fn split_url(url: &str) -> Result<(&str, &str)> {
+    let after_scheme = url
+        .find("://")
+        .map(|i| i + 3)
+        .ok_or_else(|| Error::Control(format!("{url:?} is not a URL")))?;
+    Ok(match url[after_scheme..].find('/') {
+        Some(i) => url.split_at(after_scheme + i),
+        None => (url, "/"),
+    })
+}
+
 /// An established control session: HTTP/2 over Noise.
 pub struct Session {
     h2: h2::client::SendRequest<Bytes>,
     authority: String,
     conn: tokio::task::JoinHandle<()>,
+    /// Set once the connection is gone, with why.
+    ended: watch::Receiver<Option<String>>,
+    /// Unix seconds of the last PONG: the server was alive then.
+    last_pong: watch::Receiver<u64>,
 }
 
 impl Drop for Session {
@@ -235,15 +307,87 @@ impl Drop for Session {
     }
 }
 
-/// Connects to control as `machine`: key fetch, upgrade, handshake, HTTP/2.
+impl Session {
+    /// Watches on the connection: why it ended (set once it did), and the Unix seconds of
+    /// the last answered PING.
+    pub fn liveness(&self) -> (watch::Receiver<Option<String>>, watch::Receiver<u64>) {
+        (self.ended.clone(), self.last_pong.clone())
+    }
+}
+
+/// Connects to control as `machine`: key fetch, upgrade, handshake, HTTP/2. Each step has
+/// its deadline ([`CONNECT_TIMEOUT`], [`STEP_TIMEOUT`]).
 pub async fn connect(
     url: &ServerUrl,
     tls: &Arc<rustls::ClientConfig>,
     machine: &StaticSecret,
 ) -> Result<Session> {
     let server = server_key(url, tls).await?;
-    let mut io = dial(url, tls).await?;
-    let (init, msg) = Initiator::start(machine, &server, CAPABILITY_VERSION, keys::generate());
+    let io = dial(url, tls).await?;
+    let stream = deadline(
+        "the /ts2021 upgrade",
+        STEP_TIMEOUT,
+        upgrade(url, io, machine, &server),
+    )
+    .await?;
+    let (h2, mut conn) = deadline("the HTTP/2 handshake", STEP_TIMEOUT, async {
+        h2::client::Builder::new()
+            .initial_window_size(4 << 20)
+            .initial_connection_window_size(8 << 20)
+            .handshake::<_, Bytes>(stream)
+            .await
+            .map_err(|e| Error::Control(format!("HTTP/2 over the control channel: {e}")))
+    })
+    .await?;
+    let (ended_tx, ended) = watch::channel(None);
+    let (pong_tx, last_pong) = watch::channel(crate::status::now_secs());
+    let ping_pong = conn.ping_pong();
+    let conn = tokio::spawn(async move {
+        let reason = tokio::select! {
+            r = conn => match r {
+                Ok(()) => "the server closed the control connection".to_string(),
+                Err(e) => format!("control connection failed: {e}"),
+            },
+            r = keep_pinging(ping_pong, pong_tx) => r,
+        };
+        tracing::debug!(reason, "control HTTP/2 connection ended");
+        let _ = ended_tx.send(Some(reason));
+    });
+    Ok(Session {
+        h2,
+        authority: url.host_header(),
+        conn,
+        ended,
+        last_pong,
+    })
+}
+
+/// PINGs the server every [`PING_EVERY`]; returns why it stopped answering.
+async fn keep_pinging(ping_pong: Option<h2::PingPong>, pong: watch::Sender<u64>) -> String {
+    let Some(mut pp) = ping_pong else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(PING_EVERY).await;
+        match tokio::time::timeout(PING_TIMEOUT, pp.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {
+                let _ = pong.send(crate::status::now_secs());
+            }
+            Ok(Err(e)) => return format!("HTTP/2 PING failed: {e}"),
+            Err(_) => return format!("no answer to an HTTP/2 PING within {PING_TIMEOUT:?}"),
+        }
+    }
+}
+
+/// `POST /ts2021`, the Noise handshake and headscale's early payload: a Noise stream ready
+/// for HTTP/2.
+async fn upgrade(
+    url: &ServerUrl,
+    mut io: Box<dyn Io>,
+    machine: &StaticSecret,
+    server: &PublicKey,
+) -> Result<NoiseStream<Box<dyn Io>>> {
+    let (init, msg) = Initiator::start(machine, server, CAPABILITY_VERSION, keys::generate());
     debug_assert_eq!(msg.len(), INITIATION_LEN);
     let req = format!(
         "POST /ts2021 HTTP/1.1\r\nHost: {}\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: {}\r\n\r\n",
@@ -276,22 +420,7 @@ pub async fn connect(
         .map_err(|e| Error::Control(e.to_string()))?;
     let mut stream = NoiseStream::new(io, transport, &rest[need..]);
     skip_early_payload(&mut stream).await?;
-    let (h2, conn) = h2::client::Builder::new()
-        .initial_window_size(4 << 20)
-        .initial_connection_window_size(8 << 20)
-        .handshake::<_, Bytes>(stream)
-        .await
-        .map_err(|e| Error::Control(format!("HTTP/2 over the control channel: {e}")))?;
-    let conn = tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "control HTTP/2 connection ended");
-        }
-    });
-    Ok(Session {
-        h2,
-        authority: url.host_header(),
-        conn,
-    })
+    Ok(stream)
 }
 
 async fn read_more(io: &mut Box<dyn Io>, buf: &mut Vec<u8>) -> Result<()> {
@@ -437,13 +566,12 @@ impl Session {
 
     /// `POST /machine/register`. headscale reports refusals as HTTP 200 with `Error` set.
     pub async fn register(&mut self, req: &RegisterRequest) -> Result<RegisterResponse> {
-        let (status, body) = self
-            .post(
-                "/machine/register",
-                serde_json::to_vec(req).expect("serializes"),
-            )
-            .await?;
-        let bytes = body.read_all().await?;
+        let body = serde_json::to_vec(req).expect("serializes");
+        let (status, bytes) = deadline("POST /machine/register", REGISTER_TIMEOUT, async {
+            let (status, body) = self.post("/machine/register", body).await?;
+            Ok((status, body.read_all().await?))
+        })
+        .await?;
         if status != 200 {
             return Err(Error::Control(format!(
                 "POST /machine/register: HTTP {status}: {}",
@@ -465,9 +593,16 @@ impl Session {
             .await?;
         if status != 200 {
             let bytes = body.read_all().await.unwrap_or_default();
+            let text = String::from_utf8_lossy(&bytes).trim().to_string();
+            // headscale's answer for a node key it does not know (deleted node).
+            if status == 404 {
+                return Err(Error::NodeGone(format!(
+                    "headscale no longer knows this node (POST /machine/map: HTTP 404: {text}); \
+                     deleted with `headscale nodes delete`? It needs a new pre-auth key"
+                )));
+            }
             return Err(Error::Control(format!(
-                "POST /machine/map: HTTP {status}: {}",
-                String::from_utf8_lossy(&bytes).trim()
+                "POST /machine/map: HTTP {status}: {text}"
             )));
         }
         Ok(body)
@@ -490,6 +625,16 @@ mod tests {
         assert_eq!(u.host_header(), "[fd00::1]:8080");
         assert!(ServerUrl::parse("hs.example").is_err());
         assert!(ServerUrl::parse("https://:443").is_err());
+    }
+
+    #[test]
+    fn ping_urls_split_into_server_and_path() {
+        assert_eq!(
+            split_url("https://hs.example:8443/machine/ping-response?id=abc").unwrap(),
+            ("https://hs.example:8443", "/machine/ping-response?id=abc")
+        );
+        assert_eq!(split_url("https://hs").unwrap(), ("https://hs", "/"));
+        assert!(split_url("hs/x").is_err());
     }
 
     #[test]

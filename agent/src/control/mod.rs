@@ -1,6 +1,7 @@
-//! The control plane: tailscale's ts2021 protocol to headscale. `noise`, `record`, `types`
+//! The control plane: tailscale's ts2021 protocol to headscale. `noise`, `record`, `types`, `cache`
 //! and `netmap` are pure; `conn` and `client` move bytes.
 
+pub mod cache;
 pub mod client;
 pub mod conn;
 pub mod netmap;

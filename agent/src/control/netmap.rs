@@ -1,9 +1,11 @@
 //! The network map, kept equal to what headscale holds by applying map responses. Pure.
 
 use super::types::{DerpMap, MapResponse, Node};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Netmap {
     pub self_node: Option<Node>,
     pub peers: BTreeMap<i64, Node>,
@@ -20,6 +22,19 @@ pub struct Changes {
     pub peers_removed: usize,
     pub derp_changed: bool,
     pub filter_changed: bool,
+}
+
+impl Changes {
+    /// All of `m` is new: what a map brought up from the cache needs.
+    pub fn everything(m: &Netmap) -> Changes {
+        Changes {
+            self_changed: true,
+            peers_changed: m.peers.len(),
+            peers_removed: 0,
+            derp_changed: true,
+            filter_changed: true,
+        }
+    }
 }
 
 impl Netmap {
@@ -77,6 +92,9 @@ impl Netmap {
             if let Some(o) = patch.online {
                 p.online = Some(o);
             }
+            if let Some(e) = patch.key_expiry {
+                p.key_expiry = Some(e);
+            }
             c.peers_changed += 1;
         }
         if let Some(base) = r.packet_filter {
@@ -102,12 +120,94 @@ impl Netmap {
         c
     }
 
+    /// The first message of a new map stream is a full map: it replaces what we held (from
+    /// an earlier stream or the cache) outright, so that nothing of the old map, a filter
+    /// set headscale no longer sends for instance, outlives it. The changes are those
+    /// between the old map and the new one.
+    pub fn replace_with(&mut self, r: MapResponse) -> Changes {
+        let old = std::mem::take(self);
+        self.apply(r);
+        Changes {
+            self_changed: self.self_node != old.self_node,
+            peers_changed: self
+                .peers
+                .iter()
+                .filter(|(id, p)| old.peers.get(id) != Some(p))
+                .count(),
+            peers_removed: old
+                .peers
+                .keys()
+                .filter(|id| !self.peers.contains_key(id))
+                .count(),
+            derp_changed: self.derp_map != old.derp_map,
+            filter_changed: self.packet_filters != old.packet_filters,
+        }
+    }
+
     /// Our mesh addresses (`100.64.x.y/32`, `fd7a:...::/128`).
     pub fn addresses(&self) -> Vec<String> {
         self.self_node
             .as_ref()
             .map(|n| n.addresses.clone())
             .unwrap_or_default()
+    }
+}
+
+/// When `node`'s key expires, if it does: absent, Go's zero time, or unparsable (logged by
+/// the caller through [`expiry_error`]) mean never. `Expired` from control wins.
+pub fn key_expiry(node: &Node) -> Option<SystemTime> {
+    if node.expired {
+        return Some(SystemTime::UNIX_EPOCH);
+    }
+    let text = node.key_expiry.as_deref()?;
+    parse_time(text).filter(|t| *t > SystemTime::UNIX_EPOCH)
+}
+
+/// Whether `node`'s key has expired at `now`.
+pub fn is_expired(node: &Node, now: SystemTime) -> bool {
+    key_expiry(node).is_some_and(|t| t <= now)
+}
+
+/// An RFC 3339 time as Go writes it; before 1970 (Go's zero time) comes out as the epoch.
+pub fn parse_time(text: &str) -> Option<SystemTime> {
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    let secs = t.unix_timestamp();
+    if secs < 0 {
+        return Some(SystemTime::UNIX_EPOCH);
+    }
+    Some(SystemTime::UNIX_EPOCH + Duration::new(secs as u64, t.nanosecond()))
+}
+
+/// A Unix time in RFC 3339 (UTC), for status and logs.
+pub fn format_time(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| secs.to_string())
+}
+
+impl Netmap {
+    /// The next moment after `now` at which a key in the map (ours or a peer's) expires:
+    /// then the peer set must be worked out again.
+    pub fn next_expiry(&self, now: SystemTime) -> Option<SystemTime> {
+        self.self_node
+            .iter()
+            .chain(self.peers.values())
+            .filter_map(key_expiry)
+            .filter(|t| *t > now)
+            .min()
+    }
+
+    /// Whether our own node key has expired: then no peer is used until a new key comes.
+    pub fn self_expired(&self, now: SystemTime) -> bool {
+        self.self_node.as_ref().is_some_and(|n| is_expired(n, now))
     }
 }
 
@@ -160,5 +260,57 @@ mod tests {
         // null is Go's nil slice: no change.
         let c = m.apply(resp(r#"{"PacketFilter":null}"#));
         assert!(!c.filter_changed);
+    }
+
+    #[test]
+    fn a_new_stream_replaces_the_map_and_reports_only_real_changes() {
+        let mut m = Netmap::default();
+        m.apply(resp(
+            r#"{"Node":{"ID":1,"Addresses":["100.64.0.1/32"]},
+            "Peers":[{"ID":2,"Key":"nodekey:aa"},{"ID":3}],
+            "PacketFilters":{"base":[],"old":[{"SrcIPs":["*"]}]}}"#,
+        ));
+        let c = m.replace_with(resp(
+            r#"{"Node":{"ID":1,"Addresses":["100.64.0.1/32"]},
+            "Peers":[{"ID":2,"Key":"nodekey:aa"},{"ID":4}],"PacketFilters":{"base":[]}}"#,
+        ));
+        assert_eq!(
+            c,
+            Changes {
+                self_changed: false,
+                peers_changed: 1,
+                peers_removed: 1,
+                derp_changed: false,
+                filter_changed: true,
+            }
+        );
+        assert_eq!(m.packet_filters.keys().collect::<Vec<_>>(), vec!["base"]);
+    }
+
+    #[test]
+    fn key_expiry_as_go_writes_it() {
+        let at = |s: &str| SystemTime::UNIX_EPOCH + Duration::from_secs(s.parse().unwrap());
+        let node = |json: &str| -> Node { serde_json::from_str(json).unwrap() };
+        let never = node(r#"{"KeyExpiry":"0001-01-01T00:00:00Z"}"#);
+        assert_eq!(key_expiry(&never), None);
+        assert_eq!(key_expiry(&node("{}")), None);
+        let later = node(r#"{"KeyExpiry":"2026-12-02T00:00:00.5+01:00"}"#);
+        assert_eq!(
+            key_expiry(&later),
+            Some(at("1796166000") + Duration::from_millis(500))
+        );
+        assert!(!is_expired(&later, at("1796165999")));
+        assert!(is_expired(&later, at("1796166001")));
+        assert!(is_expired(&node(r#"{"Expired":true}"#), at("0")));
+        let mut m = Netmap::default();
+        m.apply(resp(r#"{"Node":{"ID":1},"Peers":[{"ID":2},{"ID":3}]}"#));
+        assert_eq!(m.next_expiry(at("0")), None);
+        m.apply(resp(
+            r#"{"PeersChangedPatch":[{"NodeID":3,"KeyExpiry":"2026-12-01T23:00:00Z"}]}"#,
+        ));
+        assert_eq!(m.next_expiry(at("1796165999")), Some(at("1796166000")));
+        assert_eq!(m.next_expiry(at("1796166000")), None);
+        assert!(!m.self_expired(at("1796166000")));
+        assert_eq!(format_time(at("1796166000")), "2026-12-01T23:00:00Z");
     }
 }

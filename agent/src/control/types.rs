@@ -102,7 +102,7 @@ pub struct MapRequest {
 }
 
 /// A node in the map (self or peer).
-#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(default)]
 pub struct Node {
     #[serde(rename = "ID")]
@@ -127,6 +127,12 @@ pub struct Node {
     pub tags: Vec<String>,
     #[serde(rename = "User")]
     pub user: i64,
+    /// When the node key expires (RFC 3339); Go's zero time or absent means never.
+    #[serde(rename = "KeyExpiry", skip_serializing_if = "Option::is_none")]
+    pub key_expiry: Option<String>,
+    /// Set by control for a node whose key has expired.
+    #[serde(rename = "Expired")]
+    pub expired: bool,
 }
 
 /// A partial update of one peer.
@@ -145,9 +151,11 @@ pub struct PeerChange {
     pub disco_key: Option<String>,
     #[serde(rename = "Online")]
     pub online: Option<bool>,
+    #[serde(rename = "KeyExpiry")]
+    pub key_expiry: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(default)]
 pub struct DerpNode {
     #[serde(rename = "Name")]
@@ -164,7 +172,7 @@ pub struct DerpNode {
     pub derp_port: u16,
 }
 
-#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(default)]
 pub struct DerpRegion {
     #[serde(rename = "RegionID")]
@@ -175,7 +183,7 @@ pub struct DerpRegion {
     pub nodes: Vec<DerpNode>,
 }
 
-#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(default)]
 pub struct DerpMap {
     #[serde(rename = "Regions")]
@@ -205,6 +213,23 @@ pub struct MapResponse {
     pub packet_filter: Option<serde_json::Value>,
     #[serde(rename = "PacketFilters")]
     pub packet_filters: Option<BTreeMap<String, Option<serde_json::Value>>>,
+    #[serde(rename = "PingRequest")]
+    pub ping_request: Option<PingRequest>,
+}
+
+/// Control asks the node to prove it is alive (tailcfg.PingRequest). With no `Types`, a
+/// HEAD request to `URL` answers it.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct PingRequest {
+    #[serde(rename = "URL")]
+    pub url: String,
+    #[serde(rename = "Types")]
+    pub types: String,
+    #[serde(rename = "Log")]
+    pub log: bool,
+    #[serde(rename = "IP")]
+    pub ip: String,
 }
 
 fn null_vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>

@@ -106,6 +106,8 @@ pub struct Engine {
     peers: HashMap<[u8; 32], Peer>,
     /// Disco key → node key, for the peers in the netmap (only they get answers).
     by_disco: HashMap<[u8; 32], [u8; 32]>,
+    /// Node keys by the endpoints control lists for them.
+    by_endpoint: HashMap<SocketAddr, [u8; 32]>,
     regions: Vec<Region>,
     home: u32,
     netcheck: Netcheck,
@@ -123,6 +125,7 @@ impl Engine {
             disco,
             peers: HashMap::new(),
             by_disco: HashMap::new(),
+            by_endpoint: HashMap::new(),
             regions: vec![],
             home: 0,
             netcheck: Netcheck::default(),
@@ -173,6 +176,11 @@ impl Engine {
             .values()
             .filter_map(|p| Some((p.info.disco_key?, p.info.node_key)))
             .collect();
+        self.by_endpoint = self
+            .peers
+            .values()
+            .flat_map(|p| p.info.endpoints.iter().map(|e| (*e, p.info.node_key)))
+            .collect();
     }
 
     /// The DERP map changed. Until STUN says otherwise the first region is home.
@@ -220,10 +228,29 @@ impl Engine {
         match disco::classify(p) {
             Kind::WireGuard => {
                 let mut wg_out = std::mem::take(&mut self.wg_out);
-                if let Some(key) = self.wg.from_network(Some(from.ip()), p, &mut wg_out)
-                    && let Some(peer) = self.peers.get_mut(&key)
-                {
-                    peer.path.wg_from(from);
+                match self.wg.from_network(Some(from.ip()), p, &mut wg_out) {
+                    Some(key) => {
+                        if let Some(peer) = self.peers.get_mut(&key) {
+                            peer.path.wg_from(from);
+                        }
+                    }
+                    // Data for a session we do not have: the peer kept its session across
+                    // our restart (control away, it never heard of it). Waiting for its
+                    // own rekey costs the operator 15 s; a handshake now costs one packet,
+                    // and boringtun sends at most one per peer every few seconds. It goes
+                    // where the data came from: only the real peer can answer it.
+                    None if wg::is_data(p) => {
+                        if let Some(key) = self.by_endpoint.get(&from) {
+                            let mut init = vec![];
+                            self.wg.initiate(key, &mut init);
+                            for a in init {
+                                if let wg::Action::ToPeer(_, p) = a {
+                                    out.push(Action::SendUdp(from, p));
+                                }
+                            }
+                        }
+                    }
+                    None => {}
                 }
                 self.route(&mut wg_out, Some(from), now, out);
                 self.wg_out = wg_out;

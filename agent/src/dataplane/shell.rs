@@ -121,6 +121,9 @@ pub struct Shell {
     udp6: Option<Arc<UdpSocket>>,
     tun: Arc<tun::AsyncDevice>,
     net_info: watch::Sender<NetInfo>,
+    /// Unix seconds of the timer loop's last tick: proof for systemd's watchdog that the
+    /// data plane's thread still works.
+    last_tick: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Starts the data plane's thread with a single-threaded runtime of its own, and returns its
@@ -167,6 +170,7 @@ impl Shell {
             udp4: Arc::new(udp4),
             udp6: udp6.map(Arc::new),
             tun,
+            last_tick: Arc::new(crate::status::now_secs().into()),
         };
         rt.spawn(shell.clone().udp_loop(shell.udp4.clone()));
         if let Some(u) = &shell.udp6 {
@@ -185,6 +189,11 @@ impl Shell {
     /// Changes of our home region and endpoints, for control.
     pub fn net_info(&self) -> watch::Receiver<NetInfo> {
         self.net_info.subscribe()
+    }
+
+    /// Unix seconds of the data plane's last timer tick (every quarter second when it works).
+    pub fn last_tick(&self) -> u64 {
+        self.last_tick.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn has_ipv6(&self) -> bool {
@@ -387,6 +396,10 @@ impl Shell {
             self.run(&mut out, &mut tun_out).await;
             self.publish();
             self.derps.lock().expect("derps lock").close_idle(now);
+            self.last_tick.store(
+                crate::status::now_secs(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
     }
 }

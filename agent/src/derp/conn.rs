@@ -13,8 +13,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-/// tailscaled's read timeout: the server sends keep-alives every minute.
-const READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// After this long without a byte from the server we send a DERP ping; the server answers
+/// at once (its own keep-alives come only every minute).
+const PING_AFTER: Duration = Duration::from_secs(15);
+/// Without a byte from the server for this long the connection is dead: a stream dropped
+/// silently is noticed in half a minute, not tailscaled's two.
+const DEAD_AFTER: Duration = Duration::from_secs(30);
+/// A write that cannot finish in this long (the server stopped reading) ends the connection;
+/// it must not hold up the read side's deadline.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where one region's DERP server is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,9 +109,28 @@ async fn run(
 
 fn derp_err(e: Error) -> Error {
     match e {
-        Error::Control(m) => Error::Derp(m),
+        Error::Control(m) | Error::Unreachable(m) => Error::Derp(m),
         other => other,
     }
+}
+
+/// `GET /derp` with `Upgrade: DERP`; returns the bytes after the answer's head.
+async fn upgrade(target: &Target, io: &mut Box<dyn client::Io>) -> Result<Vec<u8>> {
+    let req = format!(
+        "GET /derp HTTP/1.1\r\nHost: {}\r\nUser-Agent: vpn-agent\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n",
+        target.url.host_header()
+    );
+    io.write_all(req.as_bytes())
+        .await
+        .map_err(|e| Error::Derp(format!("sending the /derp upgrade: {e}")))?;
+    let (status, _, rest) = client::read_head(io).await?;
+    if status != 101 {
+        return Err(Error::Derp(format!(
+            "{} answered /derp with HTTP {status} instead of switching to DERP",
+            target.url.host_header()
+        )));
+    }
+    Ok(rest)
 }
 
 /// One connection, until it fails.
@@ -117,20 +143,12 @@ async fn session(
     inbound: &mpsc::Sender<(u32, Event)>,
 ) -> Result<std::convert::Infallible> {
     let mut io = client::dial_via(&target.connect, &target.url, tls).await?;
-    let req = format!(
-        "GET /derp HTTP/1.1\r\nHost: {}\r\nUser-Agent: vpn-agent\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n",
-        target.url.host_header()
-    );
-    io.write_all(req.as_bytes())
-        .await
-        .map_err(|e| Error::Derp(format!("sending the /derp upgrade: {e}")))?;
-    let (status, _, rest) = client::read_head(&mut io).await?;
-    if status != 101 {
-        return Err(Error::Derp(format!(
-            "{} answered /derp with HTTP {status} instead of switching to DERP",
-            target.url.host_header()
-        )));
-    }
+    let rest = client::deadline(
+        "the /derp upgrade",
+        client::STEP_TIMEOUT,
+        upgrade(target, &mut io),
+    )
+    .await?;
     let mut nonce = [0u8; 24];
     getrandom::getrandom(&mut nonce).map_err(|e| Error::Derp(format!("random nonce: {e}")))?;
     let mut client = Client::new(node.clone(), nonce, preferred);
@@ -138,13 +156,18 @@ async fn session(
     let mut buf = vec![0u8; 64 << 10];
     let (mut write, mut events) = (vec![], vec![]);
     let mut pending = rest;
+    let mut last_read = tokio::time::Instant::now();
+    let mut pinged = false;
     loop {
         client
             .receive(&pending, &mut write, &mut events)
             .map_err(|e| Error::Derp(e.to_string()))?;
         if !write.is_empty() {
-            wr.write_all(&write)
+            tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&write))
                 .await
+                .map_err(|_| {
+                    Error::Derp(format!("a write did not finish within {WRITE_TIMEOUT:?}"))
+                })?
                 .map_err(|e| Error::Derp(format!("write: {e}")))?;
             write.clear();
         }
@@ -172,15 +195,25 @@ async fn session(
             }
         }
         pending.clear();
+        let quiet_until = last_read + if pinged { DEAD_AFTER } else { PING_AFTER };
         tokio::select! {
-            r = tokio::time::timeout(READ_TIMEOUT, rd.read(&mut buf)) => {
-                let n = r
-                    .map_err(|_| Error::Derp(format!("nothing from the server for {READ_TIMEOUT:?}")))?
-                    .map_err(|e| Error::Derp(format!("read: {e}")))?;
+            r = rd.read(&mut buf) => {
+                let n = r.map_err(|e| Error::Derp(format!("read: {e}")))?;
                 if n == 0 {
                     return Err(Error::Derp("the server closed the connection".into()));
                 }
                 pending.extend_from_slice(&buf[..n]);
+                last_read = tokio::time::Instant::now();
+                pinged = false;
+            }
+            _ = tokio::time::sleep_until(quiet_until) => {
+                if pinged {
+                    return Err(Error::Derp(format!("nothing from the server for {DEAD_AFTER:?}, not even a pong")));
+                }
+                let mut data = [0u8; 8];
+                let _ = getrandom::getrandom(&mut data);
+                write.extend_from_slice(&super::encode(super::FRAME_PING, &data));
+                pinged = true;
             }
             Some(frame) = outbound.recv(), if client.is_ready() => {
                 write.extend_from_slice(&frame);

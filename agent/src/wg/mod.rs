@@ -79,6 +79,11 @@ fn take(pool: &mut Vec<Vec<u8>>, p: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Whether `datagram` is a WireGuard transport data message (type 4).
+pub fn is_data(datagram: &[u8]) -> bool {
+    datagram.len() >= 32 && datagram[..4] == [4, 0, 0, 0]
+}
+
 /// The destination address of an IP packet.
 pub fn destination(p: &[u8]) -> Option<IpAddr> {
     match p.first()? >> 4 {
@@ -266,6 +271,23 @@ impl Wg {
         self.filter.note_out(packet);
         if let TunnResult::WriteToNetwork(p) = peer.tunn.encapsulate(packet, &mut self.buf) {
             out.push(Action::ToPeer(peer.spec.node_key, take(&mut self.pool, p)));
+        }
+    }
+
+    /// Starts a handshake with the peer `key` unless one is under way.
+    pub fn initiate(&mut self, key: &[u8; 32], out: &mut Vec<Action>) {
+        let Some(peer) = self
+            .by_key
+            .get(key)
+            .and_then(|&slot| self.slots.get_mut(slot))
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        if let TunnResult::WriteToNetwork(p) =
+            peer.tunn.format_handshake_initiation(&mut self.buf, false)
+        {
+            out.push(Action::ToPeer(*key, take(&mut self.pool, p)));
         }
     }
 

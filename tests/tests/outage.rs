@@ -1,0 +1,322 @@
+//! The agent while headscale is away, stalled, or answers nothing: the operator's way in
+//! must survive it, across agent restarts and reboots of the firewall, and control must come
+//! back by itself. Real headscale v0.28, stock tailscaled v1.102 as the operator's client
+//! (and, for comparison, as a restarted node), real sshd.
+
+use nix::sys::signal::Signal;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use vdc::firewall::{
+    AGENT_LOG, agent_command, agent_status, join_operator, run_early_unit, serve_http, ssh,
+    start_agent, start_firewall, start_sshd, time_to_connect, wait_banner, wait_status,
+};
+use vdc::{Lab, LabOptions, require_lab};
+
+/// The goal for the operator's way in after the agent starts with headscale away.
+const BACK_WITHIN: Duration = Duration::from_secs(5);
+
+fn cache_path(root: &Path) -> std::path::PathBuf {
+    root.join("var/lib/vpn-agent/netmap.json")
+}
+
+/// Waits until `pred` holds for the agent's status, up to `limit`; how long it took.
+fn time_to_status(
+    lab: &Lab,
+    host: &str,
+    limit: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if agent_status(lab, host).is_ok_and(|s| pred(&s)) {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+fn connected(s: &serde_json::Value) -> bool {
+    s["control_connected"] == true && s["cached_netmap_of"].is_null()
+}
+
+/// systemd's side of the readiness protocol: the datagrams the agent sends.
+struct Notify(std::os::unix::net::UnixDatagram, std::path::PathBuf);
+
+impl Notify {
+    fn bind(lab: &Lab, host: &str) -> Notify {
+        let path = lab.host_dir(host).join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Notify(sock, path)
+    }
+
+    /// Waits up to `limit` for a message containing `what`; the message.
+    fn wait(&self, what: &str, limit: Duration) -> Option<String> {
+        let start = Instant::now();
+        let mut buf = [0u8; 4096];
+        while start.elapsed() < limit {
+            if let Ok(n) = self.0.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if m.contains(what) {
+                    return Some(m);
+                }
+            }
+        }
+        None
+    }
+}
+
+#[test]
+fn a_restart_and_a_reboot_while_headscale_is_cut_off_keep_the_operator_in() {
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw", "op", "ts"])).unwrap();
+    let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000f1";
+    let (fw, fw_ip) = start_firewall(&lab, "fw", machine, "project-o", &[]).unwrap();
+    let (_op, _) = join_operator(&lab, "op", "fw").unwrap();
+    let authorized = start_sshd(&lab, "fw").unwrap();
+    let op_ns = lab.host("op").ns();
+    let ssh22: SocketAddr = (fw_ip, 22).into();
+    wait_banner(&op_ns, ssh22).unwrap();
+    ssh(&lab, "op", fw_ip, &authorized, "true").unwrap();
+    // A stock tailscaled node beside it, restarted the same way, for comparison.
+    let ts = lab.join_tailscaled("ts", "others").unwrap();
+    let ts_ip = ts.ipv4().unwrap();
+    serve_http(&lab, "ts", [0, 0, 0, 0].into(), 8080).unwrap();
+    let ts_http: SocketAddr = (ts_ip, 8080).into();
+    vdc::firewall::wait_connects(&op_ns, ts_http, Duration::from_secs(30)).unwrap();
+
+    // The agent keeps the netmap it runs on, private, with the operator in it.
+    let op_key = lab.headscale().node_json("op").unwrap()["node_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cache = cache_path(&fw.root);
+    let start = Instant::now();
+    while !std::fs::read_to_string(&cache).is_ok_and(|c| c.contains(&op_key)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the netmap cache {} never named the operator",
+            cache.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", cache.display());
+
+    lab.cut_off("ctl").unwrap();
+    let mut figures = vec![];
+
+    // 1. The agent restarts; systemd's readiness comes at once, control or not.
+    lab.stop("fw", AGENT_LOG).unwrap();
+    let notify = Notify::bind(&lab, "fw");
+    let mut c = agent_command(&lab, "fw", &fw.root).unwrap();
+    c.env("NOTIFY_SOCKET", &notify.1);
+    let started = Instant::now();
+    lab.spawn("fw", AGENT_LOG, c).unwrap();
+    notify
+        .wait("READY=1", Duration::from_secs(10))
+        .expect("READY=1 with headscale cut off");
+    let ready = started.elapsed();
+    let took = time_to_connect(&op_ns, ssh22, Duration::from_secs(30));
+    figures.push(format!(
+        "agent restarted with headscale cut off: READY after {ready:.1?}, operator's ssh port \
+         answers after {took:.1?}"
+    ));
+    let took = took.unwrap_or_else(|| {
+        panic!(
+            "after a restart with headscale cut off the operator never got in\n{}",
+            lab.log_tail("fw", AGENT_LOG)
+        )
+    });
+    assert!(ready <= Duration::from_secs(2), "READY after {ready:?}");
+    assert!(took <= BACK_WITHIN, "{figures:?}");
+    ssh(&lab, "op", fw_ip, &authorized, "true").unwrap();
+    let st = agent_status(&lab, "fw").unwrap();
+    assert_eq!(st["control_connected"], false, "{st}");
+    assert!(st["cached_netmap_of"].is_u64(), "{st}");
+    // Status says it: within 30 s of the start, control is reported unreachable.
+    let status_line = notify
+        .wait("control unreachable since", Duration::from_secs(30))
+        .expect("STATUS= says control is unreachable");
+    figures.push(format!("systemd status: {status_line}"));
+
+    // 2. A power cycle: everything in the host dies, its disk stays.
+    lab.reboot("fw").unwrap();
+    run_early_unit(&lab, "fw", &fw.root).unwrap();
+    start_sshd(&lab, "fw").unwrap();
+    let started = Instant::now();
+    start_agent(&lab, "fw", &fw.root).unwrap();
+    let took = time_to_connect(&op_ns, ssh22, Duration::from_secs(30));
+    figures.push(format!(
+        "firewall rebooted with headscale cut off: operator's ssh port answers {took:.1?} after the agent started ({:.1?} since)",
+        started.elapsed()
+    ));
+    let took = took.unwrap_or_else(|| {
+        panic!(
+            "after a reboot with headscale cut off the operator never got in\n{}",
+            lab.log_tail("fw", AGENT_LOG)
+        )
+    });
+    assert!(took <= BACK_WITHIN, "{figures:?}");
+    ssh(&lab, "op", fw_ip, &authorized, "true").unwrap();
+
+    // 3. Stock tailscaled, restarted the same way.
+    lab.stop("ts", "tailscaled").unwrap();
+    lab.start_tailscaled("ts").unwrap();
+    let ts_took = time_to_connect(&op_ns, ts_http, Duration::from_secs(30));
+    figures.push(format!(
+        "stock tailscaled v1.102 restarted with headscale cut off: reached after {ts_took:.1?} (None: not within 30 s)"
+    ));
+
+    // 4. headscale comes back: the live map replaces the cache; no key needed.
+    lab.reconnect("ctl").unwrap();
+    let back = time_to_status(&lab, "fw", Duration::from_secs(60), connected);
+    figures.push(format!(
+        "headscale reachable again: the agent on the live map after {back:.1?}"
+    ));
+    notify.wait("control connected", Duration::from_secs(5));
+    for f in &figures {
+        println!("    {f}");
+    }
+    let back = back.unwrap_or_else(|| panic!("{}", lab.log_tail("fw", AGENT_LOG)));
+    assert!(back <= Duration::from_secs(10), "{figures:?}");
+    let log = lab.log("fw", AGENT_LOG);
+    assert!(
+        log.contains("re-attached to headscale with the stored node key"),
+        "{log}"
+    );
+    assert!(!fw.root.join("etc/vpn-agent/authkey").exists());
+    ssh(&lab, "op", fw_ip, &authorized, "true").unwrap();
+}
+
+/// A reachable port counts as "works" when the operator can open it.
+fn works(ns: &vdc::netns::Netns, addr: SocketAddr) -> bool {
+    vdc::firewall::connects(ns, addr)
+}
+
+#[test]
+fn a_stalled_headscale_is_noticed_and_the_agent_returns_when_it_resumes() {
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw", "op"])).unwrap();
+    let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000f2";
+    let (_fw, fw_ip) = start_firewall(&lab, "fw", machine, "project-o", &[]).unwrap();
+    let (_op, _) = join_operator(&lab, "op", "fw").unwrap();
+    start_sshd(&lab, "fw").unwrap();
+    let op_ns = lab.host("op").ns();
+    let ssh22: SocketAddr = (fw_ip, 22).into();
+    wait_banner(&op_ns, ssh22).unwrap();
+
+    // SIGSTOP: the kernel still accepts connections for headscale; nothing answers them.
+    lab.signal("ctl", "headscale", Signal::SIGSTOP).unwrap();
+    let stopped = Instant::now();
+    let lost = time_to_status(&lab, "fw", Duration::from_secs(60), |s| {
+        s["control_connected"] == false
+    });
+    let (mut ok, mut tries) = (0, 0);
+    while stopped.elapsed() < Duration::from_secs(150) {
+        tries += 1;
+        ok += works(&op_ns, ssh22) as u32;
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    let st = agent_status(&lab, "fw").unwrap();
+    lab.signal("ctl", "headscale", Signal::SIGCONT).unwrap();
+    let back = time_to_status(&lab, "fw", Duration::from_secs(60), connected);
+    println!(
+        "    headscale stopped 150 s: control reported lost after {lost:.1?}, ssh port {ok}/{tries}, \
+         back {back:.1?} after SIGCONT"
+    );
+    println!("    status while stopped: {}", st);
+    assert_eq!(
+        ok, tries,
+        "the direct path failed while headscale was stopped"
+    );
+    assert!(
+        lost.is_some_and(|t| t <= Duration::from_secs(30)),
+        "control lost noticed after {lost:?}"
+    );
+    assert!(st["control_lost_since"].is_u64(), "{st}");
+    assert!(
+        back.is_some_and(|t| t <= Duration::from_secs(30)),
+        "back after {back:?}\n{}",
+        lab.log_tail("fw", AGENT_LOG)
+    );
+    assert!(works(&op_ns, ssh22));
+}
+
+#[test]
+fn a_control_port_that_accepts_and_never_answers_is_given_up_on_and_retried() {
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw"])).unwrap();
+    let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000f3";
+    let (_fw, _) = start_firewall(&lab, "fw", machine, "project-o", &[]).unwrap();
+    lab.stop_headscale().unwrap();
+    let addr: SocketAddr = (
+        IpAddr::from(lab.headscale().addr()),
+        vdc::headscale::HTTPS_PORT,
+    )
+        .into();
+    let listener = lab
+        .host("ctl")
+        .ns()
+        .enter(move || Ok(std::net::TcpListener::bind(addr)?))
+        .unwrap();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+    let accepted = held.clone();
+    std::thread::spawn(move || {
+        while let Ok((conn, _)) = listener.accept() {
+            accepted.lock().unwrap().push(conn);
+        }
+    });
+    // The agent connects, waits out its deadline, and tries again: three connections.
+    let start = Instant::now();
+    while held.lock().unwrap().len() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the agent stopped trying: {} connections\n{}",
+            held.lock().unwrap().len(),
+            lab.log_tail("fw", AGENT_LOG)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "    a silent control port: 3 connections in {:.1?}",
+        start.elapsed()
+    );
+    let log = lab.log("fw", AGENT_LOG);
+    assert!(log.contains("GET /key: no answer within"), "{log}");
+    let st = agent_status(&lab, "fw").unwrap();
+    assert!(
+        st["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no answer within")),
+        "{st}"
+    );
+}
+
+#[test]
+fn over_derp_only_a_silently_dropped_relay_comes_back() {
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw", "op"])).unwrap();
+    lab.block_udp("fw", "op").unwrap();
+    let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000f4";
+    let (_fw, fw_ip) = start_firewall(&lab, "fw", machine, "project-o", &[]).unwrap();
+    let (_op, _) = join_operator(&lab, "op", "fw").unwrap();
+    start_sshd(&lab, "fw").unwrap();
+    let op_ns = lab.host("op").ns();
+    let ssh22: SocketAddr = (fw_ip, 22).into();
+    wait_banner(&op_ns, ssh22).unwrap();
+    // The relay (and control with it) vanishes without a FIN or a reset, for 150 s.
+    lab.cut_off("ctl").unwrap();
+    std::thread::sleep(Duration::from_secs(150));
+    lab.reconnect("ctl").unwrap();
+    let took = time_to_connect(&op_ns, ssh22, Duration::from_secs(60));
+    println!("    DERP dropped silently for 150 s: ssh over DERP again after {took:.1?}");
+    assert!(took.is_some(), "{}", lab.log_tail("fw", AGENT_LOG));
+    let st = wait_status(&lab, "fw", "control back", connected).unwrap();
+    assert_eq!(st["control_connected"], true);
+}
