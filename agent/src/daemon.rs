@@ -65,6 +65,8 @@ pub struct Daemon {
     status_line: Mutex<String>,
     /// The URL of the last ping request answered: control repeats it.
     last_ping_url: Option<String>,
+    /// headscale told us it does not know this node (any more).
+    forgotten: bool,
     cfg: Config,
     url: ServerUrl,
     tls: Arc<rustls::ClientConfig>,
@@ -100,6 +102,7 @@ impl Daemon {
             stream_opened: None,
             status_line: Mutex::new(String::new()),
             last_ping_url: None,
+            forgotten: false,
             cfg,
             url,
             tls,
@@ -283,8 +286,8 @@ impl Daemon {
             info!("Enabled is false in the mesh config: not connecting");
             std::future::pending::<()>().await;
         }
-        // Nothing answers: trying again costs headscale nothing, and the mesh gets its
-        // control back within seconds of headscale's return.
+        // Nothing answers (in time): trying again costs headscale little, and the mesh gets
+        // its control back within seconds of headscale's return.
         let mut unreachable = Backoff::new(Duration::from_secs(1), Duration::from_secs(3));
         // headscale answers, but badly or slowly: spare it, within reason.
         let mut failing = Backoff::new(Duration::from_secs(1), Duration::from_secs(15));
@@ -312,6 +315,7 @@ impl Daemon {
             let (delay, key_wanted) = match err {
                 Error::NodeGone(msg) => {
                     self.identity.registered = false;
+                    self.forgotten = true;
                     if let Err(e) = self.identity.save(&self.state_dir) {
                         error!(error = %e, "cannot save the identity");
                     }
@@ -755,7 +759,10 @@ impl Daemon {
                 self.scrub_used_key();
                 return Ok(());
             }
-            warn!(error = %r.error, "stored node key not accepted; registering with the auth key");
+            // No error and no authorization: headscale does not know the key (it offers an
+            // interactive login instead), i.e. the node was deleted there.
+            self.forgotten = !r.node_key_expired;
+            warn!(error = %r.error, key_expired = r.node_key_expired, "stored node key not accepted; registering with the auth key");
         }
         let key = self.auth_key()?;
         req.auth = Some(AuthInfo {
@@ -772,6 +779,7 @@ impl Daemon {
             ));
         }
         self.identity.registered = true;
+        self.forgotten = false;
         self.identity.save(&self.state_dir)?;
         info!(hostname = %self.cfg.hostname, "registered with headscale");
         self.scrub_used_key();
@@ -803,9 +811,13 @@ impl Daemon {
                     p.display()
                 ))),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Refused(format!(
-                    "this node is not registered with headscale (new, or deleted there) and its \
-                     pre-auth key file {} is gone (already used?); put a new key there: it is \
-                     picked up at once",
+                    "{} and its pre-auth key file {} is gone (already used?); put a new key \
+                     there: it is picked up at once",
+                    if self.forgotten {
+                        "headscale no longer knows this node (deleted there?)"
+                    } else {
+                        "this node is not registered with headscale"
+                    },
                     p.display()
                 ))),
                 Err(e) => Err(Error::io(p, e)),

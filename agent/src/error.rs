@@ -15,8 +15,8 @@ pub enum Error {
     /// The control server could not be reached or spoke something unexpected.
     #[error("control: {0}")]
     Control(String),
-    /// No connection to the server at all (nothing answers, or the network is down): cheap
-    /// to retry soon, unlike a server that answers badly.
+    /// No answer from the server at all (the network is down, the server away or stopped):
+    /// cheap to retry soon, unlike a server that answers badly.
     #[error("control: {0}")]
     Unreachable(String),
     /// A DERP relay could not be reached or spoke something unexpected.

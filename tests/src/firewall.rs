@@ -165,6 +165,17 @@ pub fn wait_status(
     what: &str,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> Result<serde_json::Value> {
+    wait_status_for(lab, host, what, std::time::Duration::from_secs(30), pred)
+}
+
+/// [`wait_status`] up to `limit`.
+pub fn wait_status_for(
+    lab: &Lab,
+    host: &str,
+    what: &str,
+    limit: std::time::Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
     let start = std::time::Instant::now();
     loop {
         let s = agent_status(lab, host);
@@ -173,9 +184,9 @@ pub fn wait_status(
         {
             return Ok(s.clone());
         }
-        if start.elapsed() > std::time::Duration::from_secs(30) {
+        if start.elapsed() > limit {
             bail!(
-                "agent status on {host}: {what} not seen within 30 s; status now: {s:?}\nlog:\n{}",
+                "agent status on {host}: {what} not seen within {limit:?}; status now: {s:?}\nlog:\n{}",
                 lab.log_tail(host, AGENT_LOG)
             );
         }

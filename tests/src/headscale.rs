@@ -274,12 +274,31 @@ impl Headscale {
             .ok_or_else(|| anyhow!("headscale lists no node {name}"))
     }
 
+    /// The user `name`, as `headscale users list` knows it.
+    pub fn user(&self, name: &str) -> Result<User> {
+        let v = self.cli_json(&["users", "list"])?;
+        v.as_array()
+            .and_then(|u| u.iter().find(|u| u["name"] == name))
+            .map(user_from)
+            .ok_or_else(|| anyhow!("headscale lists no user {name}"))?
+    }
+
+    /// The id of the node named `name`.
+    pub fn node_id(&self, name: &str) -> Result<u64> {
+        id_of(&self.node_json(name)?["id"])
+    }
+
+    /// `headscale nodes <verb> -i <id of name>` (`expire`, `delete --force`), as an admin
+    /// would.
+    pub fn node_command(&self, verb: &[&str], name: &str) -> Result<()> {
+        let id = self.node_id(name)?.to_string();
+        cmd::run(self.cli().arg("nodes").args(verb).args(["-i", &id])).map(drop)
+    }
+
     /// Approves `routes` (replacing what was approved) for the node named `name`, as an
     /// admin would with `headscale nodes approve-routes`.
     pub fn approve_routes(&self, name: &str, routes: &[&str]) -> Result<()> {
-        let id = self.node_json(name)?["id"]
-            .as_u64()
-            .ok_or_else(|| anyhow!("node {name} has no id"))?;
+        let id = self.node_id(name)?;
         cmd::run(self.cli().args([
             "nodes",
             "approve-routes",

@@ -179,11 +179,15 @@ fn a_restart_and_a_reboot_while_headscale_is_cut_off_keep_the_operator_in() {
     figures.push(format!(
         "headscale reachable again: the agent on the live map after {back:.1?}"
     ));
-    notify.wait("control connected", Duration::from_secs(5));
+    let connected_line = notify.wait("control connected", Duration::from_secs(5));
     for f in &figures {
         println!("    {f}");
     }
     let back = back.unwrap_or_else(|| panic!("{}", lab.log_tail("fw", AGENT_LOG)));
+    assert!(
+        connected_line.is_some(),
+        "no STATUS= saying control is back"
+    );
     assert!(back <= Duration::from_secs(10), "{figures:?}");
     let log = lab.log("fw", AGENT_LOG);
     assert!(
@@ -287,8 +291,9 @@ fn a_control_port_that_accepts_and_never_answers_is_given_up_on_and_retried() {
         "    a silent control port: 3 connections in {:.1?}",
         start.elapsed()
     );
+    // The port is https: the TLS handshake is the step that never finishes.
     let log = lab.log("fw", AGENT_LOG);
-    assert!(log.contains("GET /key: no answer within"), "{log}");
+    assert!(log.contains("TLS handshake: no answer within"), "{log}");
     let st = agent_status(&lab, "fw").unwrap();
     assert!(
         st["error"]
@@ -319,4 +324,112 @@ fn over_derp_only_a_silently_dropped_relay_comes_back() {
     assert!(took.is_some(), "{}", lab.log_tail("fw", AGENT_LOG));
     let st = wait_status(&lab, "fw", "control back", connected).unwrap();
     assert_eq!(st["control_connected"], true);
+}
+
+// What headscale says about nodes: deleted, expired.
+
+#[test]
+fn a_deleted_node_says_so_and_a_new_key_file_registers_it_again() {
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw"])).unwrap();
+    let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000f5";
+    let (fw, _) = start_firewall(&lab, "fw", machine, "project-p", &[]).unwrap();
+    let hs = lab.headscale();
+    let old_id = hs.node_id(machine).unwrap();
+    // Settled first: the start's endpoint update must not be what finds the deletion.
+    lab.wait_log(
+        "fw",
+        AGENT_LOG,
+        "telling control our new endpoints",
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let deleted = Instant::now();
+    hs.node_command(&["delete", "--force"], machine).unwrap();
+    // headscale keeps the deleted node's map stream alive; the agent's periodic check finds
+    // out (every minute).
+    let st =
+        vdc::firewall::wait_status_for(&lab, "fw", "the deletion", Duration::from_secs(90), |s| {
+            s["backend_state"] == "NeedsLogin"
+                && s["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("no longer knows this node"))
+        })
+        .unwrap();
+    println!(
+        "    {:.1?} after `headscale nodes delete`: {}",
+        deleted.elapsed(),
+        st["error"]
+    );
+    let log = lab.log("fw", AGENT_LOG);
+    assert!(log.contains("HTTP 404"), "{log}");
+    // An operator drops a fresh key into the key file: the agent registers at once.
+    let key = hs
+        .create_preauth_key(&hs.user("project-p").unwrap(), &Default::default())
+        .unwrap();
+    let key_file = fw.root.join("etc/vpn-agent/authkey");
+    vdc::headscale::write_private(&key_file, key.key.as_bytes()).unwrap();
+    let node = vdc::firewall::wait_online(&lab, "fw", machine).unwrap();
+    assert_ne!(node.id, old_id, "{node:?}");
+    wait_status(&lab, "fw", "running again", connected).unwrap();
+    let start = Instant::now();
+    while key_file.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the new key was not scrubbed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn expired_keys_are_not_used_and_our_own_expiry_is_reported() {
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw", "op"])).unwrap();
+    let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000f6";
+    let (_fw, fw_ip) = start_firewall(&lab, "fw", machine, "project-q", &[]).unwrap();
+    let (_op, op_ip) = join_operator(&lab, "op", "fw").unwrap();
+    start_sshd(&lab, "fw").unwrap();
+    let op_ns = lab.host("op").ns();
+    let ssh22: SocketAddr = (fw_ip, 22).into();
+    wait_banner(&op_ns, ssh22).unwrap();
+    let hs = lab.headscale();
+
+    // The operator's key expires: the agent drops it, as tailscaled does.
+    hs.node_command(&["expire"], "op").unwrap();
+    let want = format!("{op_ip}/32");
+    wait_status(&lab, "fw", "the operator's key expired", |s| {
+        s["peers"].as_array().is_some_and(|p| {
+            p.iter().any(|p| {
+                p["key_expired"] == true
+                    && p["addresses"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|a| a == &want))
+            })
+        })
+    })
+    .unwrap();
+    assert!(
+        !works(&op_ns, ssh22),
+        "an operator with an expired key still reaches the firewall"
+    );
+
+    // Our own key expires: status says so and what to do; the public port stays closed.
+    hs.node_command(&["expire"], machine).unwrap();
+    let st = wait_status(&lab, "fw", "our key expired", |s| {
+        s["backend_state"] == "NeedsLogin"
+            && s["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("key expired"))
+    })
+    .unwrap();
+    println!(
+        "    after `headscale nodes expire` of the firewall: {}",
+        st["error"]
+    );
+    let public: SocketAddr = (IpAddr::from(lab.host("fw").addr), 22).into();
+    assert!(!works(&op_ns, public), "SSH answers on the public address");
+    let log = lab.log("fw", AGENT_LOG);
+    assert!(log.contains("this node's key expired"), "{log}");
 }

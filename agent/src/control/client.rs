@@ -32,7 +32,8 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 const PING_EVERY: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `fut`, or an error naming `what` once `limit` has passed.
+/// `fut`, or an error naming `what` once `limit` has passed. No answer counts as
+/// unreachable: a stopped or wedged server is retried as soon as one that is away.
 pub(crate) async fn deadline<T>(
     what: &str,
     limit: Duration,
@@ -40,7 +41,7 @@ pub(crate) async fn deadline<T>(
 ) -> Result<T> {
     tokio::time::timeout(limit, fut)
         .await
-        .map_err(|_| Error::Control(format!("{what}: no answer within {limit:?}")))?
+        .map_err(|_| Error::Unreachable(format!("{what}: no answer within {limit:?}")))?
 }
 
 /// Largest map message we accept (tailscale uses the same bound for early payloads).

@@ -273,7 +273,11 @@ impl Engine {
             return self.on_disco(Via::Derp(region, src), p, now, out);
         }
         let mut wg_out = std::mem::take(&mut self.wg_out);
-        self.wg.from_network(None, p, &mut wg_out);
+        // DERP vouches for the sender's node key: data it has no session for gets a
+        // handshake, as on a direct path (see `on_udp`).
+        if self.wg.from_network(None, p, &mut wg_out).is_none() && wg::is_data(p) {
+            self.wg.initiate(&src, &mut wg_out);
+        }
         self.route(&mut wg_out, None, now, out);
         self.wg_out = wg_out;
     }

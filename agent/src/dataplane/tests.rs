@@ -297,3 +297,58 @@ fn nothing_reaches_the_host_before_a_policy_and_then_only_what_parses() {
     n.send_a_to_b();
     assert_eq!(n.b.delivered, vec![icmp("100.64.0.1", "100.64.0.2")]);
 }
+
+/// b restarts with the same keys and no session (control is away: a never hears of it).
+fn restart_b(n: &mut Net) {
+    let (mut b, _, _) = node(2, B);
+    let (_, ia, _) = node(1, A);
+    b.e.set_peers(vec![ia]);
+    b.e.set_filter(crate::filter::Filter::allow_all());
+    n.b = b;
+}
+
+#[test]
+fn data_for_a_session_lost_in_a_restart_is_answered_with_a_handshake() {
+    for udp in [false, true] {
+        let mut n = Net::new();
+        n.send_a_to_b();
+        if udp {
+            n.udp_blocked = false;
+            n.tick(path::DISCOVERY);
+            assert_eq!(n.path_of_b().as_deref(), Some(B));
+        }
+        assert_eq!(n.b.delivered.len(), 1);
+        restart_b(&mut n);
+        // a's packet is lost, but b answers it with a handshake (direct: to where the data
+        // came from; via DERP: to the node that sent it)...
+        n.send_a_to_b();
+        assert!(n.b.delivered.is_empty());
+        // ...so the next one arrives, not only after a's own rekey timers.
+        n.send_a_to_b();
+        assert_eq!(
+            n.b.delivered.len(),
+            1,
+            "udp {udp}: the session was not rebuilt"
+        );
+    }
+}
+
+#[test]
+fn junk_data_from_an_unknown_address_starts_no_handshake() {
+    let mut n = Net::new();
+    let mut junk = vec![4u8, 0, 0, 0];
+    junk.extend_from_slice(&[7u8; 60]);
+    let mut out = vec![];
+    n.b.e.on_udp(
+        "198.51.100.7:41641".parse().unwrap(),
+        &junk,
+        n.now,
+        &mut out,
+    );
+    assert!(out.is_empty(), "{out:?}");
+    // From the peer's known endpoint it does, once per rekey interval.
+    n.b.e.on_udp(A.parse().unwrap(), &junk, n.now, &mut out);
+    assert_eq!(out.len(), 1);
+    n.b.e.on_udp(A.parse().unwrap(), &junk, n.now, &mut out);
+    assert_eq!(out.len(), 1, "a second handshake while one is under way");
+}
