@@ -364,6 +364,12 @@ impl Lab {
             let _ = c.wait();
         }
         let ns = host.ns();
+        // The NIC's address survives a power cycle; a new one would leave the other hosts'
+        // neighbour caches pointing nowhere for seconds, which no real reboot does.
+        let mac = ns
+            .ip(&["-br", "link", "show", "eth0"])
+            .ok()
+            .and_then(|l| l.split_whitespace().nth(2).map(str::to_string));
         for pid in ns.pids() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
@@ -375,7 +381,10 @@ impl Lab {
         // before a new one takes its name.
         sw.ip(&["link", "del", name])?;
         ns.destroy();
-        underlay_host(&sw, &host.netns, name, host.addr)?;
+        let rebuilt = underlay_host(&sw, &host.netns, name, host.addr)?;
+        if let Some(mac) = mac {
+            rebuilt.ip(&["link", "set", "eth0", "address", &mac])?;
+        }
         // The knobs name the switch port, which is new: load them again.
         apply_knobs(&sw, &self.state().knobs)
     }

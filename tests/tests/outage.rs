@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use vdc::firewall::{
     AGENT_LOG, agent_command, agent_status, join_operator, run_early_unit, serve_http, ssh,
-    start_agent, start_firewall, start_sshd, time_to_connect, wait_banner, wait_status,
+    start_firewall, start_sshd, time_to_connect, wait_banner, wait_status,
 };
 use vdc::{Lab, LabOptions, require_lab};
 
@@ -41,8 +41,12 @@ fn connected(s: &serde_json::Value) -> bool {
     s["control_connected"] == true && s["cached_netmap_of"].is_null()
 }
 
-/// systemd's side of the readiness protocol: the datagrams the agent sends.
-struct Notify(std::os::unix::net::UnixDatagram, std::path::PathBuf);
+/// systemd's side of the readiness protocol: the datagrams the agent sends, kept in order.
+struct Notify {
+    sock: std::os::unix::net::UnixDatagram,
+    path: std::path::PathBuf,
+    seen: std::cell::RefCell<Vec<String>>,
+}
 
 impl Notify {
     fn bind(lab: &Lab, host: &str) -> Notify {
@@ -51,22 +55,29 @@ impl Notify {
         let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
-        Notify(sock, path)
+        Notify {
+            sock,
+            path,
+            seen: Default::default(),
+        }
     }
 
-    /// Waits up to `limit` for a message containing `what`; the message.
+    /// The first message so far, or within `limit`, that contains `what`.
     fn wait(&self, what: &str, limit: Duration) -> Option<String> {
         let start = Instant::now();
         let mut buf = [0u8; 4096];
-        while start.elapsed() < limit {
-            if let Ok(n) = self.0.recv(&mut buf) {
-                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
-                if m.contains(what) {
-                    return Some(m);
-                }
+        loop {
+            if let Some(m) = self.seen.borrow().iter().find(|m| m.contains(what)) {
+                return Some(m.clone());
+            }
+            if start.elapsed() > limit {
+                return None;
+            }
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+                self.seen.borrow_mut().push(m);
             }
         }
-        None
     }
 }
 
@@ -115,13 +126,18 @@ fn a_restart_and_a_reboot_while_headscale_is_cut_off_keep_the_operator_in() {
     lab.stop("fw", AGENT_LOG).unwrap();
     let notify = Notify::bind(&lab, "fw");
     let mut c = agent_command(&lab, "fw", &fw.root).unwrap();
-    c.env("NOTIFY_SOCKET", &notify.1);
+    // systemd's watchdog at 3 s: the agent must feed it while it works.
+    c.env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", "3000000");
     let started = Instant::now();
     lab.spawn("fw", AGENT_LOG, c).unwrap();
     notify
         .wait("READY=1", Duration::from_secs(10))
         .expect("READY=1 with headscale cut off");
     let ready = started.elapsed();
+    notify
+        .wait("WATCHDOG=1", Duration::from_secs(5))
+        .expect("WATCHDOG=1 within the watchdog's interval");
     let took = time_to_connect(&op_ns, ssh22, Duration::from_secs(30));
     figures.push(format!(
         "agent restarted with headscale cut off: READY after {ready:.1?}, operator's ssh port \
@@ -150,7 +166,9 @@ fn a_restart_and_a_reboot_while_headscale_is_cut_off_keep_the_operator_in() {
     run_early_unit(&lab, "fw", &fw.root).unwrap();
     start_sshd(&lab, "fw").unwrap();
     let started = Instant::now();
-    start_agent(&lab, "fw", &fw.root).unwrap();
+    let mut c = agent_command(&lab, "fw", &fw.root).unwrap();
+    c.env("NOTIFY_SOCKET", &notify.path);
+    lab.spawn("fw", AGENT_LOG, c).unwrap();
     let took = time_to_connect(&op_ns, ssh22, Duration::from_secs(30));
     figures.push(format!(
         "firewall rebooted with headscale cut off: operator's ssh port answers {took:.1?} after the agent started ({:.1?} since)",
@@ -175,9 +193,15 @@ fn a_restart_and_a_reboot_while_headscale_is_cut_off_keep_the_operator_in() {
 
     // 4. headscale comes back: the live map replaces the cache; no key needed.
     lab.reconnect("ctl").unwrap();
+    let reconnected = Instant::now();
     let back = time_to_status(&lab, "fw", Duration::from_secs(60), connected);
     figures.push(format!(
         "headscale reachable again: the agent on the live map after {back:.1?}"
+    ));
+    let ts_back =
+        time_to_connect(&op_ns, ts_http, Duration::from_secs(60)).map(|_| reconnected.elapsed());
+    figures.push(format!(
+        "headscale reachable again: the restarted stock tailscaled reached after {ts_back:.1?}"
     ));
     let connected_line = notify.wait("control connected", Duration::from_secs(5));
     for f in &figures {
