@@ -77,11 +77,11 @@ impl Status {
             ),
             None => String::new(),
         };
-        format!(
-            "{}: {control}{map}, {} peers",
-            self.backend_state,
-            self.peers.len()
-        )
+        let peers = match self.peers.len() {
+            1 => "1 peer".to_string(),
+            n => format!("{n} peers"),
+        };
+        format!("{}: {control}{map}, {peers}", self.backend_state)
     }
 }
 
@@ -219,7 +219,7 @@ mod tests {
         let r = render(&s, 103);
         assert!(
             r.starts_with(
-                "# Running: control connected, 1 peers (https://hs, last contact 3s ago)\n"
+                "# Running: control connected, 1 peer (https://hs, last contact 3s ago)\n"
             ),
             "{r}"
         );
