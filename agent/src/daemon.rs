@@ -883,13 +883,19 @@ impl PeerRoutes {
     }
 }
 
-/// headscale's refusal texts, said in words an operator can act on.
+/// headscale's refusal texts, said in words an operator can act on. The wordings of every
+/// supported headscale version (see the tests); an unknown one still names headscale's text.
 pub fn explain(error: &str) -> String {
-    let hint = if error.contains("already used") {
+    let e = error.to_ascii_lowercase();
+    let hint = if e.contains("already used") {
         "the single-use pre-auth key was used before; generate the userdata again"
-    } else if error.contains("expired") {
+    } else if e.contains("expired") {
         "the pre-auth key expired; generate the userdata again"
-    } else if error.contains("not found") || error.contains("failed to parse") {
+    } else if e.contains("not found")
+        || e.contains("failed to parse")
+        || e.contains("invalid pre auth key")
+        || e.contains("invalid auth key")
+    {
         "headscale does not know this pre-auth key (a key for another server?)"
     } else {
         "see headscale's log"
@@ -900,6 +906,46 @@ pub fn explain(error: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The texts of `RegisterResponse.Error` as each version's source writes them
+    /// (hscontrol/auth.go, hscontrol/state/state.go, hscontrol/db/preauth_keys.go).
+    #[test]
+    fn refusals_of_every_supported_headscale_version_are_explained() {
+        let unknown = "headscale does not know this pre-auth key";
+        for (version, text, hint) in [
+            (
+                "v0.27.1",
+                "handling register with auth key: AuthKey not found",
+                unknown,
+            ),
+            (
+                "v0.28.0",
+                "handling register with auth key: auth-key not found",
+                unknown,
+            ),
+            (
+                "v0.28.0",
+                "handling register with auth key: failed to parse auth-key: x",
+                unknown,
+            ),
+            (
+                "v0.28.0",
+                "handling register with auth key: invalid auth key: crypto/bcrypt: \
+                 hashedPassword is not the hash of the given password",
+                unknown,
+            ),
+            ("v0.29.2", "invalid pre auth key", unknown),
+            ("v0.27.1", "authkey expired", "expired"),
+            ("v0.29.2", "authkey expired", "expired"),
+            ("v0.27.1", "authkey already used", "used before"),
+            ("v0.29.2", "authkey already used", "used before"),
+        ] {
+            let said = explain(text);
+            assert!(said.contains(hint), "{version}: {text:?} -> {said}");
+            assert!(said.starts_with(text), "{version}: {said}");
+        }
+        assert!(explain("something new").contains("see headscale's log"));
+    }
 
     #[test]
     fn a_peer_is_trusted_with_its_routes_only_when_they_are_accepted_and_never_exit_routes() {

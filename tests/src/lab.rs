@@ -42,6 +42,9 @@ pub struct LabOptions {
     /// headscale's ACL policy (HuJSON), read from a file; `None`: no policy, all traffic
     /// allowed. [`Lab::set_policy`] changes it while the lab runs.
     pub policy: Option<String>,
+    /// The headscale version (one of [`crate::tools::HEADSCALE_VERSIONS`]); `None`: the run's
+    /// default ([`crate::tools::headscale_version`]).
+    pub headscale: Option<&'static str>,
 }
 
 impl LabOptions {
@@ -86,6 +89,9 @@ pub struct LabState {
     pub knobs: Knobs,
     /// Hosts running a tailscaled started by the lab.
     pub tailscaled: Vec<String>,
+    /// The headscale version the lab runs.
+    #[serde(default)]
+    pub headscale_version: String,
 }
 
 /// A running virtual data center. Dropping it stops every process and deletes every
@@ -148,6 +154,7 @@ impl Lab {
             hosts: BTreeMap::new(),
             knobs: Knobs::default(),
             tailscaled: vec![],
+            headscale_version: String::new(),
         };
         // From here on a failure must still clean up: build into a guard.
         let mut guard = Teardown(Some(state));
@@ -179,14 +186,19 @@ impl Lab {
         }
         apply_knobs(&sw, &Knobs::default())?;
         let ctl = guard.0.as_ref().unwrap().hosts[CTL].clone();
+        let version = opts
+            .headscale
+            .unwrap_or_else(crate::tools::headscale_version);
         let (headscale, hs_child) = Headscale::start(
             &ctl.ns(),
             ctl.addr,
             &dir.join(CTL),
             opts.expired_tls,
             opts.policy.as_deref(),
+            version,
         )?;
-        let state = guard.0.take().unwrap();
+        let mut state = guard.0.take().unwrap();
+        state.headscale_version = version.to_string();
         let lab = Lab {
             state: Mutex::new(state),
             headscale,
@@ -204,7 +216,9 @@ impl Lab {
             .with_context(|| format!("no lab {id} is up (cannot read {})", path.display()))?;
         let state: LabState = serde_json::from_str(&text)?;
         let ctl = state.hosts[CTL].clone();
-        let headscale = Headscale::attach(ctl.ns(), ctl.addr, state.dir.join(CTL));
+        let version = crate::tools::supported_headscale(&state.headscale_version)
+            .unwrap_or(crate::tools::HEADSCALE.version);
+        let headscale = Headscale::attach(ctl.ns(), ctl.addr, state.dir.join(CTL), version);
         Ok(Lab {
             state: Mutex::new(state),
             headscale,
@@ -855,12 +869,19 @@ mod tests {
     #[test]
     fn headscale_reads_a_policy_file_only_when_the_lab_has_one() {
         let (addr, dir) = (host_addr(0), Path::new("/tmp/vdc/x/ctl"));
-        let none = crate::headscale::config_yaml(addr, dir, None);
+        let none = crate::headscale::config_yaml(addr, dir, None, "v0.28.0");
         assert!(
             none.contains("policy:\n  mode: file\n  path: \"\"\n"),
             "{none}"
         );
-        let some = crate::headscale::config_yaml(addr, dir, Some(&dir.join("policy.hujson")));
+        let some =
+            crate::headscale::config_yaml(addr, dir, Some(&dir.join("policy.hujson")), "v0.29.2");
+        assert!(!some.contains("randomize_client_port"), "{some}");
+        assert!(
+            !some.contains("ephemeral_node_inactivity_timeout"),
+            "{some}"
+        );
+        assert!(none.contains("randomize_client_port: false\n"), "{none}");
         assert!(
             some.contains("  path: \"/tmp/vdc/x/ctl/policy.hujson\"\n"),
             "{some}"

@@ -203,6 +203,38 @@ pub fn run(lab: &Lab, step: &mut dyn FnMut(&str)) -> Result<()> {
     crate::firewall::ssh(lab, "op", fw_ip, &authorized, whoami)?;
     closed_from_the_data_center(lab, public)?;
     cmd::run(&mut status_command(lab, "fw"))?;
+
+    step(
+        "headscale goes away, and the firewall power-cycles meanwhile: the agent starts on its cached netmap",
+    );
+    lab.cut_off("ctl")?;
+    lab.reboot("fw")?;
+    boot_without_agent(lab, &root)?;
+    start_agent(lab, "fw", &root)?;
+    let took = crate::firewall::time_to_connect(
+        &lab.host("op").ns(),
+        (fw_ip, 22).into(),
+        Duration::from_secs(30),
+    )
+    .with_context(|| {
+        format!(
+            "the operator never got in with headscale away\n{}",
+            lab.log_tail("fw", AGENT_LOG)
+        )
+    })?;
+    println_indented(&format!(
+        "the operator's ssh port answers {took:.1?} after the agent started"
+    ));
+    crate::firewall::ssh(lab, "op", fw_ip, &authorized, whoami)?;
+    closed_from_the_data_center(lab, public)?;
+    cmd::run(&mut status_command(lab, "fw"))?;
+
+    step("headscale is back: the agent follows the live map again, without a key");
+    lab.reconnect("ctl")?;
+    wait_status(lab, "fw", "control back", |s| {
+        s["control_connected"] == true && s["cached_netmap_of"].is_null()
+    })?;
+    cmd::run(&mut status_command(lab, "fw"))?;
     Ok(())
 }
 

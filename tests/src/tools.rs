@@ -64,6 +64,47 @@ pub const COREOS_IGNITION: GoTool = GoTool {
 
 pub const GO_TOOLS: &[GoTool] = &[HEADSCALE, TAILSCALE, FLATCAR_IGNITION, COREOS_IGNITION];
 
+/// The headscale versions a lab can run ([`crate::LabOptions::headscale`], or
+/// `$VDC_HEADSCALE` for a whole run); [`HEADSCALE`]'s is the default.
+pub const HEADSCALE_VERSIONS: &[&str] = &["v0.28.0", "v0.29.2"];
+
+/// headscale at `version`, built with the same recipe as the default.
+pub fn headscale_at(version: &'static str) -> GoTool {
+    GoTool {
+        version,
+        ..HEADSCALE
+    }
+}
+
+/// The headscale version labs run unless their options say otherwise: `$VDC_HEADSCALE`,
+/// else [`HEADSCALE`]'s. Panics on a version the lab does not know: a run must not quietly
+/// test another one.
+pub fn headscale_version() -> &'static str {
+    match std::env::var("VDC_HEADSCALE") {
+        Ok(v) => supported_headscale(&v).unwrap_or_else(|| {
+            panic!("VDC_HEADSCALE={v}: the lab runs one of {HEADSCALE_VERSIONS:?}")
+        }),
+        Err(_) => HEADSCALE.version,
+    }
+}
+
+/// `version` as one of [`HEADSCALE_VERSIONS`].
+pub fn supported_headscale(version: &str) -> Option<&'static str> {
+    HEADSCALE_VERSIONS.iter().copied().find(|v| *v == version)
+}
+
+/// Every Go tool `cargo xtask setup` builds: [`GO_TOOLS`] and the other headscale versions.
+pub fn go_tools() -> Vec<GoTool> {
+    let mut tools = GO_TOOLS.to_vec();
+    tools.extend(
+        HEADSCALE_VERSIONS
+            .iter()
+            .filter(|v| **v != HEADSCALE.version)
+            .map(|v| headscale_at(v)),
+    );
+    tools
+}
+
 /// cargo-fuzz, installed with `cargo install` at a pinned version; it runs on the
 /// machine's nightly toolchain.
 pub const CARGO_FUZZ: (&str, &str) = ("cargo-fuzz", "0.13.2");
@@ -160,8 +201,9 @@ impl GoTool {
     }
 }
 
+/// The default headscale's binary (see [`headscale_version`]).
 pub fn headscale_bin() -> PathBuf {
-    HEADSCALE.bin("headscale")
+    headscale_at(headscale_version()).bin("headscale")
 }
 
 pub fn tailscaled_bin() -> PathBuf {
@@ -198,8 +240,8 @@ pub const PROJECT_BINARIES: &[&str] = &["userdata-gen", "vpn-agent"];
 
 /// Every binary the lab needs, with a name for error messages.
 pub fn required_binaries() -> Vec<(String, PathBuf)> {
-    let mut out: Vec<(String, PathBuf)> = GO_TOOLS
-        .iter()
+    let mut out: Vec<(String, PathBuf)> = go_tools()
+        .into_iter()
         .flat_map(|t| {
             t.binaries
                 .iter()

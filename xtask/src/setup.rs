@@ -6,12 +6,12 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use std::process::Command;
 use std::time::Instant;
-use vdc::tools::{self, APT_PACKAGES, GO_TOOLS, GoTool};
+use vdc::tools::{self, APT_PACKAGES, GoTool};
 
 pub fn run() -> Result<()> {
     let start = Instant::now();
     apt(APT_PACKAGES)?;
-    for tool in GO_TOOLS {
+    for tool in &tools::go_tools() {
         go_tool(tool)?;
     }
     cargo_fuzz()?;

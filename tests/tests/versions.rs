@@ -1,0 +1,51 @@
+//! What differs between the headscale versions the agent supports, each checked against the
+//! version that does it (see `vdc::tools::HEADSCALE_VERSIONS`).
+
+use std::io::{Read, Write};
+use vdc::firewall::start_firewall;
+use vdc::{Lab, LabOptions, require_lab};
+
+/// `GET path` on headscale's debug listener (127.0.0.1:9090 inside the control-plane host).
+fn debug_page(lab: &Lab, path: &str) -> String {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    lab.host("ctl")
+        .ns()
+        .enter(move || {
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9090")?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+            s.write_all(req.as_bytes())?;
+            let mut page = String::new();
+            s.read_to_string(&mut page)?;
+            Ok(page)
+        })
+        .unwrap()
+}
+
+/// headscale v0.29 asks nodes to prove they are alive with a `PingRequest` (its HA subnet
+/// router prober, and its debug page); the agent answers it as tailscaled does, with a HEAD
+/// request to the URL it names. v0.27 and v0.28 never send one.
+#[test]
+fn headscale_v0_29_ping_requests_are_answered() {
+    require_lab!();
+    let lab = Lab::start(LabOptions {
+        hosts: vec!["fw".into()],
+        headscale: Some("v0.29.2"),
+        ..LabOptions::default()
+    })
+    .unwrap();
+    let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000a9";
+    start_firewall(&lab, "fw", machine, "project-v", &[]).unwrap();
+    let id = lab.headscale().node_id(machine).unwrap();
+    // The page sends the PingRequest and waits up to 30 s for the answer.
+    let page = debug_page(&lab, &format!("/debug/ping?node={id}"));
+    let verdict = page
+        .find("responded in")
+        .or_else(|| page.find("did not respond"))
+        .map(|i| &page[i.saturating_sub(12)..(i + 40).min(page.len())]);
+    println!("    headscale v0.29.2 /debug/ping: {verdict:?}");
+    assert!(
+        page.contains(&format!("Node {id} responded in")),
+        "{page}\n{}",
+        lab.log_tail("fw", vdc::firewall::AGENT_LOG)
+    );
+}
