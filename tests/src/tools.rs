@@ -66,7 +66,7 @@ pub const GO_TOOLS: &[GoTool] = &[HEADSCALE, TAILSCALE, FLATCAR_IGNITION, COREOS
 
 /// The headscale versions a lab can run ([`crate::LabOptions::headscale`], or
 /// `$VDC_HEADSCALE` for a whole run); [`HEADSCALE`]'s is the default.
-pub const HEADSCALE_VERSIONS: &[&str] = &["v0.28.0", "v0.29.2"];
+pub const HEADSCALE_VERSIONS: &[&str] = &["v0.27.1", "v0.28.0", "v0.29.2"];
 
 /// headscale at `version`, built with the same recipe as the default.
 pub fn headscale_at(version: &'static str) -> GoTool {
