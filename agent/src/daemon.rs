@@ -58,7 +58,6 @@ pub struct Daemon {
     tunnel: Option<Tunnel>,
     /// The running data plane (after `start_local`).
     data: Option<Shell>,
-    announced_ready: bool,
     /// When the current session's map stream opened.
     stream_opened: Option<tokio::time::Instant>,
     /// The last `STATUS=` line sent to systemd, without its figures.
@@ -98,7 +97,6 @@ impl Daemon {
             socket,
             tunnel: None,
             data: None,
-            announced_ready: false,
             stream_opened: None,
             status_line: Mutex::new(String::new()),
             last_ping_url: None,
@@ -396,7 +394,7 @@ impl Daemon {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         info!(
-            netmap_of = %crate::control::netmap::format_time(cached.saved_at),
+            netmap_of = %format_time(cached.saved_at),
             peers = cached.netmap.peers.len(),
             "starting on the cached netmap until headscale answers"
         );
@@ -613,11 +611,6 @@ impl Daemon {
         if c.peers_changed + c.peers_removed > 0 || c.self_changed {
             self.refresh_peers().await;
         }
-        if !self.announced_ready && self.netmap.self_node.is_some() {
-            self.announced_ready = true;
-            self.set(|s| s.backend_state = "Running".into());
-            info!("running");
-        }
         Ok(())
     }
 
@@ -642,6 +635,17 @@ impl Daemon {
             );
             error!("{msg}");
             self.needs_login(msg);
+        } else if self.netmap.self_node.is_some()
+            && self.status.lock().expect("status lock").backend_state != "Running"
+        {
+            // The first map (live or cached), or a key that is valid again.
+            self.set(|s| {
+                if s.backend_state == "NeedsLogin" {
+                    s.error = None;
+                }
+                s.backend_state = "Running".into();
+            });
+            info!("running");
         }
         info!(peers = self.netmap.peers.len(), "peers updated");
         self.data().set_peers(self.peer_infos(now));

@@ -77,15 +77,9 @@ pub fn headscale_at(version: &'static str) -> GoTool {
 }
 
 /// The headscale version labs run unless their options say otherwise: `$VDC_HEADSCALE`,
-/// else [`HEADSCALE`]'s. Panics on a version the lab does not know: a run must not quietly
-/// test another one.
+/// else [`HEADSCALE`]'s.
 pub fn headscale_version() -> &'static str {
-    match std::env::var("VDC_HEADSCALE") {
-        Ok(v) => supported_headscale(&v).unwrap_or_else(|| {
-            panic!("VDC_HEADSCALE={v}: the lab runs one of {HEADSCALE_VERSIONS:?}")
-        }),
-        Err(_) => HEADSCALE.version,
-    }
+    chosen("VDC_HEADSCALE", HEADSCALE_VERSIONS, HEADSCALE.version)
 }
 
 /// `version` as one of [`HEADSCALE_VERSIONS`].
@@ -93,15 +87,49 @@ pub fn supported_headscale(version: &str) -> Option<&'static str> {
     HEADSCALE_VERSIONS.iter().copied().find(|v| *v == version)
 }
 
-/// Every Go tool `cargo xtask setup` builds: [`GO_TOOLS`] and the other headscale versions.
+/// The tailscale versions the lab's stock clients can be (`$VDC_TAILSCALE` for a whole run);
+/// [`TAILSCALE`]'s is the default. v1.74.0 is the oldest headscale v0.27 and v0.28 support,
+/// v1.80.3 the oldest (newest patch) v0.29 supports.
+pub const TAILSCALE_VERSIONS: &[&str] = &["v1.74.0", "v1.80.3", "v1.102.2", "v1.102.3"];
+
+/// tailscale at `version`, built with the same recipe as the default.
+pub fn tailscale_at(version: &'static str) -> GoTool {
+    GoTool {
+        version,
+        ..TAILSCALE
+    }
+}
+
+/// The tailscale version the lab's clients run: `$VDC_TAILSCALE`, else [`TAILSCALE`]'s.
+pub fn tailscale_version() -> &'static str {
+    chosen("VDC_TAILSCALE", TAILSCALE_VERSIONS, TAILSCALE.version)
+}
+
+/// The version `$var` names, one of `supported`, or `default`. Panics on a version the lab
+/// does not know: a run must not quietly test another one.
+fn chosen(var: &str, supported: &'static [&'static str], default: &'static str) -> &'static str {
+    match std::env::var(var) {
+        Ok(v) => supported
+            .iter()
+            .copied()
+            .find(|s| *s == v)
+            .unwrap_or_else(|| panic!("{var}={v}: the lab runs one of {supported:?}")),
+        Err(_) => default,
+    }
+}
+
+/// Every Go tool `cargo xtask setup` builds: [`GO_TOOLS`] and the other headscale and
+/// tailscale versions.
 pub fn go_tools() -> Vec<GoTool> {
     let mut tools = GO_TOOLS.to_vec();
-    tools.extend(
-        HEADSCALE_VERSIONS
-            .iter()
-            .filter(|v| **v != HEADSCALE.version)
-            .map(|v| headscale_at(v)),
-    );
+    fn others(
+        all: &'static [&'static str],
+        default: &'static str,
+    ) -> impl Iterator<Item = &'static str> {
+        all.iter().copied().filter(move |v| *v != default)
+    }
+    tools.extend(others(HEADSCALE_VERSIONS, HEADSCALE.version).map(headscale_at));
+    tools.extend(others(TAILSCALE_VERSIONS, TAILSCALE.version).map(tailscale_at));
     tools
 }
 
@@ -207,11 +235,11 @@ pub fn headscale_bin() -> PathBuf {
 }
 
 pub fn tailscaled_bin() -> PathBuf {
-    TAILSCALE.bin("tailscaled")
+    tailscale_at(tailscale_version()).bin("tailscaled")
 }
 
 pub fn tailscale_bin() -> PathBuf {
-    TAILSCALE.bin("tailscale")
+    tailscale_at(tailscale_version()).bin("tailscale")
 }
 
 /// flatcar Ignition v0.36.2 (spec 2.x), as metal-stack's firewall images run it.

@@ -120,10 +120,18 @@ fn agent_joins_with_the_generated_userdata_and_rejoins_without_a_key() {
         "--force",
     ]))
     .unwrap();
-    wait_status(&lab, "fw", "the deleted node gone", |s| {
-        s["peers"].as_array().is_some_and(|p| p.is_empty())
-    })
-    .unwrap();
+    if lab.headscale().version() == "v0.27.1" {
+        // headscale v0.27 tells no one when the deleted node was their only peer, not even
+        // that it went offline (fixed in v0.28): it stays in the map until the next full map.
+        std::thread::sleep(Duration::from_secs(5));
+        let st = vdc::firewall::agent_status(&lab, "fw").unwrap();
+        assert_eq!(st["peers"].as_array().map(Vec::len), Some(1), "{st}");
+    } else {
+        wait_status(&lab, "fw", "the deleted node gone", |s| {
+            s["peers"].as_array().is_some_and(|p| p.is_empty())
+        })
+        .unwrap();
+    }
 
     // headscale restarts under the running agent: it reconnects and the map resumes.
     lab.restart_headscale().unwrap();
@@ -261,7 +269,7 @@ fn tags_from_the_generated_userdata_reach_headscale() {
         &["--tags", "tag:firewall"],
     )
     .unwrap();
-    // systemd's readiness protocol: the agent says READY=1 once it is registered and up.
+    // systemd's readiness protocol: the agent says READY=1 once its local side is up.
     let notify_path = lab.host_dir("fw").join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
     notify
@@ -281,8 +289,13 @@ fn tags_from_the_generated_userdata_reach_headscale() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
     let node = wait_online(&lab, "fw", MACHINE).unwrap();
     assert_eq!(node.tags, vec!["tag:firewall".to_string()]);
-    // headscale v0.28 lists tagged nodes under its pseudo-user; the key was the project's.
-    assert_eq!(node.user, "tagged-devices");
+    // headscale v0.28 and later list tagged nodes under their pseudo-user; v0.27 under the
+    // user the key belongs to, the project's.
+    let owner = match lab.headscale().version() {
+        "v0.27.1" => "project-c",
+        _ => "tagged-devices",
+    };
+    assert_eq!(node.user, owner, "headscale {}", lab.headscale().version());
 }
 
 #[test]

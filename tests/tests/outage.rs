@@ -8,8 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vdc::firewall::{
-    AGENT_LOG, agent_command, agent_status, join_operator, run_early_unit, serve_http, ssh,
-    start_firewall, start_sshd, time_to_connect, wait_banner, wait_status,
+    AGENT_LOG, agent_command, agent_status, connects, join_operator, run_early_unit, serve_http,
+    ssh, start_firewall, start_sshd, time_to_connect, wait_banner, wait_status,
 };
 use vdc::{Lab, LabOptions, require_lab};
 
@@ -35,6 +35,38 @@ fn time_to_status(
         std::thread::sleep(Duration::from_millis(100));
     }
     None
+}
+
+/// A firewall (agent and sshd) and an operator whose ssh port on the firewall answers over
+/// the mesh.
+struct Mesh {
+    lab: Lab,
+    fw: vdc::firewall::Provisioned,
+    fw_ip: IpAddr,
+    op_ip: IpAddr,
+    op_ns: vdc::netns::Netns,
+    /// The firewall's ssh port on its mesh address.
+    ssh22: SocketAddr,
+    /// sshd's authorized_keys.
+    authorized: std::path::PathBuf,
+}
+
+fn mesh(lab: Lab, machine: &str, project: &str) -> Mesh {
+    let (fw, fw_ip) = start_firewall(&lab, "fw", machine, project, &[]).unwrap();
+    let (_, op_ip) = join_operator(&lab, "op", "fw").unwrap();
+    let authorized = start_sshd(&lab, "fw").unwrap();
+    let op_ns = lab.host("op").ns();
+    let ssh22: SocketAddr = (fw_ip, 22).into();
+    wait_banner(&op_ns, ssh22).unwrap();
+    Mesh {
+        lab,
+        fw,
+        fw_ip,
+        op_ip,
+        op_ns,
+        ssh22,
+        authorized,
+    }
 }
 
 fn connected(s: &serde_json::Value) -> bool {
@@ -84,14 +116,19 @@ impl Notify {
 #[test]
 fn a_restart_and_a_reboot_while_headscale_is_cut_off_keep_the_operator_in() {
     require_lab!();
-    let lab = Lab::start(LabOptions::hosts(&["fw", "op", "ts"])).unwrap();
-    let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000f1";
-    let (fw, fw_ip) = start_firewall(&lab, "fw", machine, "project-o", &[]).unwrap();
-    let (_op, _) = join_operator(&lab, "op", "fw").unwrap();
-    let authorized = start_sshd(&lab, "fw").unwrap();
-    let op_ns = lab.host("op").ns();
-    let ssh22: SocketAddr = (fw_ip, 22).into();
-    wait_banner(&op_ns, ssh22).unwrap();
+    let Mesh {
+        lab,
+        fw,
+        fw_ip,
+        op_ns,
+        ssh22,
+        authorized,
+        ..
+    } = mesh(
+        Lab::start(LabOptions::hosts(&["fw", "op", "ts"])).unwrap(),
+        "0cfc7e24-aaaa-4bbb-8ccc-0000000000f1",
+        "project-o",
+    );
     ssh(&lab, "op", fw_ip, &authorized, "true").unwrap();
     // A stock tailscaled node beside it, restarted the same way, for comparison.
     let ts = lab.join_tailscaled("ts", "others").unwrap();
@@ -222,22 +259,16 @@ fn a_restart_and_a_reboot_while_headscale_is_cut_off_keep_the_operator_in() {
     ssh(&lab, "op", fw_ip, &authorized, "true").unwrap();
 }
 
-/// A reachable port counts as "works" when the operator can open it.
-fn works(ns: &vdc::netns::Netns, addr: SocketAddr) -> bool {
-    vdc::firewall::connects(ns, addr)
-}
-
 #[test]
 fn a_stalled_headscale_is_noticed_and_the_agent_returns_when_it_resumes() {
     require_lab!();
-    let lab = Lab::start(LabOptions::hosts(&["fw", "op"])).unwrap();
-    let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000f2";
-    let (_fw, fw_ip) = start_firewall(&lab, "fw", machine, "project-o", &[]).unwrap();
-    let (_op, _) = join_operator(&lab, "op", "fw").unwrap();
-    start_sshd(&lab, "fw").unwrap();
-    let op_ns = lab.host("op").ns();
-    let ssh22: SocketAddr = (fw_ip, 22).into();
-    wait_banner(&op_ns, ssh22).unwrap();
+    let Mesh {
+        lab, op_ns, ssh22, ..
+    } = mesh(
+        Lab::start(LabOptions::hosts(&["fw", "op"])).unwrap(),
+        "0cfc7e24-aaaa-4bbb-8ccc-0000000000f2",
+        "project-o",
+    );
 
     // SIGSTOP: the kernel still accepts connections for headscale; nothing answers them.
     lab.signal("ctl", "headscale", Signal::SIGSTOP).unwrap();
@@ -248,7 +279,7 @@ fn a_stalled_headscale_is_noticed_and_the_agent_returns_when_it_resumes() {
     let (mut ok, mut tries) = (0, 0);
     while stopped.elapsed() < Duration::from_secs(150) {
         tries += 1;
-        ok += works(&op_ns, ssh22) as u32;
+        ok += connects(&op_ns, ssh22) as u32;
         std::thread::sleep(Duration::from_secs(5));
     }
     let st = agent_status(&lab, "fw").unwrap();
@@ -273,7 +304,7 @@ fn a_stalled_headscale_is_noticed_and_the_agent_returns_when_it_resumes() {
         "back after {back:?}\n{}",
         lab.log_tail("fw", AGENT_LOG)
     );
-    assert!(works(&op_ns, ssh22));
+    assert!(connects(&op_ns, ssh22));
 }
 
 #[test]
@@ -332,13 +363,9 @@ fn over_derp_only_a_silently_dropped_relay_comes_back() {
     require_lab!();
     let lab = Lab::start(LabOptions::hosts(&["fw", "op"])).unwrap();
     lab.block_udp("fw", "op").unwrap();
-    let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000f4";
-    let (_fw, fw_ip) = start_firewall(&lab, "fw", machine, "project-o", &[]).unwrap();
-    let (_op, _) = join_operator(&lab, "op", "fw").unwrap();
-    start_sshd(&lab, "fw").unwrap();
-    let op_ns = lab.host("op").ns();
-    let ssh22: SocketAddr = (fw_ip, 22).into();
-    wait_banner(&op_ns, ssh22).unwrap();
+    let Mesh {
+        lab, op_ns, ssh22, ..
+    } = mesh(lab, "0cfc7e24-aaaa-4bbb-8ccc-0000000000f4", "project-o");
     // The relay (and control with it) vanishes without a FIN or a reset, for 150 s.
     lab.cut_off("ctl").unwrap();
     std::thread::sleep(Duration::from_secs(150));
@@ -410,14 +437,18 @@ fn a_deleted_node_says_so_and_a_new_key_file_registers_it_again() {
 #[test]
 fn expired_keys_are_not_used_and_our_own_expiry_is_reported() {
     require_lab!();
-    let lab = Lab::start(LabOptions::hosts(&["fw", "op"])).unwrap();
     let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000f6";
-    let (_fw, fw_ip) = start_firewall(&lab, "fw", machine, "project-q", &[]).unwrap();
-    let (_op, op_ip) = join_operator(&lab, "op", "fw").unwrap();
-    start_sshd(&lab, "fw").unwrap();
-    let op_ns = lab.host("op").ns();
-    let ssh22: SocketAddr = (fw_ip, 22).into();
-    wait_banner(&op_ns, ssh22).unwrap();
+    let Mesh {
+        lab,
+        op_ip,
+        op_ns,
+        ssh22,
+        ..
+    } = mesh(
+        Lab::start(LabOptions::hosts(&["fw", "op"])).unwrap(),
+        machine,
+        "project-q",
+    );
     let hs = lab.headscale();
 
     // The operator's key expires: the agent drops it, as tailscaled does.
@@ -435,7 +466,7 @@ fn expired_keys_are_not_used_and_our_own_expiry_is_reported() {
     })
     .unwrap();
     assert!(
-        !works(&op_ns, ssh22),
+        !connects(&op_ns, ssh22),
         "an operator with an expired key still reaches the firewall"
     );
 
@@ -453,7 +484,10 @@ fn expired_keys_are_not_used_and_our_own_expiry_is_reported() {
         st["error"]
     );
     let public: SocketAddr = (IpAddr::from(lab.host("fw").addr), 22).into();
-    assert!(!works(&op_ns, public), "SSH answers on the public address");
+    assert!(
+        !connects(&op_ns, public),
+        "SSH answers on the public address"
+    );
     let log = lab.log("fw", AGENT_LOG);
     assert!(log.contains("this node's key expired"), "{log}");
 }

@@ -10,12 +10,19 @@ fn stdout(cmd: &mut Command) -> String {
 }
 
 #[test]
-fn tailscale_is_the_pinned_version() {
+fn every_supported_tailscale_is_its_version() {
     require_lab!();
-    let want = tools::TAILSCALE.version.trim_start_matches('v');
-    for bin in [tools::tailscale_bin(), tools::tailscaled_bin()] {
-        let out = stdout(Command::new(&bin).arg("--version"));
-        assert_eq!(out.lines().next(), Some(want), "{}", bin.display());
+    for v in tools::TAILSCALE_VERSIONS {
+        let tool = tools::tailscale_at(v);
+        for bin in [tool.bin("tailscale"), tool.bin("tailscaled")] {
+            let out = stdout(Command::new(&bin).arg("--version"));
+            assert_eq!(
+                out.lines().next(),
+                Some(v.trim_start_matches('v')),
+                "{}",
+                bin.display()
+            );
+        }
     }
 }
 

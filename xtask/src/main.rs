@@ -20,8 +20,14 @@ struct Cli {
 enum Cmd {
     /// Install everything the tests and the demo need (Debian packages, headscale, tailscale).
     Setup,
-    /// Setup, then fmt, clippy, unit tests and the end-to-end suite: what CI runs.
-    Test,
+    /// Setup, then fmt, clippy, unit tests, the end-to-end suite and the interoperability
+    /// matrix: what CI runs.
+    Test {
+        /// Only the matrix: the story and the agent's end-to-end tests against every
+        /// supported headscale version.
+        #[arg(long)]
+        matrix: bool,
+    },
     /// The whole flow in the virtual data center, step by step.
     Demo,
     /// Benchmarks; writes the results as tables into the README.
@@ -43,7 +49,7 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::run(),
-        Cmd::Test => test(),
+        Cmd::Test { matrix } => test(matrix),
         Cmd::Demo => {
             setup::run()?;
             lab::demo()
@@ -53,9 +59,18 @@ fn main() -> Result<()> {
     }
 }
 
-fn test() -> Result<()> {
+fn test(matrix_only: bool) -> Result<()> {
     let start = Instant::now();
     setup::run()?;
+    if matrix_only {
+        step(
+            "build the binaries the end-to-end suite runs",
+            cargo(&["build", "--workspace", "--bins"]),
+        )?;
+        matrix()?;
+        println!("xtask test --matrix: all green in {:.0?}", start.elapsed());
+        return Ok(());
+    }
     step("cargo fmt --check", cargo(&["fmt", "--all", "--check"]))?;
     step(
         "cargo clippy",
@@ -83,6 +98,7 @@ fn test() -> Result<()> {
     let mut e2e = cargo(&["test", "--workspace", "--test", "*"]);
     e2e.env("VDC_REQUIRE_LAB", "1");
     step("end-to-end suite (virtual data center)", e2e)?;
+    matrix()?;
     for (dir, target) in vdc::tools::FUZZ_TARGETS {
         step(
             &format!("fuzz {dir}/{target} for {FUZZ_SECONDS} s"),
@@ -90,6 +106,45 @@ fn test() -> Result<()> {
         )?;
     }
     println!("xtask test: all green in {:.0?}", start.elapsed());
+    Ok(())
+}
+
+/// The pairs the matrix runs besides the default (which the whole suite ran on): every
+/// headscale version with the oldest tailscale it supports and the newest.
+const MATRIX: &[(&str, &str)] = &[
+    ("v0.27.1", "v1.74.0"),
+    ("v0.27.1", "v1.102.3"),
+    ("v0.28.0", "v1.74.0"),
+    ("v0.28.0", "v1.102.3"),
+    ("v0.29.2", "v1.80.3"),
+    ("v0.29.2", "v1.102.3"),
+];
+
+/// The story and the agent's end-to-end tests for every pair of [`MATRIX`].
+fn matrix() -> Result<()> {
+    if let Some(why) = vdc::lab_unavailable() {
+        bail!("the matrix cannot run here: {why}");
+    }
+    let mut rows = vec![];
+    for (hs, ts) in MATRIX {
+        let mut c = cargo(&["test", "-p", "vdc", "--test", "story", "--test", "agent"]);
+        c.env("VDC_HEADSCALE", hs)
+            .env("VDC_TAILSCALE", ts)
+            .env("VDC_REQUIRE_LAB", "1");
+        let started = Instant::now();
+        step(
+            &format!("matrix: headscale {hs} × tailscale {ts}: story and agent tests"),
+            c,
+        )?;
+        rows.push(format!(
+            "| {hs} | {ts} | green | {:.0?} |",
+            started.elapsed()
+        ));
+    }
+    println!("| headscale | tailscale | story + agent tests | took |\n|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
     Ok(())
 }
 

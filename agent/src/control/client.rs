@@ -234,15 +234,27 @@ pub async fn server_key(url: &ServerUrl, tls: &Arc<rustls::ClientConfig>) -> Res
         })
 }
 
-async fn fetch_key(url: &ServerUrl, io: &mut Box<dyn Io>) -> Result<Vec<u8>> {
+/// Sends `method path` without a body, asking the server to close after its answer, and
+/// reads the answer's head: status, head text, the bytes after it.
+async fn simple_request(
+    io: &mut Box<dyn Io>,
+    method: &str,
+    path: &str,
+    url: &ServerUrl,
+) -> Result<(u16, String, Vec<u8>)> {
     let req = format!(
-        "GET /key?v={CAPABILITY_VERSION} HTTP/1.1\r\nHost: {}\r\nUser-Agent: vpn-agent\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: vpn-agent\r\nConnection: close\r\n\r\n",
         url.host_header()
     );
     io.write_all(req.as_bytes())
         .await
-        .map_err(|e| Error::Control(format!("sending GET /key: {e}")))?;
-    let (status, head, mut body) = read_head(io).await?;
+        .map_err(|e| Error::Control(format!("sending {method} {path}: {e}")))?;
+    read_head(io).await
+}
+
+async fn fetch_key(url: &ServerUrl, io: &mut Box<dyn Io>) -> Result<Vec<u8>> {
+    let path = format!("/key?v={CAPABILITY_VERSION}");
+    let (status, head, mut body) = simple_request(io, "GET", &path, url).await?;
     io.read_to_end(&mut body)
         .await
         .map_err(|e| Error::Control(format!("reading GET /key: {e}")))?;
@@ -267,14 +279,7 @@ pub async fn head(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<u16> {
     let server = ServerUrl::parse(base)?;
     let mut io = dial(&server, tls).await?;
     deadline("HEAD", STEP_TIMEOUT, async {
-        let req = format!(
-            "HEAD {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: vpn-agent\r\nConnection: close\r\n\r\n",
-            server.host_header()
-        );
-        io.write_all(req.as_bytes())
-            .await
-            .map_err(|e| Error::Control(format!("sending HEAD: {e}")))?;
-        Ok(read_head(&mut io).await?.0)
+        Ok(simple_request(&mut io, "HEAD", path, &server).await?.0)
     })
     .await
 }
