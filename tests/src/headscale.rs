@@ -163,6 +163,17 @@ impl Headscale {
         self.version
     }
 
+    /// Switches to another version's binary and config, on the same keys, database and
+    /// certificate (an upgrade in place); the server must be stopped.
+    pub fn set_version(&mut self, version: &'static str) -> Result<()> {
+        std::fs::write(
+            self.config_path(),
+            config_yaml(self.addr, &self.dir, self.policy_path().as_deref(), version),
+        )?;
+        self.version = version;
+        Ok(())
+    }
+
     fn bin(&self) -> PathBuf {
         tools::headscale_at(self.version).bin("headscale")
     }

@@ -322,6 +322,17 @@ impl Lab {
         self.stop(CTL, "headscale")
     }
 
+    /// Upgrades headscale in place to `version` (one of
+    /// [`crate::tools::HEADSCALE_VERSIONS`]): stopped, its config rewritten for the new
+    /// version, started on the new binary with the same database, keys and certificate.
+    pub fn upgrade_headscale(&mut self, version: &'static str) -> Result<()> {
+        self.stop_headscale()?;
+        self.headscale.set_version(version)?;
+        self.state.lock().unwrap().headscale_version = version.to_string();
+        self.save()?;
+        self.start_headscale()
+    }
+
     /// Starts headscale on the lab's state; returns once it answers.
     pub fn start_headscale(&self) -> Result<()> {
         self.push_child(format!("headscale@{CTL}"), self.headscale.spawn(true)?);

@@ -2,7 +2,10 @@
 //! version that does it (see `vdc::tools::HEADSCALE_VERSIONS`).
 
 use std::io::{Read, Write};
-use vdc::firewall::start_firewall;
+use std::time::Duration;
+use vdc::firewall::{
+    AGENT_LOG, join_operator, ssh, start_firewall, start_sshd, wait_banner, wait_status_for,
+};
 use vdc::{Lab, LabOptions, require_lab};
 
 /// `GET path` on headscale's debug listener (127.0.0.1:9090 inside the control-plane host).
@@ -47,5 +50,58 @@ fn headscale_v0_29_ping_requests_are_answered() {
         page.contains(&format!("Node {id} responded in")),
         "{page}\n{}",
         lab.log_tail("fw", vdc::firewall::AGENT_LOG)
+    );
+}
+
+/// metal-stack upgrades headscale under running firewalls: one registered under v0.28.0 keeps
+/// its node, its identity and its operator's ssh after headscale is upgraded in place to
+/// v0.29.2 (same database, `headscale serve` restarted on the new binary).
+#[test]
+fn a_firewall_keeps_its_node_and_its_operator_across_a_headscale_upgrade() {
+    require_lab!();
+    let mut lab = Lab::start(LabOptions {
+        hosts: vec!["fw".into(), "op".into()],
+        headscale: Some("v0.28.0"),
+        ..LabOptions::default()
+    })
+    .unwrap();
+    let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000aa";
+    let (_fw, fw_ip) = start_firewall(&lab, "fw", machine, "project-u", &[]).unwrap();
+    join_operator(&lab, "op", "fw").unwrap();
+    let authorized = start_sshd(&lab, "fw").unwrap();
+    wait_banner(&lab.host("op").ns(), (fw_ip, 22).into()).unwrap();
+    ssh(&lab, "op", fw_ip, &authorized, "true").unwrap();
+    let before = lab.headscale().node_json(machine).unwrap();
+
+    lab.upgrade_headscale("v0.29.2").unwrap();
+    let st = wait_status_for(
+        &lab,
+        "fw",
+        "control back after the upgrade",
+        Duration::from_secs(60),
+        |s| s["control_connected"] == true && s["backend_state"] == "Running",
+    )
+    .unwrap();
+    let after = lab.headscale().node_json(machine).unwrap();
+    assert_eq!(after["id"], before["id"], "{after}");
+    assert_eq!(after["node_key"], before["node_key"], "{after}");
+    assert_eq!(after["ip_addresses"], before["ip_addresses"], "{after}");
+    let log = lab.log("fw", AGENT_LOG);
+    assert_eq!(
+        log.matches("re-attached to headscale with the stored node key")
+            .count(),
+        1,
+        "the agent re-attaches once, after the upgrade, and never needs a key\n{log}"
+    );
+    assert!(!log.contains("registering with the auth key"), "{log}");
+    wait_banner(&lab.host("op").ns(), (fw_ip, 22).into()).unwrap();
+    ssh(&lab, "op", fw_ip, &authorized, "true").unwrap();
+    // It is v0.29 that answers now: it pings, and the agent answers.
+    let id = lab.headscale().node_id(machine).unwrap();
+    let page = debug_page(&lab, &format!("/debug/ping?node={id}"));
+    assert!(page.contains(&format!("Node {id} responded in")), "{page}");
+    println!(
+        "    headscale v0.28.0 -> v0.29.2 in place: node {} kept, agent {}",
+        after["id"], st["backend_state"]
     );
 }
