@@ -478,15 +478,62 @@ pub fn wait_connects(
     addr: std::net::SocketAddr,
     timeout: std::time::Duration,
 ) -> Result<()> {
-    let start = std::time::Instant::now();
-    while !connects(ns, addr) {
-        if start.elapsed() > timeout {
-            bail!(
-                "{addr} does not answer from {} within {timeout:?}",
-                ns.name()
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
+    match time_to_connect(ns, addr, timeout) {
+        Some(_) => Ok(()),
+        None => bail!(
+            "{addr} does not answer from {} within {timeout:?}",
+            ns.name()
+        ),
     }
-    Ok(())
+}
+
+/// systemd's side of its notify protocol for an agent on a lab host: the datagrams the agent
+/// sends to `NOTIFY_SOCKET` (`READY=1`, `STATUS=…`, `WATCHDOG=1`), kept in order.
+pub struct Notify {
+    sock: std::os::unix::net::UnixDatagram,
+    /// What `NOTIFY_SOCKET` must name.
+    pub path: PathBuf,
+    seen: std::cell::RefCell<Vec<String>>,
+}
+
+impl Notify {
+    pub fn bind(lab: &Lab, host: &str) -> Notify {
+        let path = lab.host_dir(host).join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind the notify socket");
+        sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .expect("a read timeout");
+        Notify {
+            sock,
+            path,
+            seen: Default::default(),
+        }
+    }
+
+    /// The next message not yet returned or seen, within `limit`.
+    pub fn next(&self, limit: std::time::Duration) -> Option<String> {
+        let start = std::time::Instant::now();
+        let mut buf = [0u8; 4096];
+        while start.elapsed() <= limit {
+            // A timeout, or a signal to the test process (children exiting): read again.
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+                self.seen.borrow_mut().push(m.clone());
+                return Some(m);
+            }
+        }
+        None
+    }
+
+    /// The first message so far, or within `limit`, that contains `what`.
+    pub fn wait(&self, what: &str, limit: std::time::Duration) -> Option<String> {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(m) = self.seen.borrow().iter().find(|m| m.contains(what)) {
+                return Some(m.clone());
+            }
+            let left = limit.checked_sub(start.elapsed())?;
+            self.next(left)?;
+        }
+    }
 }

@@ -270,23 +270,12 @@ fn tags_from_the_generated_userdata_reach_headscale() {
     )
     .unwrap();
     // systemd's readiness protocol: the agent says READY=1 once its local side is up.
-    let notify_path = lab.host_dir("fw").join("notify.sock");
-    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
+    let notify = vdc::firewall::Notify::bind(&lab, "fw");
     let mut c = vdc::firewall::agent_command(&lab, "fw", &fw.root).unwrap();
-    c.env("NOTIFY_SOCKET", &notify_path);
+    c.env("NOTIFY_SOCKET", &notify.path);
     lab.spawn("fw", AGENT_LOG, c).unwrap();
-    let mut buf = [0u8; 256];
-    // A signal to the test process (children exiting) may interrupt the wait: wait again.
-    let n = loop {
-        match notify.recv(&mut buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            r => break r.unwrap(),
-        }
-    };
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    let first = notify.next(Duration::from_secs(60)).unwrap_or_default();
+    assert!(first.contains("READY=1"), "{first:?}");
     let node = wait_online(&lab, "fw", MACHINE).unwrap();
     assert_eq!(node.tags, vec!["tag:firewall".to_string()]);
     // headscale v0.28 and later list tagged nodes under their pseudo-user; v0.27 under the

@@ -8,8 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vdc::firewall::{
-    AGENT_LOG, agent_command, agent_status, connects, join_operator, run_early_unit, serve_http,
-    ssh, start_firewall, start_sshd, time_to_connect, wait_banner, wait_status,
+    AGENT_LOG, Notify, agent_command, agent_status, connects, join_operator, run_early_unit,
+    serve_http, ssh, start_firewall, start_sshd, time_to_connect, wait_banner, wait_status,
+    wait_status_for,
 };
 use vdc::{Lab, LabOptions, require_lab};
 
@@ -20,7 +21,7 @@ fn cache_path(root: &Path) -> std::path::PathBuf {
     root.join("var/lib/vpn-agent/netmap.json")
 }
 
-/// Waits until `pred` holds for the agent's status, up to `limit`; how long it took.
+/// How long until `pred` holds for the agent's status, up to `limit`.
 fn time_to_status(
     lab: &Lab,
     host: &str,
@@ -28,13 +29,9 @@ fn time_to_status(
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> Option<Duration> {
     let start = Instant::now();
-    while start.elapsed() < limit {
-        if agent_status(lab, host).is_ok_and(|s| pred(&s)) {
-            return Some(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    None
+    wait_status_for(lab, host, "the awaited state", limit, pred)
+        .ok()
+        .map(|_| start.elapsed())
 }
 
 /// A firewall (agent and sshd) and an operator whose ssh port on the firewall answers over
@@ -71,46 +68,6 @@ fn mesh(lab: Lab, machine: &str, project: &str) -> Mesh {
 
 fn connected(s: &serde_json::Value) -> bool {
     s["control_connected"] == true && s["cached_netmap_of"].is_null()
-}
-
-/// systemd's side of the readiness protocol: the datagrams the agent sends, kept in order.
-struct Notify {
-    sock: std::os::unix::net::UnixDatagram,
-    path: std::path::PathBuf,
-    seen: std::cell::RefCell<Vec<String>>,
-}
-
-impl Notify {
-    fn bind(lab: &Lab, host: &str) -> Notify {
-        let path = lab.host_dir(host).join("notify.sock");
-        let _ = std::fs::remove_file(&path);
-        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        Notify {
-            sock,
-            path,
-            seen: Default::default(),
-        }
-    }
-
-    /// The first message so far, or within `limit`, that contains `what`.
-    fn wait(&self, what: &str, limit: Duration) -> Option<String> {
-        let start = Instant::now();
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Some(m) = self.seen.borrow().iter().find(|m| m.contains(what)) {
-                return Some(m.clone());
-            }
-            if start.elapsed() > limit {
-                return None;
-            }
-            if let Ok(n) = self.sock.recv(&mut buf) {
-                let m = String::from_utf8_lossy(&buf[..n]).trim().to_string();
-                self.seen.borrow_mut().push(m);
-            }
-        }
-    }
 }
 
 #[test]

@@ -282,6 +282,15 @@ mod tests {
         }
     }
 
+    /// The bytes of the agent's own settings file in `p`.
+    fn agent_json(p: &Payload) -> &[u8] {
+        &p.files
+            .iter()
+            .find(|f| f.path == AGENT_SETTINGS_PATH)
+            .expect("the payload has agent.json")
+            .contents
+    }
+
     #[test]
     fn the_key_is_only_in_its_own_file() {
         let p = Payload::new(&settings(), &Secret::new("hskey-auth-SECRET"));
@@ -311,12 +320,7 @@ mod tests {
         s.ca_pem = Some("-----BEGIN CERTIFICATE-----\n".into());
         let p = Payload::new(&s, &Secret::new("k"));
         assert!(p.file_paths().contains(&CA_PATH.to_string()));
-        let agent = p
-            .files
-            .iter()
-            .find(|f| f.path == AGENT_SETTINGS_PATH)
-            .unwrap();
-        let a: AgentSettings = serde_json::from_slice(&agent.contents).unwrap();
+        let a: AgentSettings = serde_json::from_slice(agent_json(&p)).unwrap();
         assert_eq!(a.ca_file.as_deref(), Some(CA_PATH));
     }
 
@@ -325,12 +329,7 @@ mod tests {
         let mut s = settings();
         s.vrf = Some("vrf104009".into());
         let p = Payload::new(&s, &Secret::new("k"));
-        let f = p
-            .files
-            .iter()
-            .find(|f| f.path == AGENT_SETTINGS_PATH)
-            .unwrap();
-        let agent: AgentSettings = serde_json::from_slice(&f.contents).unwrap();
+        let agent: AgentSettings = serde_json::from_slice(agent_json(&p)).unwrap();
         assert_eq!(agent.bind_device.as_deref(), Some("vrf104009"));
         // No `ip vrf exec`: the unit runs the agent as it is, with no drop-in of ours.
         assert!(
@@ -339,12 +338,7 @@ mod tests {
                 .any(|f| f.contains("tailscaled.service.d"))
         );
         let plain = Payload::new(&settings(), &Secret::new("k"));
-        let f = plain
-            .files
-            .iter()
-            .find(|f| f.path == AGENT_SETTINGS_PATH)
-            .unwrap();
-        assert!(!String::from_utf8_lossy(&f.contents).contains("bind_device"));
+        assert!(!String::from_utf8_lossy(agent_json(&plain)).contains("bind_device"));
         assert!(valid_vrf("vrf104009") && !valid_vrf("vrf;rm") && !valid_vrf(""));
     }
 

@@ -48,20 +48,15 @@ pub fn encode(netmap: &Netmap, node_key: &str, saved_at: SystemTime) -> Vec<u8> 
 /// The cached map if it is one of ours: `Ok(None)` when it was made for another node key;
 /// an error when it cannot be read as a cache of this version.
 pub fn decode(bytes: &[u8], node_key: &str) -> Result<Option<Cached>> {
-    #[derive(Deserialize)]
-    struct Version {
-        version: u32,
+    let s: Stored = match serde_json::from_slice(bytes) {
+        Ok(s) => s,
+        // Only a cache that does not read as ours is read again, for its version: a large
+        // map is parsed once on the way in.
+        Err(e) => return Err(unreadable(bytes, e)),
+    };
+    if s.version != VERSION {
+        return Err(other_version(s.version));
     }
-    let v: Version = serde_json::from_slice(bytes)
-        .map_err(|e| Error::State(format!("not a netmap cache: {e}")))?;
-    if v.version != VERSION {
-        return Err(Error::State(format!(
-            "netmap cache version {} (this agent reads {VERSION})",
-            v.version
-        )));
-    }
-    let s: Stored = serde_json::from_slice(bytes)
-        .map_err(|e| Error::State(format!("netmap cache is corrupt: {e}")))?;
     if s.node_key != node_key || s.netmap.self_node.is_none() {
         return Ok(None);
     }
@@ -69,6 +64,25 @@ pub fn decode(bytes: &[u8], node_key: &str) -> Result<Option<Cached>> {
         netmap: s.netmap,
         saved_at: SystemTime::UNIX_EPOCH + Duration::from_secs(s.saved_at),
     }))
+}
+
+fn other_version(v: u32) -> Error {
+    Error::State(format!(
+        "netmap cache version {v} (this agent reads {VERSION})"
+    ))
+}
+
+/// Why `bytes` is not a cache of this version: another version's layout, or not a cache.
+fn unreadable(bytes: &[u8], e: serde_json::Error) -> Error {
+    #[derive(Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    match serde_json::from_slice::<Version>(bytes) {
+        Ok(v) if v.version != VERSION => other_version(v.version),
+        Ok(_) => Error::State(format!("netmap cache is corrupt: {e}")),
+        Err(e) => Error::State(format!("not a netmap cache: {e}")),
+    }
 }
 
 /// Reads the cache from `state_dir`: none when there is no file yet.
