@@ -45,6 +45,10 @@ pub struct LabOptions {
     /// The headscale version (one of [`crate::tools::HEADSCALE_VERSIONS`]); `None`: the run's
     /// default ([`crate::tools::headscale_version`]).
     pub headscale: Option<&'static str>,
+    /// The version of the stock tailscale clients the lab starts (one of
+    /// [`crate::tools::TAILSCALE_VERSIONS`]); `None`: the run's default
+    /// ([`crate::tools::tailscale_version`]).
+    pub tailscale: Option<&'static str>,
 }
 
 impl LabOptions {
@@ -92,6 +96,14 @@ pub struct LabState {
     /// The headscale version the lab runs.
     #[serde(default)]
     pub headscale_version: String,
+    /// The tailscale version of the clients the lab starts.
+    #[serde(default)]
+    pub tailscale_version: String,
+}
+
+fn tailscale_of(st: &LabState) -> &'static str {
+    crate::tools::supported_tailscale(&st.tailscale_version)
+        .unwrap_or(crate::tools::TAILSCALE.version)
 }
 
 /// A running virtual data center. Dropping it stops every process and deletes every
@@ -155,6 +167,10 @@ impl Lab {
             knobs: Knobs::default(),
             tailscaled: vec![],
             headscale_version: String::new(),
+            tailscale_version: opts
+                .tailscale
+                .unwrap_or_else(crate::tools::tailscale_version)
+                .to_string(),
         };
         // From here on a failure must still clean up: build into a guard.
         let mut guard = Teardown(Some(state));
@@ -473,6 +489,7 @@ impl Lab {
     pub fn start_tailscaled(&self, name: &str) -> Result<Tailscaled> {
         let host = self.host(name);
         let started = Tailscaled::start(
+            self.tailscale_version(),
             &host.ns(),
             &self.host_dir(name).join("tailscaled"),
             &self.headscale.ca_path(),
@@ -490,6 +507,7 @@ impl Lab {
         ca: &str,
     ) -> Result<Tailscaled> {
         let started = Tailscaled::start_from_root(
+            self.tailscale_version(),
             &self.host(name).ns(),
             &self.host_dir(name).join("tailscaled"),
             root,
@@ -509,10 +527,18 @@ impl Lab {
     /// The tailscaled the lab started on `name` (for a reattached lab).
     pub fn tailscaled(&self, name: &str) -> Option<Tailscaled> {
         let st = self.state.lock().unwrap();
-        st.tailscaled
-            .iter()
-            .any(|h| h == name)
-            .then(|| Tailscaled::attach(st.hosts[name].ns(), st.dir.join(name).join("tailscaled")))
+        st.tailscaled.iter().any(|h| h == name).then(|| {
+            Tailscaled::attach(
+                tailscale_of(&st),
+                st.hosts[name].ns(),
+                st.dir.join(name).join("tailscaled"),
+            )
+        })
+    }
+
+    /// The tailscale version of the clients this lab starts.
+    pub fn tailscale_version(&self) -> &'static str {
+        tailscale_of(&self.state.lock().unwrap())
     }
 
     fn set_knobs(&self, f: impl FnOnce(&mut Knobs)) -> Result<()> {

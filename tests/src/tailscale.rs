@@ -17,6 +17,7 @@ pub const PORT: u16 = 41641;
 /// A running tailscaled with its own state dir and socket.
 #[derive(Debug, Clone)]
 pub struct Tailscaled {
+    version: &'static str,
     ns: Netns,
     dir: PathBuf,
 }
@@ -42,16 +43,22 @@ impl std::fmt::Display for PeerPath {
 impl Tailscaled {
     /// Starts tailscaled in `ns` with a real TUN device (`tailscale0`), trusting the lab
     /// CA (`ca`), with logging to the outside world turned off.
-    pub fn start(ns: &Netns, dir: &Path, ca: &Path) -> Result<(Self, Child)> {
+    pub fn start(
+        version: &'static str,
+        ns: &Netns,
+        dir: &Path,
+        ca: &Path,
+    ) -> Result<(Self, Child)> {
         let mut c = ns.command("env");
         c.arg(format!("SSL_CERT_FILE={}", ca.display()));
-        Self::spawn(ns, dir, c, &[])
+        Self::spawn(version, ns, dir, c, &[])
     }
 
     /// Starts tailscaled as a firewall would after Ignition wrote `root`: in a private
     /// mount namespace where `root/etc` is `/etc`, driven by the config file `config` (a path
     /// inside that `/etc`), trusting the CA file `ca` (also a path there).
     pub fn start_from_root(
+        version: &'static str,
         ns: &Netns,
         dir: &Path,
         root: &Path,
@@ -60,18 +67,25 @@ impl Tailscaled {
     ) -> Result<(Self, Child)> {
         let mut c = ns.command_in_root(root, "env");
         c.arg(format!("SSL_CERT_FILE={ca}"));
-        Self::spawn(ns, dir, c, &[format!("--config={config}")])
+        Self::spawn(version, ns, dir, c, &[format!("--config={config}")])
     }
 
-    fn spawn(ns: &Netns, dir: &Path, mut c: Command, extra: &[String]) -> Result<(Self, Child)> {
+    fn spawn(
+        version: &'static str,
+        ns: &Netns,
+        dir: &Path,
+        mut c: Command,
+        extra: &[String],
+    ) -> Result<(Self, Child)> {
         std::fs::create_dir_all(dir.join("state"))?;
         let me = Self {
+            version,
             ns: ns.clone(),
             dir: dir.to_path_buf(),
         };
         let log = std::fs::File::create(me.log_path())?;
         let child = c
-            .arg(tools::tailscaled_bin())
+            .arg(me.bin("tailscaled"))
             .arg("--tun=tailscale0")
             .arg(format!("--statedir={}", dir.join("state").display()))
             .arg(format!("--socket={}", me.socket().display()))
@@ -88,8 +102,17 @@ impl Tailscaled {
     }
 
     /// Reattaches to a tailscaled started earlier (a persistent `lab up`).
-    pub fn attach(ns: Netns, dir: PathBuf) -> Self {
-        Self { ns, dir }
+    pub fn attach(version: &'static str, ns: Netns, dir: PathBuf) -> Self {
+        Self { version, ns, dir }
+    }
+
+    /// The tailscale version this daemon runs.
+    pub fn version(&self) -> &'static str {
+        self.version
+    }
+
+    fn bin(&self, name: &str) -> PathBuf {
+        tools::tailscale_at(self.version).bin(name)
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -117,7 +140,7 @@ impl Tailscaled {
 
     /// A `tailscale` CLI command aimed at this daemon.
     pub fn cli(&self) -> Command {
-        let mut c = self.ns.command(tools::tailscale_bin());
+        let mut c = self.ns.command(self.bin("tailscale"));
         c.arg(format!("--socket={}", self.socket().display()));
         c
     }
@@ -165,6 +188,13 @@ impl Tailscaled {
     pub fn status(&self) -> Result<Value> {
         let out = cmd::run_quiet(self.cli().args(["status", "--json"]))?;
         serde_json::from_str(&out).context("tailscale status --json printed no JSON")
+    }
+
+    /// This node's network map (`tailscale debug netmap`): the tailcfg nodes as control sent
+    /// them, `Cap` and all.
+    pub fn netmap(&self) -> Result<Value> {
+        let out = cmd::run_quiet(self.cli().args(["debug", "netmap"]))?;
+        serde_json::from_str(&out).context("tailscale debug netmap printed no JSON")
     }
 
     /// This node's first mesh IPv4 address.

@@ -105,6 +105,11 @@ pub fn tailscale_version() -> &'static str {
     chosen("VDC_TAILSCALE", TAILSCALE_VERSIONS, TAILSCALE.version)
 }
 
+/// `version` as one of [`TAILSCALE_VERSIONS`].
+pub fn supported_tailscale(version: &str) -> Option<&'static str> {
+    TAILSCALE_VERSIONS.iter().copied().find(|v| *v == version)
+}
+
 /// The version `$var` names, one of `supported`, or `default`. Panics on a version the lab
 /// does not know: a run must not quietly test another one.
 fn chosen(var: &str, supported: &'static [&'static str], default: &'static str) -> &'static str {
@@ -232,14 +237,6 @@ impl GoTool {
 /// The default headscale's binary (see [`headscale_version`]).
 pub fn headscale_bin() -> PathBuf {
     headscale_at(headscale_version()).bin("headscale")
-}
-
-pub fn tailscaled_bin() -> PathBuf {
-    tailscale_at(tailscale_version()).bin("tailscaled")
-}
-
-pub fn tailscale_bin() -> PathBuf {
-    tailscale_at(tailscale_version()).bin("tailscale")
 }
 
 /// flatcar Ignition v0.36.2 (spec 2.x), as metal-stack's firewall images run it.

@@ -53,6 +53,47 @@ fn headscale_v0_29_ping_requests_are_answered() {
     );
 }
 
+/// Peers act on the capability version a node claims: tailscale v1.102 takes a peer at 121
+/// or later for one that speaks peer relay. headscale does not pass the agent's claim on: it
+/// stamps every peer's `Cap` with the viewer's own version (`mapper/builder.go`, v0.27 to
+/// v0.29), so the claim (113, see `CAPABILITY_VERSION`) only has to pass headscale's gate,
+/// which v0.29.2 sets at 113. If a headscale starts passing it on, this test says so.
+#[test]
+fn headscale_shows_peers_the_viewers_own_capability_version() {
+    require_lab!();
+    let lab = Lab::start(LabOptions {
+        hosts: vec!["fw".into(), "op".into()],
+        headscale: Some("v0.29.2"),
+        tailscale: Some("v1.102.3"),
+        ..LabOptions::default()
+    })
+    .unwrap();
+    let machine = "0cfc7e24-aaaa-4bbb-8ccc-0000000000ab";
+    let (_fw, fw_ip) = start_firewall(&lab, "fw", machine, "project-w", &[]).unwrap();
+    let (op, _) = join_operator(&lab, "op", "fw").unwrap();
+    assert_eq!(op.version(), "v1.102.3");
+    op.wait_peer(fw_ip, Duration::from_secs(30)).unwrap();
+    let map = op.netmap().unwrap();
+    let fw_prefix = format!("{fw_ip}/32");
+    let fw = map["Peers"]
+        .as_array()
+        .and_then(|p| {
+            p.iter().find(|n| {
+                n["Addresses"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(&fw_prefix)))
+            })
+        })
+        .unwrap_or_else(|| panic!("{fw_ip} is not in the operator's netmap"));
+    let (theirs, own) = (fw["Cap"].as_u64(), map["SelfNode"]["Cap"].as_u64());
+    println!("    tailscale v1.102.3's netmap: the firewall's Cap {theirs:?}, its own {own:?}");
+    assert!(own.is_some_and(|c| c >= 121), "{own:?}");
+    assert_eq!(
+        theirs, own,
+        "headscale v0.29.2 passes on the viewer's own version"
+    );
+}
+
 /// metal-stack upgrades headscale under running firewalls: one registered under v0.28.0 keeps
 /// its node, its identity and its operator's ssh after headscale is upgraded in place to
 /// v0.29.2 (same database, `headscale serve` restarted on the new binary).

@@ -4,8 +4,42 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// The capability version we claim: tailscale v1.90's (headscale v0.28 accepts ≥ 106).
-pub const CAPABILITY_VERSION: u16 = 130;
+/// The capability version we claim (tailcfg's `CapabilityVersion`): the newest whose
+/// client obligations the agent meets, and no newer, because a control server that passes
+/// it on to peers (`Node.Cap`) has them act on it. (headscale v0.27 to v0.29 do not: they
+/// show each viewer its own version as every peer's; only their minimum gates us.)
+///
+/// - 111: a peer's home DERP comes in `HomeDERP` (read, with `DERPRegion` patches);
+/// - 112: `AllowedIPs` absent means the node's `Addresses` ([`crate::daemon::PeerRoutes`]);
+/// - 113: funnel state in `Hostinfo.IngressEnabled` (the agent runs no funnel, so absent
+///   is right); the oldest headscale v0.29 accepts ([`MIN_CAPABILITY_VERSIONS`]).
+///
+/// Not 121 or later: tailscaled takes a peer with `Cap >= 121` for one that speaks peer
+/// relay disco (`capVerIsRelayCapable`), and may pick it as a relay server; the agent
+/// speaks none of it. The versions between 106 and 113 that ask for features the agent
+/// does not offer (c2n, VIP services, capability sources in filters) are ones control
+/// uses only when asked to: headscale sends no c2n, and a filter rule with a capability
+/// source matches no packet here (fail closed).
+pub const CAPABILITY_VERSION: u16 = 113;
+
+/// The oldest capability version each supported headscale accepts
+/// (`capver.MinSupportedCapabilityVersion`): the agent must claim at least each.
+pub const MIN_CAPABILITY_VERSIONS: &[(&str, u16)] =
+    &[("v0.27.1", 90), ("v0.28.0", 106), ("v0.29.2", 113)];
+
+/// tailscaled treats a peer claiming this or later as able to serve and use peer relays.
+pub const PEER_RELAY_CAPABILITY_VERSION: u16 = 121;
+
+// Checked at compile time: a claim below a supported headscale's minimum, or one that
+// promises peer relay, does not build.
+const _: () = {
+    let mut i = 0;
+    while i < MIN_CAPABILITY_VERSIONS.len() {
+        assert!(CAPABILITY_VERSION >= MIN_CAPABILITY_VERSIONS[i].1);
+        i += 1;
+    }
+    assert!(CAPABILITY_VERSION < PEER_RELAY_CAPABILITY_VERSION);
+};
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct NetInfo {
