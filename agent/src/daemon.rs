@@ -128,6 +128,28 @@ impl Daemon {
         }
     }
 
+    fn firewall_intent(&self) -> crate::firewall::Intent {
+        crate::firewall::Intent::of(&self.cfg.settings, &self.cfg.advertise_routes)
+    }
+
+    /// A subnet router needs the kernel to forward; our table's forward chain (loaded
+    /// before this) decides what may be: only the mesh into the advertised routes.
+    fn enable_forwarding(&self) -> Result<()> {
+        let routes = &self.cfg.advertise_routes;
+        let mut knobs = vec![];
+        if routes.iter().any(|r| r.0.is_ipv4()) {
+            knobs.push("/proc/sys/net/ipv4/ip_forward");
+        }
+        if routes.iter().any(|r| r.0.is_ipv6()) {
+            knobs.push("/proc/sys/net/ipv6/conf/all/forwarding");
+        }
+        for path in knobs {
+            std::fs::write(path, "1").map_err(|e| crate::Error::io(path, e))?;
+            info!(sysctl = path, "IP forwarding on for the advertised routes");
+        }
+        Ok(())
+    }
+
     fn node_key_text(&self) -> String {
         keys::public_text("nodekey", &self.identity.node_public())
     }
@@ -140,7 +162,8 @@ impl Daemon {
     /// Brings up what does not need control: the firewall table (again: the early unit
     /// loaded it already), the status socket, the TUN device, the UDP port, the data plane.
     async fn start_local(&mut self) -> Result<()> {
-        crate::firewall::apply(&self.cfg.settings)?;
+        crate::firewall::apply(&self.firewall_intent())?;
+        self.enable_forwarding()?;
         crate::uplink::set(self.cfg.settings.bind_device.as_deref());
         self.guard_firewall();
         let port = self.cfg.settings.listen_port;
@@ -196,7 +219,7 @@ impl Daemon {
     /// ruleset change nftables announces (an `nft flush ruleset` by a reload of
     /// nftables.service), and every [`FIREWALL_POLL`] in any case.
     fn guard_firewall(&self) {
-        let settings = self.cfg.settings.clone();
+        let intent = self.firewall_intent();
         tokio::spawn(async move {
             let mut watch = match crate::firewall::watch::Watch::open() {
                 Ok(w) => Some(w),
@@ -221,8 +244,8 @@ impl Daemon {
                     _ = tick.tick() => {}
                 }
                 let started = std::time::Instant::now();
-                let s = settings.clone();
-                match tokio::task::spawn_blocking(move || crate::firewall::restore_if_changed(&s))
+                let i = intent.clone();
+                match tokio::task::spawn_blocking(move || crate::firewall::restore_if_changed(&i))
                     .await
                 {
                     Ok(Ok(d)) if !d.is_empty() => warn!(

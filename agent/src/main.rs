@@ -37,6 +37,10 @@ enum Cmd {
         /// The agent's own settings.
         #[arg(long, global = true, default_value = "/etc/vpn-agent/agent.json")]
         settings: PathBuf,
+        /// The mesh settings, for the subnets a subnet router forwards into
+        /// (`AdvertiseRoutes`). Unreadable: no forwarding rules (which forward nothing).
+        #[arg(long, global = true, default_value = "/etc/vpn-agent/tailscaled.conf")]
+        config: PathBuf,
     },
     /// Show the agent's state and peers, like `tailscale status`.
     Status {
@@ -76,7 +80,11 @@ fn main() {
             state_dir,
             socket,
         } => run(config, settings, state_dir, socket),
-        Cmd::Firewall { cmd, settings } => firewall(cmd, &settings),
+        Cmd::Firewall {
+            cmd,
+            settings,
+            config,
+        } => firewall(cmd, &settings, &config),
         Cmd::Status { json, socket } => vpn_agent::status::fetch(&socket).map(|s| {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s).expect("serializes"));
@@ -114,8 +122,26 @@ fn run(
     })
 }
 
-fn firewall(cmd: FirewallCmd, settings: &std::path::Path) -> vpn_agent::Result<()> {
+fn firewall(
+    cmd: FirewallCmd,
+    settings: &std::path::Path,
+    config: &std::path::Path,
+) -> vpn_agent::Result<()> {
     let s = vpn_agent::config::load_settings(settings)?;
+    // The early unit must close the ports even when the mesh settings are broken: without
+    // them it loads no forward chain. At boot IP forwarding is off until the daemon turns it
+    // on, and a running daemon puts its own forward chain back at once.
+    let routes = match std::fs::read_to_string(config)
+        .map_err(|e| vpn_agent::Error::io(config, e))
+        .and_then(|t| vpn_agent::config::parse_mesh(&t, config))
+    {
+        Ok(m) => m.advertise_routes,
+        Err(e) => {
+            eprintln!("vpn-agent: {e}; loading the table without forwarding rules");
+            vec![]
+        }
+    };
+    let s = vpn_agent::firewall::Intent::of(&s, &routes);
     match cmd {
         FirewallCmd::Apply => vpn_agent::firewall::apply(&s),
         FirewallCmd::Show => {

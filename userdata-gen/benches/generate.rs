@@ -68,6 +68,7 @@ fn main() {
             hostname: "0cfc7e24-aaaa-4bbb-8ccc-000000000001".into(),
             ca_pem: None,
             vrf: None,
+            advertise_routes: vec![],
             agent: AgentSettings::default(),
         },
         &Secret::new("hskey-auth-bench"),

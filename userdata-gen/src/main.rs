@@ -113,6 +113,14 @@ struct GenerateArgs {
     /// TCP ports to close on every interface but the tunnel (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "22")]
     closed_tcp_ports: Vec<u16>,
+    /// A service besides SSH reachable only over the mesh, as NAME:tcp/PORT or
+    /// NAME:udp/PORT (repeatable), e.g. bmc-reverse-proxy:tcp/3333.
+    #[arg(long = "mesh-service")]
+    mesh_services: Vec<userdata_gen::payload::Service>,
+    /// A subnet the node routes into from the mesh once headscale approves it
+    /// (tailscaled's AdvertiseRoutes; repeatable or comma-separated), e.g. 198.51.100.0/24.
+    #[arg(long, value_delimiter = ',')]
+    advertise_routes: Vec<String>,
 }
 
 #[derive(Args)]
@@ -284,6 +292,10 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             "--vrf {v:?} is not a VRF device name (1-15 letters, digits, '-' or '_')"
         )));
     }
+    for r in &a.advertise_routes {
+        userdata_gen::payload::subnet_route(r)
+            .map_err(|e| Error::Input(format!("--advertise-routes: {e}")))?;
+    }
     let ca = ca_pem(&a.headscale)?;
     let ca_text = ca
         .as_ref()
@@ -295,11 +307,13 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         hostname: a.machine_id.clone(),
         ca_pem: ca_text,
         vrf: a.vrf.clone(),
+        advertise_routes: a.advertise_routes.clone(),
         agent: AgentSettings {
             interface: a.interface.clone(),
             ssh_port: a.ssh_port,
             closed_tcp_ports: a.closed_tcp_ports.clone(),
             advertise_tags: a.tags.clone(),
+            services: a.mesh_services.clone(),
             ..AgentSettings::default()
         },
     };

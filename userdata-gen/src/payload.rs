@@ -109,6 +109,61 @@ pub struct AgentSettings {
     /// table holds the routes to headscale and the peers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bind_device: Option<String>,
+    /// Services besides SSH reachable only over the mesh: accepted on the tunnel interface,
+    /// dropped on every other (on a management server, bmc-reverse-proxy's port).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Service>,
+}
+
+/// A port reachable only over the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// For people and logs: `bmc-reverse-proxy`.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl std::str::FromStr for Service {
+    type Err = String;
+
+    /// `NAME:PROTO/PORT`, e.g. `bmc-reverse-proxy:tcp/3333`.
+    fn from_str(text: &str) -> Result<Service, String> {
+        let bad = || format!("{text:?} is not NAME:tcp/PORT or NAME:udp/PORT");
+        let (name, rest) = text.rsplit_once(':').ok_or_else(bad)?;
+        let (proto, port) = rest.split_once('/').ok_or_else(bad)?;
+        let protocol = match proto {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            _ => return Err(bad()),
+        };
+        let port = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+        if name.is_empty() {
+            return Err(bad());
+        }
+        Ok(Service {
+            name: name.into(),
+            protocol,
+            port,
+        })
+    }
 }
 
 impl Default for AgentSettings {
@@ -122,8 +177,64 @@ impl Default for AgentSettings {
             advertise_tags: vec![],
             ca_file: None,
             bind_device: None,
+            services: vec![],
         }
     }
+}
+
+/// The mesh's own ranges (headscale's default prefixes, tailscale's CGNAT and ULA ranges).
+const MESH_RANGES: &[(std::net::IpAddr, u8)] = &[
+    (
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(100, 64, 0, 0)),
+        10,
+    ),
+    (
+        std::net::IpAddr::V6(std::net::Ipv6Addr::new(
+            0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0,
+        )),
+        48,
+    ),
+];
+
+/// Whether two prefixes share an address (one contains the other).
+fn overlap((a, a_len): (std::net::IpAddr, u8), (b, b_len): (std::net::IpAddr, u8)) -> bool {
+    use std::net::IpAddr::{V4, V6};
+    let len = a_len.min(b_len) as u32;
+    match (a, b) {
+        (V4(a), V4(b)) => len == 0 || u32::from(a) >> (32 - len) == u32::from(b) >> (32 - len),
+        (V6(a), V6(b)) => len == 0 || u128::from(a) >> (128 - len) == u128::from(b) >> (128 - len),
+        _ => false,
+    }
+}
+
+/// A subnet route as `AdvertiseRoutes` may list it: an `ip/len` network (no host bits),
+/// neither an exit route (`/0`: the agent is no exit node) nor one overlapping the mesh's own
+/// ranges (the mesh addresses are routed by the mesh already). The message says which.
+pub fn subnet_route(text: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let bad = |why: &str| format!("route {text:?} {why}");
+    let (ip, len) = text.split_once('/').ok_or_else(|| bad("is not ip/len"))?;
+    let ip: std::net::IpAddr = ip.parse().map_err(|_| bad("is not ip/len"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= max)
+        .ok_or_else(|| bad("has no valid prefix length"))?;
+    if len == 0 {
+        return Err(bad("is an exit route; vpn-agent is no exit node"));
+    }
+    let host_bits = len < max
+        && match ip {
+            std::net::IpAddr::V4(a) => u32::from(a) & (u32::MAX >> len) != 0,
+            std::net::IpAddr::V6(a) => u128::from(a) & (u128::MAX >> len) != 0,
+        };
+    if host_bits {
+        return Err(bad("has host bits set"));
+    }
+    if MESH_RANGES.iter().any(|m| overlap(*m, (ip, len))) {
+        return Err(bad("overlaps the mesh's own addresses"));
+    }
+    Ok((ip, len))
 }
 
 /// Everything that decides what goes onto the firewall, besides the key.
@@ -137,6 +248,9 @@ pub struct MeshSettings {
     pub ca_pem: Option<String>,
     /// The VRF the agent runs in (metal-stack firewalls reach the internet through one).
     pub vrf: Option<String>,
+    /// Subnets the node routes into from the mesh (tailscaled's `AdvertiseRoutes`), once
+    /// headscale approves them: a management server's management network.
+    pub advertise_routes: Vec<String>,
     pub agent: AgentSettings,
 }
 
@@ -243,13 +357,16 @@ impl Payload {
 /// from the same file. `alpha0` has no field for tags: they are on the pre-auth key and in
 /// the agent's settings.
 pub fn mesh_config(settings: &MeshSettings) -> String {
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "Version": "alpha0",
         "ServerURL": settings.login_server,
         "AuthKey": format!("file:{AUTH_KEY_PATH}"),
         "Hostname": settings.hostname,
         "Enabled": true,
     });
+    if !settings.advertise_routes.is_empty() {
+        v["AdvertiseRoutes"] = serde_json::json!(settings.advertise_routes);
+    }
     serde_json::to_string_pretty(&v).expect("config serializes") + "\n"
 }
 
@@ -262,6 +379,7 @@ pub(crate) fn test_payload() -> Payload {
             hostname: "m1".into(),
             ca_pem: None,
             vrf: None,
+            advertise_routes: vec![],
             agent: AgentSettings::default(),
         },
         &Secret::new("hskey-auth-x"),
@@ -278,7 +396,41 @@ mod tests {
             hostname: "machine-1".into(),
             ca_pem: None,
             vrf: None,
+            advertise_routes: vec![],
             agent: AgentSettings::default(),
+        }
+    }
+
+    #[test]
+    fn subnet_routes_are_networks_outside_the_mesh() {
+        assert!(subnet_route("198.51.100.0/24").is_ok());
+        assert!(subnet_route("2001:db8::/32").is_ok());
+        assert!(subnet_route("198.51.100.7/32").is_ok());
+        for (text, why) in [
+            ("198.51.100.0", "not ip/len"),
+            ("198.51.100.0/33", "prefix length"),
+            ("0.0.0.0/0", "exit route"),
+            ("::/0", "exit route"),
+            ("198.51.100.1/24", "host bits"),
+            ("100.64.0.0/10", "mesh"),
+            ("100.0.0.0/8", "mesh"),
+            ("100.100.1.0/24", "mesh"),
+            ("fd7a:115c:a1e0::/64", "mesh"),
+        ] {
+            let e = subnet_route(text).unwrap_err();
+            assert!(e.contains(why) && e.contains(text), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn services_parse_from_the_command_line_form() {
+        let s: Service = "bmc-reverse-proxy:tcp/3333".parse().unwrap();
+        assert_eq!(
+            (s.name.as_str(), s.protocol, s.port),
+            ("bmc-reverse-proxy", Protocol::Tcp, 3333)
+        );
+        for bad in ["x:tcp/0", "x:icmp/1", ":tcp/1", "x/1", "x:tcp/70000"] {
+            assert!(bad.parse::<Service>().is_err(), "{bad}");
         }
     }
 

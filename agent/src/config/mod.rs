@@ -3,9 +3,10 @@
 
 use crate::error::{Error, Result};
 use serde_json::Value;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 pub use userdata_gen::payload::AgentSettings;
-use userdata_gen::payload::Secret;
+use userdata_gen::payload::{Protocol, Secret};
 
 /// Where the pre-auth key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +26,9 @@ pub struct Config {
     /// serve. Off unless the config says so: a firewall should not start routing into
     /// networks because some node in the tailnet offers them.
     pub accept_routes: bool,
+    /// tailscaled's `AdvertiseRoutes`: the subnets we route into from the mesh, once
+    /// headscale approves them.
+    pub advertise_routes: Vec<(IpAddr, u8)>,
     pub settings: AgentSettings,
 }
 
@@ -36,6 +40,7 @@ pub struct Mesh {
     pub hostname: Option<String>,
     pub enabled: bool,
     pub accept_routes: bool,
+    pub advertise_routes: Vec<(IpAddr, u8)>,
 }
 
 /// The value of `name` in `v`, with Go's case-insensitive match of JSON keys (tailscale's
@@ -75,6 +80,26 @@ fn flag(v: &Value, name: &str, default: bool, path: &Path) -> Result<bool> {
             path.display()
         ))),
     }
+}
+
+/// `AdvertiseRoutes`: a list of subnets (see [`userdata_gen::payload::subnet_route`]).
+fn routes(v: &Value, path: &Path) -> Result<Vec<(IpAddr, u8)>> {
+    let err = |e: String| Error::Config(format!("{}: AdvertiseRoutes: {e}", path.display()));
+    let list = match key(v, "AdvertiseRoutes") {
+        Value::Null => return Ok(vec![]),
+        Value::Array(a) => a,
+        other => return Err(err(format!("must be a list of subnets, found {other}"))),
+    };
+    let mut out = list
+        .iter()
+        .map(|r| match r {
+            Value::String(s) => userdata_gen::payload::subnet_route(s).map_err(err),
+            other => Err(err(format!("{other} is not a subnet"))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// Parses a tailscale `alpha0` config file's text.
@@ -124,6 +149,7 @@ pub fn parse_mesh(text: &str, path: &Path) -> Result<Mesh> {
         hostname: field(&v, "Hostname", path)?.map(str::to_string),
         enabled: flag(&v, "Enabled", true, path)?,
         accept_routes: flag(&v, "AcceptRoutes", false, path)?,
+        advertise_routes: routes(&v, path)?,
     })
 }
 
@@ -176,6 +202,18 @@ pub fn check_settings(s: &AgentSettings) -> std::result::Result<(), String> {
     if s.closed_tcp_ports.contains(&0) || s.listen_port == 0 {
         return Err("port 0 in closed_tcp_ports or listen_port".into());
     }
+    for svc in &s.services {
+        if svc.name.is_empty() || svc.port == 0 {
+            return Err(format!("service {svc:?} needs a name and a port"));
+        }
+        if svc.protocol == Protocol::Udp && svc.port == s.listen_port {
+            return Err(format!(
+                "service {:?} is udp/{}, the agent's own listen_port: closing it would cut \
+                 the mesh",
+                svc.name, svc.port
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -197,6 +235,7 @@ impl Config {
             hostname,
             enabled: m.enabled,
             accept_routes: m.accept_routes,
+            advertise_routes: m.advertise_routes,
             settings,
         })
     }
@@ -213,6 +252,7 @@ mod tests {
             hostname: "m1".into(),
             ca_pem: None,
             vrf: None,
+            advertise_routes: vec![],
             agent: AgentSettings::default(),
         };
         let text = userdata_gen::payload::mesh_config(&settings);
@@ -285,6 +325,32 @@ mod tests {
     }
 
     #[test]
+    fn advertised_routes_as_tailscale_writes_them() {
+        let m = parse_mesh(
+            r#"{"Version":"alpha0","ServerURL":"https://h","AdvertiseRoutes":["198.51.100.0/24","2001:db8::/32","198.51.100.0/24"]}"#,
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(
+            m.advertise_routes,
+            vec![
+                ("198.51.100.0".parse().unwrap(), 24),
+                ("2001:db8::".parse().unwrap(), 32)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_mesh_only_service_may_not_close_the_mesh_port() {
+        let mut s = AgentSettings::default();
+        s.services
+            .push("bmc-reverse-proxy:tcp/3333".parse().unwrap());
+        assert_eq!(check_settings(&s), Ok(()));
+        s.services.push("wg:udp/41641".parse().unwrap());
+        assert!(check_settings(&s).unwrap_err().contains("listen_port"));
+    }
+
+    #[test]
     fn errors_name_the_field() {
         for (text, want) in [
             ("{", "not valid JSON"),
@@ -305,6 +371,18 @@ mod tests {
             (
                 r#"{"Version":"alpha0","ServerURL":"https://h","AcceptRoutes":"yes"}"#,
                 "AcceptRoutes must be true or false",
+            ),
+            (
+                r#"{"Version":"alpha0","ServerURL":"https://h","AdvertiseRoutes":"10.0.0.0/8"}"#,
+                "AdvertiseRoutes: must be a list",
+            ),
+            (
+                r#"{"Version":"alpha0","ServerURL":"https://h","AdvertiseRoutes":["0.0.0.0/0"]}"#,
+                "exit route",
+            ),
+            (
+                r#"{"Version":"alpha0","ServerURL":"https://h","AdvertiseRoutes":["100.64.0.0/24"]}"#,
+                "overlaps the mesh",
             ),
         ] {
             let e = parse_mesh(text, Path::new("/etc/x.conf"))

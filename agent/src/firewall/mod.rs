@@ -1,7 +1,9 @@
-//! The agent's own nftables table: SSH only on the tunnel interface, the closed ports shut on
-//! every other interface. `intended` is pure (the ruleset as nftables JSON); `apply`, `live`
-//! and `check` run `nft` through the nftables crate. The table is replaced in one
-//! transaction, never touches other tables, and stays when the agent stops (fail closed).
+//! The agent's own nftables table: SSH and the other mesh-only services only on the tunnel
+//! interface, the closed ports shut on every other interface, and, on a subnet router,
+//! forwarding from the tunnel into the advertised subnets only, masqueraded. `intended` is
+//! pure (the ruleset as nftables JSON); `apply`, `live` and `check` run `nft` through the
+//! nftables crate. The table is replaced in one transaction, never touches other tables,
+//! and stays when the agent stops (fail closed).
 
 pub mod watch;
 
@@ -9,11 +11,32 @@ use crate::error::{Error, Result};
 use nftables::helper;
 use nftables::schema::{NfListObject, NfObject, Nftables};
 use serde_json::{Value, json};
-use userdata_gen::payload::AgentSettings;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use userdata_gen::payload::{AgentSettings, Protocol};
 
 /// Our table, in the `inet` family (IPv4 and IPv6 at once).
 pub const TABLE: &str = "vpn_agent";
 pub const CHAIN: &str = "input";
+pub const FORWARD: &str = "forward";
+pub const POSTROUTING: &str = "postrouting";
+
+/// What the table is made of: the settings, and the subnets we route into from the mesh
+/// (tailscaled's `AdvertiseRoutes`; none: no forwarding chains at all).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Intent {
+    pub settings: AgentSettings,
+    pub routes: Vec<(IpAddr, u8)>,
+}
+
+impl Intent {
+    pub fn of(settings: &AgentSettings, routes: &[(IpAddr, u8)]) -> Intent {
+        Intent {
+            settings: settings.clone(),
+            routes: routes.to_vec(),
+        }
+    }
+}
 
 fn m(left: Value, right: Value) -> Value {
     json!({ "match": { "op": "==", "left": left, "right": right } })
@@ -23,9 +46,35 @@ fn not(left: Value, right: Value) -> Value {
     json!({ "match": { "op": "!=", "left": left, "right": right } })
 }
 
-/// Our chain as nft lists it: what drift detection compares besides the rules.
-pub fn chain() -> Value {
-    json!({ "name": CHAIN, "type": "filter", "hook": "input", "prio": 0, "policy": "accept" })
+fn prefix((ip, len): (IpAddr, u8)) -> Value {
+    json!({ "prefix": { "addr": ip.to_string(), "len": len } })
+}
+
+fn addr(ip: IpAddr, field: &str) -> Value {
+    let proto = if ip.is_ipv4() { "ip" } else { "ip6" };
+    json!({ "payload": { "protocol": proto, "field": field } })
+}
+
+fn established() -> Value {
+    json!({ "match": { "op": "in", "left": { "ct": { "key": "state" } }, "right": ["established", "related"] } })
+}
+
+/// One base chain of ours with its rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chain {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub prio: i32,
+    pub policy: &'static str,
+    pub rules: Vec<Vec<Value>>,
+}
+
+impl Chain {
+    /// The chain as nft lists it (name, type, hook, priority, policy): what drift detection
+    /// compares besides the rules. Each chain hooks where its name says.
+    pub fn spec(&self) -> Value {
+        json!({ "name": self.name, "type": self.kind, "hook": self.name, "prio": self.prio, "policy": self.policy })
+    }
 }
 
 /// The mesh's own prefixes may only come in through the tunnel: as sources (tailscaled's
@@ -35,13 +84,9 @@ fn mesh_only_via_tunnel(interface: &str) -> Vec<Vec<Value>> {
     let mut out = vec![];
     for field in ["saddr", "daddr"] {
         for (ip, len) in crate::netlink::MESH_ROUTES {
-            let proto = if ip.is_ipv4() { "ip" } else { "ip6" };
             out.push(vec![
                 not(json!({ "meta": { "key": "iifname" } }), json!(interface)),
-                m(
-                    json!({ "payload": { "protocol": proto, "field": field } }),
-                    json!({ "prefix": { "addr": ip.to_string(), "len": len } }),
-                ),
+                m(addr(*ip, field), prefix((*ip, *len))),
                 json!({ "drop": null }),
             ]);
         }
@@ -51,7 +96,7 @@ fn mesh_only_via_tunnel(interface: &str) -> Vec<Vec<Value>> {
 
 /// The rules of our input chain, as nftables JSON statements, in order.
 pub fn rules(s: &AgentSettings) -> Vec<Vec<Value>> {
-    let tcp_dport = json!({ "payload": { "protocol": "tcp", "field": "dport" } });
+    let dport = |p: Protocol| json!({ "payload": { "protocol": p.as_str(), "field": "dport" } });
     let ports = |p: &[u16]| {
         if p.len() == 1 {
             json!(p[0])
@@ -59,46 +104,136 @@ pub fn rules(s: &AgentSettings) -> Vec<Vec<Value>> {
             json!({ "set": p })
         }
     };
+    let tunnel = || m(json!({ "meta": { "key": "iifname" } }), json!(s.interface));
     let mut out = vec![vec![
         m(json!({ "meta": { "key": "iif" } }), json!("lo")),
         json!({ "accept": null }),
     ]];
     out.extend(mesh_only_via_tunnel(&s.interface));
-    out.extend([
-        vec![
-            json!({ "match": { "op": "in", "left": { "ct": { "key": "state" } }, "right": ["established", "related"] } }),
+    out.push(vec![established(), json!({ "accept": null })]);
+    let ssh = std::iter::once((Protocol::Tcp, s.ssh_port));
+    for (proto, port) in ssh.chain(s.services.iter().map(|svc| (svc.protocol, svc.port))) {
+        out.push(vec![
+            tunnel(),
+            m(dport(proto), json!(port)),
             json!({ "accept": null }),
-        ],
-        vec![
-            m(json!({ "meta": { "key": "iifname" } }), json!(s.interface)),
-            m(tcp_dport.clone(), json!(s.ssh_port)),
-            json!({ "accept": null }),
-        ],
+        ]);
+    }
+    for proto in [Protocol::Tcp, Protocol::Udp] {
+        let mut closed: Vec<u16> = s
+            .services
+            .iter()
+            .filter(|svc| svc.protocol == proto)
+            .map(|svc| svc.port)
+            .collect();
+        if proto == Protocol::Tcp {
+            closed.extend(&s.closed_tcp_ports);
+        }
+        closed.sort_unstable();
+        closed.dedup();
+        if !closed.is_empty() {
+            out.push(vec![
+                m(dport(proto), ports(&closed)),
+                json!({ "drop": null }),
+            ]);
+        }
+    }
+    out
+}
+
+/// A subnet router's forward chain: from the tunnel into the routes, and the replies; nothing
+/// else is forwarded (its policy is drop).
+fn forward_rules(i: &Intent) -> Vec<Vec<Value>> {
+    let tun = &i.settings.interface;
+    let mut out: Vec<Vec<Value>> = i
+        .routes
+        .iter()
+        .map(|&r| {
+            vec![
+                m(json!({ "meta": { "key": "iifname" } }), json!(tun)),
+                m(addr(r.0, "daddr"), prefix(r)),
+                json!({ "accept": null }),
+            ]
+        })
+        .collect();
+    out.push(vec![
+        m(json!({ "meta": { "key": "oifname" } }), json!(tun)),
+        established(),
+        json!({ "accept": null }),
     ]);
-    let mut closed = s.closed_tcp_ports.clone();
-    closed.sort_unstable();
-    closed.dedup();
-    if !closed.is_empty() {
-        out.push(vec![m(tcp_dport, ports(&closed)), json!({ "drop": null })]);
+    out
+}
+
+/// Masquerade what the mesh sends into the routes, as tailscaled does by default: hosts there
+/// answer our own LAN address and need no route to the mesh.
+fn postrouting_rules(i: &Intent) -> Vec<Vec<Value>> {
+    i.routes
+        .iter()
+        .filter_map(|&r| {
+            let mesh = crate::netlink::MESH_ROUTES
+                .iter()
+                .find(|(ip, _)| ip.is_ipv4() == r.0.is_ipv4())?;
+            Some(vec![
+                not(
+                    json!({ "meta": { "key": "oifname" } }),
+                    json!(i.settings.interface),
+                ),
+                m(addr(r.0, "saddr"), prefix(*mesh)),
+                m(addr(r.0, "daddr"), prefix(r)),
+                json!({ "masquerade": null }),
+            ])
+        })
+        .collect()
+}
+
+/// Our chains with their rules: input always; forward and postrouting on a subnet router.
+pub fn chains(i: &Intent) -> Vec<Chain> {
+    let mut out = vec![Chain {
+        name: CHAIN,
+        kind: "filter",
+        prio: 0,
+        policy: "accept",
+        rules: rules(&i.settings),
+    }];
+    if !i.routes.is_empty() {
+        out.push(Chain {
+            name: FORWARD,
+            kind: "filter",
+            prio: 0,
+            policy: "drop",
+            rules: forward_rules(i),
+        });
+        out.push(Chain {
+            name: POSTROUTING,
+            kind: "nat",
+            prio: 100,
+            policy: "accept",
+            rules: postrouting_rules(i),
+        });
     }
     out
 }
 
 /// The whole transaction: create the table if missing, delete it, create it anew with our
-/// chain and rules. nft applies all of it or nothing.
-pub fn intended(s: &AgentSettings) -> Value {
+/// chains and rules. nft applies all of it or nothing.
+pub fn intended(i: &Intent) -> Value {
     let table = json!({ "family": "inet", "name": TABLE });
     let mut cmds = vec![
         json!({ "add": { "table": table } }),
         json!({ "delete": { "table": table } }),
         json!({ "add": { "table": table } }),
-        json!({ "add": { "chain": {
-            "family": "inet", "table": TABLE, "name": CHAIN,
-            "type": "filter", "hook": "input", "prio": 0, "policy": "accept"
-        } } }),
     ];
-    for expr in rules(s) {
-        cmds.push(json!({ "add": { "rule": { "family": "inet", "table": TABLE, "chain": CHAIN, "expr": expr } } }));
+    let chains = chains(i);
+    for c in &chains {
+        cmds.push(json!({ "add": { "chain": {
+            "family": "inet", "table": TABLE, "name": c.name,
+            "type": c.kind, "hook": c.name, "prio": c.prio, "policy": c.policy
+        } } }));
+    }
+    for c in &chains {
+        for expr in &c.rules {
+            cmds.push(json!({ "add": { "rule": { "family": "inet", "table": TABLE, "chain": c.name, "expr": expr } } }));
+        }
     }
     json!({ "nftables": cmds })
 }
@@ -108,16 +243,17 @@ fn nft_err(e: impl std::fmt::Display) -> Error {
 }
 
 /// Loads the intended table, atomically.
-pub fn apply(s: &AgentSettings) -> Result<()> {
-    let ruleset: Nftables = serde_json::from_value(intended(s)).map_err(nft_err)?;
+pub fn apply(i: &Intent) -> Result<()> {
+    let ruleset: Nftables = serde_json::from_value(intended(i)).map_err(nft_err)?;
     helper::apply_ruleset(&ruleset).map_err(nft_err)
 }
 
-/// Our table as nft lists it: its chains (name, type, hook, priority, policy) and the rules.
+/// Our table as nft lists it: its chains (name, type, hook, priority, policy) and the rules
+/// of each, by chain name.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Live {
     pub chains: Vec<Value>,
-    pub rules: Vec<Vec<Value>>,
+    pub rules: BTreeMap<String, Vec<Vec<Value>>>,
 }
 
 /// The live state of our table (`None` when the table is missing).
@@ -139,7 +275,10 @@ pub fn live() -> Result<Option<Live>> {
         match obj {
             NfObject::ListObject(NfListObject::Rule(r)) => {
                 let v = serde_json::to_value(&r.expr).map_err(nft_err)?;
-                live.rules.push(v.as_array().cloned().unwrap_or_default());
+                live.rules
+                    .entry(r.chain.to_string())
+                    .or_default()
+                    .push(v.as_array().cloned().unwrap_or_default());
             }
             NfObject::ListObject(NfListObject::Chain(c)) => {
                 let v = serde_json::to_value(c).map_err(nft_err)?;
@@ -156,113 +295,74 @@ pub fn live() -> Result<Option<Live>> {
     Ok(Some(live))
 }
 
-/// How the live table differs from the intended one; empty when they agree. The chain
-/// counts as much as the rules: a policy of drop, another hook or a priority after a
+/// How the live table differs from the intended one; empty when they agree. The chains
+/// count as much as the rules: a policy of drop, another hook or a priority after a
 /// table that accepts would change what the rules mean.
-pub fn diff(intended: &[Vec<Value>], live: Option<&Live>) -> Vec<String> {
+pub fn diff(intended: &[Chain], live: Option<&Live>) -> Vec<String> {
     let Some(live) = live else {
         return vec![format!("table inet {TABLE} is missing")];
     };
     let mut out = vec![];
-    if live.chains != [chain()] {
+    let specs: Vec<Value> = intended.iter().map(Chain::spec).collect();
+    if live.chains != specs {
         out.push(format!(
-            "chains: expected only {}, found {}",
-            chain(),
+            "chains: expected {}, found {}",
+            Value::from(specs),
             Value::from(live.chains.clone())
         ));
     }
-    let live = &live.rules;
-    for (i, want) in intended.iter().enumerate() {
-        match live.get(i) {
-            Some(have) if have == want => {}
-            Some(have) => out.push(format!(
-                "rule {i}: expected {}, found {}",
-                Value::from(want.clone()),
-                Value::from(have.clone())
-            )),
-            None => out.push(format!(
-                "rule {i} is missing: {}",
-                Value::from(want.clone())
-            )),
+    let none = vec![];
+    for c in intended {
+        let have = live.rules.get(c.name).unwrap_or(&none);
+        for (i, want) in c.rules.iter().enumerate() {
+            match have.get(i) {
+                Some(h) if h == want => {}
+                Some(h) => out.push(format!(
+                    "{} rule {i}: expected {}, found {}",
+                    c.name,
+                    Value::from(want.clone()),
+                    Value::from(h.clone())
+                )),
+                None => out.push(format!(
+                    "{} rule {i} is missing: {}",
+                    c.name,
+                    Value::from(want.clone())
+                )),
+            }
+        }
+        for (i, extra) in have.iter().enumerate().skip(c.rules.len()) {
+            out.push(format!(
+                "{} rule {i} is not ours: {}",
+                c.name,
+                Value::from(extra.clone())
+            ));
         }
     }
-    for (i, extra) in live.iter().enumerate().skip(intended.len()) {
-        out.push(format!(
-            "rule {i} is not ours: {}",
-            Value::from(extra.clone())
-        ));
+    for (chain, rules) in &live.rules {
+        if !intended.iter().any(|c| c.name == chain) {
+            out.push(format!(
+                "chain {chain} with {} rules is not ours",
+                rules.len()
+            ));
+        }
     }
     out
 }
 
 /// Compares the live table with the intended one.
-pub fn check(s: &AgentSettings) -> Result<Vec<String>> {
+pub fn check(i: &Intent) -> Result<Vec<String>> {
     let live = live()?;
-    Ok(diff(&rules(s), live.as_ref()))
+    Ok(diff(&chains(i), live.as_ref()))
 }
 
 /// Re-applies the table when it drifted; returns what differed.
-pub fn restore_if_changed(s: &AgentSettings) -> Result<Vec<String>> {
-    let d = check(s)?;
+pub fn restore_if_changed(i: &Intent) -> Result<Vec<String>> {
+    let d = check(i)?;
     if !d.is_empty() {
-        apply(s)?;
+        apply(i)?;
     }
     Ok(d)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_ruleset_parses_as_nftables_json() {
-        let s = AgentSettings {
-            closed_tcp_ports: vec![2222, 22, 22],
-            ..AgentSettings::default()
-        };
-        let parsed: Nftables = serde_json::from_value(intended(&s)).unwrap();
-        assert_eq!(parsed.objects.len(), 4 + 8);
-        let r = rules(&s);
-        // The mesh's prefixes only through the tunnel, sources then destinations.
-        assert_eq!(r[1][0]["match"]["op"], "!=");
-        assert_eq!(r[1][1]["match"]["left"]["payload"]["field"], "saddr");
-        assert_eq!(
-            r[1][1]["match"]["right"],
-            json!({ "prefix": { "addr": "100.64.0.0", "len": 10 } })
-        );
-        assert_eq!(r[2][1]["match"]["left"]["payload"]["protocol"], "ip6");
-        assert_eq!(r[4][1]["match"]["left"]["payload"]["field"], "daddr");
-        assert_eq!(r[6][0]["match"]["right"], "tailscale0");
-        assert_eq!(r[7][0]["match"]["right"], json!({ "set": [22, 2222] }));
-        assert_eq!(r[7][1], json!({ "drop": null }));
-    }
-
-    #[test]
-    fn diff_names_what_differs() {
-        let s = AgentSettings::default();
-        let want = rules(&s);
-        let same = Live {
-            chains: vec![chain()],
-            rules: want.clone(),
-        };
-        assert!(diff(&want, Some(&same)).is_empty());
-        assert_eq!(diff(&want, None), vec!["table inet vpn_agent is missing"]);
-        let mut have = same.clone();
-        have.rules.pop();
-        have.rules.push(vec![json!({ "accept": null })]);
-        have.rules.push(vec![json!({ "drop": null })]);
-        let last = want.len() - 1;
-        let d = diff(&want, Some(&have));
-        assert_eq!(d.len(), 2, "{d:?}");
-        assert!(d[0].starts_with(&format!("rule {last}: expected")));
-        assert!(d[1].starts_with(&format!("rule {} is not ours", last + 1)));
-        // Same rules, another policy: drift too.
-        let mut policy = same.clone();
-        policy.chains[0]["policy"] = json!("drop");
-        let d = diff(&want, Some(&policy));
-        assert!(
-            d.len() == 1 && d[0].starts_with("chains: expected"),
-            "{d:?}"
-        );
-    }
-}
+mod tests;

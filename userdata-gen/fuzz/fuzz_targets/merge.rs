@@ -11,6 +11,7 @@ fuzz_target!(|data: &[u8]| {
         hostname: "fuzz".into(),
         ca_pem: None,
         vrf: None,
+        advertise_routes: vec![],
         agent: AgentSettings::default(),
     };
     let payload = Payload::new(&settings, &Secret::new("hskey-auth-fuzz"));
