@@ -6,8 +6,8 @@ use crate::control::cache;
 use crate::control::client::{self, ServerUrl, Session};
 use crate::control::netmap::{Changes, Netmap, format_time, is_expired, key_expiry};
 use crate::control::types::{
-    AuthInfo, CAPABILITY_VERSION, Hostinfo, MapRequest, NetInfo as TsNetInfo, Node, PingRequest,
-    RegisterRequest, ZERO_TIME,
+    AuthInfo, CAPABILITY_VERSION, Hostinfo, MapRequest, MapResponse, NetInfo as TsNetInfo, Node,
+    PingRequest, RegisterRequest, ZERO_TIME,
 };
 use crate::dataplane::shell::Shell;
 use crate::dataplane::{Engine, NetInfo, PeerInfo};
@@ -50,6 +50,9 @@ const CACHE_FLUSH: Duration = Duration::from_secs(5);
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 
 /// How often the pre-auth key file is looked at while a key is wanted.
+/// At most this often a subnet router opens a new map stream to learn its approved routes.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
+
 const KEY_FILE_POLL: Duration = Duration::from_secs(1);
 
 pub struct Daemon {
@@ -118,6 +121,12 @@ impl Daemon {
             ipn_version: format!("vpn-agent-{}", env!("CARGO_PKG_VERSION")),
             os: "linux".into(),
             hostname: self.cfg.hostname.clone(),
+            routable_ips: self
+                .cfg
+                .advertise_routes
+                .iter()
+                .map(|(ip, len)| format!("{ip}/{len}"))
+                .collect(),
             arch: std::env::consts::ARCH
                 .replace("x86_64", "amd64")
                 .replace("aarch64", "arm64"),
@@ -476,15 +485,7 @@ impl Daemon {
         let mut net_rx = self.data().net_info();
         let net = net_rx.borrow_and_update().clone();
         let req = self.map_request(&net, true);
-        let (mut body, mut first) =
-            client::deadline("opening the map stream", MAP_OPEN_TIMEOUT, async {
-                let mut body = s.map(&req).await?;
-                let first = body.next_message().await?.ok_or_else(|| {
-                    Error::Control("the map stream ended before the first map".into())
-                })?;
-                Ok((body, first))
-            })
-            .await?;
+        let (mut body, mut first) = Self::open_stream(&mut s, &req).await?;
         info!(server = %self.cfg.server_url, endpoints = ?req.endpoints, home_derp = net.home_derp, "map stream open");
         self.stream_opened = Some(tokio::time::Instant::now());
         self.set(|s| {
@@ -509,6 +510,9 @@ impl Daemon {
             tokio::time::interval_at(tokio::time::Instant::now() + CONTROL_CHECK, CONTROL_CHECK);
         let mut flush = tokio::time::interval(CACHE_FLUSH);
         let mut cache_dirty = false;
+        // When to open a new stream for a full map (see `needs_self_node`).
+        let mut resync: Option<tokio::time::Instant> = None;
+        let mut last_resync = tokio::time::Instant::now();
         loop {
             let next_expiry = self.next_expiry();
             tokio::select! {
@@ -519,6 +523,9 @@ impl Daemon {
                     last_message = tokio::time::Instant::now();
                     self.set(|s| s.last_contact = Some(now_secs()));
                     if !msg.keep_alive {
+                        if self.needs_self_node(&msg) && resync.is_none() {
+                            resync = Some(last_resync + RESYNC_INTERVAL);
+                        }
                         let ping = msg.ping_request.take();
                         let c = self.netmap.apply(msg);
                         self.apply_changes(c).await?;
@@ -557,11 +564,45 @@ impl Daemon {
                     info!("a node key expired; peers updated");
                     self.refresh_peers().await;
                 }
+                _ = tokio::time::sleep_until(resync.unwrap_or(last_message)), if resync.is_some() => {
+                    resync = None;
+                    last_resync = tokio::time::Instant::now();
+                    let net = net_rx.borrow().clone();
+                    let (fresh, first) = Self::open_stream(&mut s, &self.map_request(&net, true)).await?;
+                    debug!("new map stream for our own node's routes");
+                    // The new stream's first map is complete; the old stream ends when dropped.
+                    body = fresh;
+                    let c = self.netmap.replace_with(first);
+                    self.apply_changes(c).await?;
+                    cache_dirty = true;
+                }
                 _ = tokio::time::sleep_until(last_message + MAP_WATCHDOG) => {
                     return Err(Error::Control(format!("no map message for {MAP_WATCHDOG:?}")));
                 }
             }
         }
+    }
+
+    /// Opens a map stream and reads its first (full) map, within [`MAP_OPEN_TIMEOUT`].
+    async fn open_stream(s: &mut Session, req: &MapRequest) -> Result<(client::Body, MapResponse)> {
+        client::deadline("opening the map stream", MAP_OPEN_TIMEOUT, async {
+            let mut body = s.map(req).await?;
+            let first = body.next_message().await?.ok_or_else(|| {
+                Error::Control("the map stream ended before the first map".into())
+            })?;
+            Ok((body, first))
+        })
+        .await
+    }
+
+    /// Whether `msg` may have changed what headscale approved of our routes without saying
+    /// so: headscale (v0.27 to v0.29) answers an approval, or a policy change, with packet
+    /// filters and peers but not our own node, whose `AllowedIPs` list the approved routes.
+    /// A subnet router then asks for a full map.
+    fn needs_self_node(&self, msg: &MapResponse) -> bool {
+        !self.cfg.advertise_routes.is_empty()
+            && msg.node.is_none()
+            && (msg.packet_filter.is_some() || msg.packet_filters.is_some())
     }
 
     /// A non-streaming map request (endpoints, home DERP). The stream is not read meanwhile:
@@ -621,8 +662,16 @@ impl Daemon {
             if let Some(t) = &self.tunnel {
                 t.set_addresses(&addrs).await?;
             }
-            info!(addresses = ?self.netmap.addresses(), "self node");
-            self.set(|s| s.self_addresses = self.netmap.addresses());
+            let text = |v: &[(std::net::IpAddr, u8)]| -> Vec<String> {
+                v.iter().map(|(ip, len)| format!("{ip}/{len}")).collect()
+            };
+            let approved = text(&self.approved_routes());
+            info!(addresses = ?self.netmap.addresses(), approved_routes = ?approved, "self node");
+            self.set(|s| {
+                s.self_addresses = self.netmap.addresses();
+                s.advertised_routes = text(&self.cfg.advertise_routes);
+                s.approved_routes = approved;
+            });
         }
         if c.derp_changed {
             self.data().set_derp_map(&self.netmap.derp_map).await;
@@ -693,7 +742,8 @@ impl Daemon {
         }
         // An invalid self address already failed the map; none at all means we have no
         // address yet, and nothing is addressed to us.
-        let ours = crate::netlink::plan(&self.netmap.addresses()).unwrap_or_default();
+        let mut ours = crate::netlink::plan(&self.netmap.addresses()).unwrap_or_default();
+        ours.extend(self.approved_routes());
         let f = parsed.filter.with_local(&ours);
         info!(
             rules = f.rule_count(),
@@ -701,6 +751,21 @@ impl Daemon {
             "packet filter updated"
         );
         self.data().set_filter(f);
+    }
+
+    /// The advertised routes headscale approved: those it lists in our own node's
+    /// `AllowedIPs`. Only they are forwarded into; the rest of the advertised ones wait.
+    fn approved_routes(&self) -> Vec<(std::net::IpAddr, u8)> {
+        let Some(node) = &self.netmap.self_node else {
+            return vec![];
+        };
+        let listed = crate::netlink::plan(&node.allowed_ips).unwrap_or_default();
+        self.cfg
+            .advertise_routes
+            .iter()
+            .copied()
+            .filter(|r| listed.contains(r))
+            .collect()
     }
 
     /// The data plane's view of the netmap's peers: each is trusted with its own addresses,

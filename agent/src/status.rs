@@ -42,6 +42,12 @@ pub struct Status {
     pub hostname: String,
     pub server_url: String,
     pub self_addresses: Vec<String>,
+    /// The subnets we offer to route (`AdvertiseRoutes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advertised_routes: Vec<String>,
+    /// Those of them headscale approved: the only ones forwarded into.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approved_routes: Vec<String>,
     pub interface: String,
     pub control_connected: bool,
     /// Unix seconds of the last message from control.
@@ -165,6 +171,18 @@ pub fn render(s: &Status, now: u64) -> String {
     ));
     if let Some(e) = &s.error {
         out.push_str(&format!("# error: {e}\n"));
+    }
+    if !s.advertised_routes.is_empty() {
+        let waiting: Vec<_> = s
+            .advertised_routes
+            .iter()
+            .filter(|r| !s.approved_routes.contains(r))
+            .cloned()
+            .collect();
+        out.push_str(&format!(
+            "# routes: approved {:?}, awaiting approval {waiting:?}\n",
+            s.approved_routes
+        ));
     }
     let short = |n: &str| n.split('.').next().unwrap_or(n).to_string();
     out.push_str(&format!(

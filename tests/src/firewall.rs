@@ -537,3 +537,50 @@ impl Notify {
         }
     }
 }
+
+/// A stand-in for a BMC's web interface on `host`: HTTPS on 443, with a certificate for
+/// `ip` from a CA of its own, answering every GET with the address it sees the client at.
+/// Returns the CA (PEM) to trust.
+pub fn serve_https(lab: &Lab, host: &str, ip: std::net::IpAddr) -> Result<String> {
+    let dir = lab.host_dir(host).join("https");
+    std::fs::create_dir_all(&dir)?;
+    let pki = crate::pki::generate(ip, host)?;
+    std::fs::write(dir.join("cert.pem"), &pki.cert_pem)?;
+    crate::headscale::write_private(&dir.join("key.pem"), pki.key_pem.as_bytes())?;
+    let script = r#"
+import http.server, ssl
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("client " + self.client_address[0] + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+s = http.server.ThreadingHTTPServer(("0.0.0.0", 443), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("cert.pem", "key.pem")
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+s.serve_forever()
+"#;
+    let mut c = lab.host(host).ns().command("python3");
+    c.args(["-c", script]).current_dir(&dir);
+    lab.spawn(host, "https", c)?;
+    Ok(pki.ca_pem)
+}
+
+/// `GET https://ip/` from inside `ns`, trusting `ca_pem`, within 5 s: the body.
+pub fn https_get(ns: &crate::netns::Netns, ip: std::net::IpAddr, ca_pem: &str) -> Result<String> {
+    let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes())?;
+    ns.enter(move || {
+        // Built inside: the client's own threads stay in this namespace.
+        let client = reqwest::blocking::Client::builder()
+            .add_root_certificate(ca)
+            .timeout(std::time::Duration::from_secs(5))
+            .build()?;
+        Ok(client
+            .get(format!("https://{ip}/"))
+            .send()?
+            .error_for_status()?
+            .text()?)
+    })
+}

@@ -21,6 +21,10 @@ pub const DEV_ID: &str = "vdc-dev";
 /// The data-center underlay (TEST-NET-1).
 pub const UNDERLAY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 0);
 pub const UNDERLAY_PREFIX_LEN: u8 = 24;
+/// The management network behind a lab's LAN router (TEST-NET-2): the router is `.1`, its
+/// hosts `.10` on.
+pub const LAN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 0);
+pub const LAN_ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 /// A NATed host's address on its private segment (TEST-NET-3), and its gateway's.
 pub const NAT_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 pub const NAT_GATEWAY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
@@ -49,6 +53,10 @@ pub struct LabOptions {
     /// [`crate::tools::TAILSCALE_VERSIONS`]); `None`: the run's default
     /// ([`crate::tools::tailscale_version`]).
     pub tailscale: Option<&'static str>,
+    /// A management network: `(router, hosts)`. The router (one of `hosts`) gets a second
+    /// interface `lan0` with [`LAN_ROUTER`]; each host here sits only on that network, with
+    /// no route beyond it (a BMC behind a management server).
+    pub lan: Option<(String, Vec<String>)>,
 }
 
 impl LabOptions {
@@ -147,13 +155,23 @@ impl Lab {
         let dir = base_dir().join(&id);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        for h in opts.hosts.iter().chain(&opts.behind_nat) {
+        let lan_hosts = opts.lan.iter().flat_map(|(_, h)| h);
+        for h in opts.hosts.iter().chain(&opts.behind_nat).chain(lan_hosts) {
             validate_host_name(h)?;
+        }
+        if let Some((router, _)) = &opts.lan
+            && !opts.hosts.contains(router)
+        {
+            bail!("the LAN router {router} is not one of the underlay hosts");
         }
         let mut underlay: Vec<String> = vec![CTL.to_string()];
         underlay.extend(opts.hosts.iter().cloned());
         underlay.extend(opts.behind_nat.iter().map(|h| format!("{h}gw")));
-        let mut names: Vec<&String> = underlay.iter().chain(&opts.behind_nat).collect();
+        let mut names: Vec<&String> = underlay
+            .iter()
+            .chain(&opts.behind_nat)
+            .chain(opts.lan.iter().flat_map(|(_, h)| h))
+            .collect();
         names.sort();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             bail!("host {} is named twice", w[0]);
@@ -199,6 +217,15 @@ impl Lab {
             let ns = Netns::create(&format!("{id}-{name}"))?;
             build_nat(&gw, &ns)?;
             add(name, &ns, NAT_HOST)?;
+        }
+        if let Some((router, hosts)) = &opts.lan {
+            let r = Netns::existing(&format!("{id}-{router}"));
+            for (i, name) in hosts.iter().enumerate() {
+                let ns = Netns::create(&format!("{id}-{name}"))?;
+                let addr = lan_addr(i);
+                build_lan_host(&r, i, &ns, addr)?;
+                add(name, &ns, addr)?;
+            }
         }
         apply_knobs(&sw, &Knobs::default())?;
         let ctl = guard.0.as_ref().unwrap().hosts[CTL].clone();
@@ -673,7 +700,7 @@ pub const OUTSIDE_PROBES: &[&str] = &[
     "10.0.0.1",
     "172.16.0.1",
     "192.168.0.1",
-    "198.51.100.1",
+    "198.18.0.1",
     "2001:4860::1",
     "fd00::1",
 ];
@@ -746,6 +773,27 @@ fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
 
 /// Puts `host` on a private segment behind `gw`, which masquerades it onto the underlay.
 /// The host gets a route to the underlay only: like every lab host, no default route.
+/// The address of the `i`th host on the management network.
+pub fn lan_addr(i: usize) -> Ipv4Addr {
+    let o = LAN.octets();
+    Ipv4Addr::new(o[0], o[1], o[2], 10 + i as u8)
+}
+
+/// Puts `host` on `router`'s management network: a bridge `lan0` in the router holding
+/// [`LAN_ROUTER`], one veth per host. The host gets only its /24.
+fn build_lan_host(router: &Netns, i: usize, host: &Netns, addr: Ipv4Addr) -> Result<()> {
+    if i == 0 {
+        router.ip(&["link", "add", "lan0", "type", "bridge"])?;
+        router.ip(&["addr", "add", &format!("{LAN_ROUTER}/24"), "dev", "lan0"])?;
+        router.ip(&["link", "set", "lan0", "up"])?;
+    }
+    let port = format!("lan{}", i + 1);
+    veth(host, "eth0", router, &port)?;
+    router.ip(&["link", "set", &port, "master", "lan0", "up"])?;
+    host.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+    host.ip(&["link", "set", "eth0", "up"]).map(drop)
+}
+
 fn build_nat(gw: &Netns, host: &Netns) -> Result<()> {
     veth(host, "eth0", gw, "lan0")?;
     gw.ip(&["addr", "add", &format!("{NAT_GATEWAY}/24"), "dev", "lan0"])?;

@@ -25,7 +25,7 @@ pub mod story;
 pub mod tailscale;
 pub mod tools;
 
-pub use lab::{Lab, LabOptions};
+pub use lab::{LAN_ROUTER, Lab, LabOptions, lan_addr};
 
 /// Why the end-to-end suite cannot run here, or `None` when it can.
 ///

@@ -61,6 +61,10 @@ pub struct Hostinfo {
     pub os: String,
     #[serde(rename = "Hostname")]
     pub hostname: String,
+    /// The subnets we offer to route (`AdvertiseRoutes`); headscale lists them for an admin
+    /// to approve.
+    #[serde(rename = "RoutableIPs", skip_serializing_if = "Vec::is_empty")]
+    pub routable_ips: Vec<String>,
     #[serde(rename = "GoArch")]
     pub arch: String,
     #[serde(rename = "NetInfo", skip_serializing_if = "Option::is_none")]
