@@ -13,9 +13,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-/// The hosts: headscale on `ctl`, the firewall, an operator's laptop and another machine in
-/// the data center's network.
-pub const HOSTS: &[&str] = &["fw", "op", "dc"];
+/// The hosts: headscale on `ctl`, the firewall, an operator's laptop, another machine in
+/// the data center's network, and a management server with a BMC on its management network.
+pub const HOSTS: &[&str] = &["fw", "op", "dc", "mgmt"];
+/// The management server's name in the mesh, and its management network.
+const MGMT: &str = "mgmt01";
+const MGMT_NET: &str = "198.51.100.0/24";
+/// bmc-reverse-proxy's port.
+const PROXY: u16 = 3333;
 pub const MACHINE: &str = "0cfc7e24-aaaa-4bbb-8ccc-000000000001";
 const PROJECT: &str = "project-a";
 
@@ -34,7 +39,10 @@ pub const METAL_RULESET: &str = r#"table inet metal {
 "#;
 
 pub fn lab() -> Result<Lab> {
-    Lab::start(LabOptions::hosts(HOSTS))
+    Lab::start(LabOptions {
+        lan: Some(("mgmt".into(), vec!["bmc".into()])),
+        ..LabOptions::hosts(HOSTS)
+    })
 }
 
 /// Runs the story on a lab from [`lab`]; `step` hears each step's title.
@@ -235,6 +243,119 @@ pub fn run(lab: &Lab, step: &mut dyn FnMut(&str)) -> Result<()> {
         s["control_connected"] == true && s["cached_netmap_of"].is_null()
     })?;
     cmd::run(&mut status_command(lab, "fw"))?;
+
+    management_server(lab, step, &api_key, &op)
+}
+
+/// The last act: a management server, which metal-api does not allocate, joins with a key
+/// from `userdata-gen auth-key` and config files written by hand; bmc-reverse-proxy and SSH
+/// answer only over the mesh, and the operator opens the BMC through it.
+fn management_server(
+    lab: &Lab,
+    step: &mut dyn FnMut(&str),
+    api_key: &str,
+    op: &crate::tailscale::Tailscaled,
+) -> Result<()> {
+    let hs = lab.headscale();
+    step("a management server: a key from userdata-gen auth-key, the agent's files by hand");
+    let key = cmd::run_quiet(
+        lab.host("ctl")
+            .ns()
+            .command(tools::project_bin("userdata-gen"))
+            .env("HEADSCALE_API_KEY", api_key)
+            .args([
+                "auth-key",
+                "--project",
+                "partition-mgmt",
+                "--tags",
+                "tag:mgmt",
+            ])
+            .args(["--headscale-api-url", &hs.url()])
+            .args(["--ca-file", &hs.ca_path().display().to_string()]),
+    )?;
+    let etc = lab.host_dir("mgmt").join("root/etc/vpn-agent");
+    std::fs::create_dir_all(&etc)?;
+    crate::headscale::write_private(&etc.join("authkey"), key.trim().as_bytes())?;
+    std::fs::copy(hs.ca_path(), etc.join("ca.pem"))?;
+    let mesh = serde_json::json!({
+        "Version": "alpha0",
+        "ServerURL": hs.url(),
+        "AuthKey": "file:/etc/vpn-agent/authkey",
+        "Hostname": MGMT,
+        "AdvertiseRoutes": [MGMT_NET],
+    });
+    let agent = serde_json::json!({
+        "version": 1,
+        "interface": "tailscale0",
+        "ssh_port": 22,
+        "closed_tcp_ports": [22],
+        "listen_port": 41641,
+        "ca_file": "/etc/vpn-agent/ca.pem",
+        "services": [{"name": "bmc-reverse-proxy", "protocol": "tcp", "port": PROXY}],
+    });
+    for (file, v) in [("tailscaled.conf", mesh), ("agent.json", agent)] {
+        crate::headscale::write_private(
+            &etc.join(file),
+            serde_json::to_string_pretty(&v)?.as_bytes(),
+        )?;
+        cmd::run(Command::new("cat").arg(etc.join(file)))?;
+    }
+    crate::firewall::serve_http(lab, "mgmt", "0.0.0.0".parse()?, PROXY)?;
+    let mgmt_keys = start_sshd(lab, "mgmt")?;
+    let bmc: IpAddr = crate::lab::lan_addr(0).into();
+    let bmc_keys = start_sshd(lab, "bmc")?;
+    let bmc_ca = crate::firewall::serve_https(lab, "bmc", bmc)?;
+    start_agent(lab, "mgmt", &lab.host_dir("mgmt").join("root"))?;
+    let node = wait_online(lab, "mgmt", MGMT)?;
+    let mgmt_ip: IpAddr = node.addresses.first().context("no mesh address")?.parse()?;
+
+    step(
+        "from the data center, neither bmc-reverse-proxy nor SSH on the management server answers",
+    );
+    let dc = lab.host("dc").ns();
+    let under: IpAddr = lab.host("mgmt").addr.into();
+    for port in [PROXY, 22] {
+        ensure!(
+            !crate::firewall::connects(&dc, (under, port).into()),
+            "the data center reached mgmt:{port}"
+        );
+        println_indented(&format!("{under}:{port} from dc: no answer"));
+    }
+
+    step("an admin approves the management network; the operator accepts routes");
+    cmd::run(hs.cli().args(["nodes", "list-routes"]))?;
+    hs.approve_routes(MGMT, &[MGMT_NET])?;
+    cmd::run(op.cli().args(["set", "--accept-routes"]))?;
+    wait_status(lab, "mgmt", "the approved route", |s| {
+        s["approved_routes"] == serde_json::json!([MGMT_NET])
+    })?;
+    cmd::run(&mut status_command(lab, "mgmt"))?;
+
+    step("over the mesh the operator reaches the console proxy, and opens the BMC through mgmt");
+    let opns = lab.host("op").ns();
+    ensure!(crate::firewall::connects(&opns, (mgmt_ip, PROXY).into()));
+    crate::firewall::ssh(
+        lab,
+        "op",
+        mgmt_ip,
+        &mgmt_keys,
+        "echo logged in to $(hostname)",
+    )?;
+    let start = std::time::Instant::now();
+    let page = loop {
+        match crate::firewall::https_get(&opns, bmc, &bmc_ca) {
+            Ok(p) => break p,
+            Err(e) if start.elapsed() > Duration::from_secs(20) => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    };
+    println_indented(&format!("https://{bmc}/ answers: {}", page.trim()));
+    let seen = crate::firewall::ssh(lab, "op", bmc, &bmc_keys, "echo bmc sees $SSH_CONNECTION")?;
+    ensure!(
+        page.trim() == format!("client {}", crate::lab::LAN_ROUTER),
+        "the BMC should see the management server's LAN address: {page}"
+    );
+    ensure!(seen.contains(&crate::lab::LAN_ROUTER.to_string()), "{seen}");
     Ok(())
 }
 

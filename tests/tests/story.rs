@@ -1,5 +1,6 @@
 //! The story `cargo xtask demo` tells, as a test: from metal-api's call through boot,
-//! an operator's SSH session over the mesh, DERP, a crash and a power cycle.
+//! an operator's SSH session over the mesh, DERP, a crash and a power cycle, to a
+//! management server through which the operator opens a BMC.
 
 use vdc::require_lab;
 

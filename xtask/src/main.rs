@@ -120,14 +120,17 @@ const MATRIX: &[(&str, &str)] = &[
     ("v0.29.2", "v1.102.3"),
 ];
 
-/// The story and the agent's end-to-end tests for every pair of [`MATRIX`].
+/// The story, the agent's end-to-end tests and the management server's for every pair of
+/// [`MATRIX`].
 fn matrix() -> Result<()> {
     if let Some(why) = vdc::lab_unavailable() {
         bail!("the matrix cannot run here: {why}");
     }
     let mut rows = vec![];
     for (hs, ts) in MATRIX {
-        let mut c = cargo(&["test", "-p", "vdc", "--test", "story", "--test", "agent"]);
+        let mut c = cargo(&[
+            "test", "-p", "vdc", "--test", "story", "--test", "agent", "--test", "mgmt",
+        ]);
         c.env("VDC_HEADSCALE", hs)
             .env("VDC_TAILSCALE", ts)
             .env("VDC_REQUIRE_LAB", "1");
