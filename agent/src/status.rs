@@ -180,9 +180,17 @@ pub fn render(s: &Status, now: u64) -> String {
             .cloned()
             .collect();
         out.push_str(&format!(
-            "# routes: approved {:?}, awaiting approval {waiting:?}\n",
+            "# routes: approved {:?}, not approved {waiting:?}\n",
             s.approved_routes
         ));
+        if !waiting.is_empty() {
+            // headscale shows a router its approved routes only where its policy lets the
+            // router itself reach them.
+            out.push_str(
+                "#   (approve with `headscale nodes approve-routes`; the policy must also let \
+                 this node reach them, or headscale does not tell it they are approved)\n",
+            );
+        }
     }
     let short = |n: &str| n.split('.').next().unwrap_or(n).to_string();
     out.push_str(&format!(

@@ -25,6 +25,20 @@ const ALLOW_ALL: &str = r#"{
   "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
 }"#;
 
+/// The operators reach the management server, and the BMC's web interface only. The last
+/// rule is what a subnet router needs under any policy: headscale (v0.27 to v0.29) lists an
+/// approved route in the router's own node only where the policy lets the router reach it
+/// (`CanAccessRoute`); without it the agent cannot tell the route is approved, and forwards
+/// nothing into it.
+const HTTPS_ONLY: &str = r#"{
+  "tagOwners": {"tag:mgmt": ["ops@"]},
+  "acls": [
+    {"action": "accept", "src": ["ops@"], "dst": ["tag:mgmt:*"]},
+    {"action": "accept", "src": ["ops@"], "proto": "tcp", "dst": ["198.51.100.10/32:443"]},
+    {"action": "accept", "src": ["tag:mgmt"], "dst": ["198.51.100.0/24:*"]},
+  ],
+}"#;
+
 /// The operators reach the management server on all its ports, and nothing else.
 const MGMT_ONLY: &str = r#"{
   "tagOwners": {"tag:mgmt": ["ops@"]},
@@ -125,6 +139,17 @@ fn a_management_server_serves_its_ports_and_its_network_only_over_the_mesh() {
         !connects(&dc, tcp(bmc, 22)),
         "dc was routed into the management network"
     );
+
+    // A policy that opens the BMC's HTTPS but not its SSH: headscale still gives the operator
+    // the route, its tailscaled sends the SYN to port 22, and the agent's filter, applied to
+    // forwarded packets too, drops it.
+    lab.set_policy(HTTPS_ONLY).unwrap();
+    retry(|| {
+        anyhow::ensure!(!connects(&opns, tcp(bmc, 22)), "bmc's ssh still answers");
+        Ok(())
+    });
+    https_get(&opns, bmc, &bmc_ca).unwrap();
+    assert!(connects(&opns, tcp(mgmt_ip, 22)));
 
     // A policy that gives the operators mgmt but not its network.
     lab.set_policy(MGMT_ONLY).unwrap();
