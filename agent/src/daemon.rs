@@ -600,9 +600,7 @@ impl Daemon {
     /// filters and peers but not our own node, whose `AllowedIPs` list the approved routes.
     /// A subnet router then asks for a full map.
     fn needs_self_node(&self, msg: &MapResponse) -> bool {
-        !self.cfg.advertise_routes.is_empty()
-            && msg.node.is_none()
-            && (msg.packet_filter.is_some() || msg.packet_filters.is_some())
+        needs_self_node(&self.cfg.advertise_routes, msg)
     }
 
     /// A non-streaming map request (endpoints, home DERP). The stream is not read meanwhile:
@@ -756,16 +754,7 @@ impl Daemon {
     /// The advertised routes headscale approved: those it lists in our own node's
     /// `AllowedIPs`. Only they are forwarded into; the rest of the advertised ones wait.
     fn approved_routes(&self) -> Vec<(std::net::IpAddr, u8)> {
-        let Some(node) = &self.netmap.self_node else {
-            return vec![];
-        };
-        let listed = crate::netlink::plan(&node.allowed_ips).unwrap_or_default();
-        self.cfg
-            .advertise_routes
-            .iter()
-            .copied()
-            .filter(|r| listed.contains(r))
-            .collect()
+        approved_routes(&self.cfg.advertise_routes, self.netmap.self_node.as_ref())
     }
 
     /// The data plane's view of the netmap's peers: each is trusted with its own addresses,
@@ -995,9 +984,73 @@ pub fn explain(error: &str) -> String {
     format!("{error} ({hint})")
 }
 
+/// Those of `advertised` that our own node's `AllowedIPs` list: the approved ones.
+pub fn approved_routes(
+    advertised: &[(std::net::IpAddr, u8)],
+    node: Option<&Node>,
+) -> Vec<(std::net::IpAddr, u8)> {
+    let Some(node) = node else { return vec![] };
+    let listed = crate::netlink::plan(&node.allowed_ips).unwrap_or_default();
+    advertised
+        .iter()
+        .copied()
+        .filter(|r| listed.contains(r))
+        .collect()
+}
+
+/// Whether a subnet router (`advertised` not empty) should ask for its own node after `msg`:
+/// packet filters without our node are how headscale answers a route approval.
+pub fn needs_self_node(advertised: &[(std::net::IpAddr, u8)], msg: &MapResponse) -> bool {
+    !advertised.is_empty()
+        && msg.node.is_none()
+        && (msg.packet_filter.is_some() || msg.packet_filters.is_some())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn net(text: &str) -> (std::net::IpAddr, u8) {
+        userdata_gen::payload::subnet_route(text).unwrap()
+    }
+
+    #[test]
+    fn only_routes_our_own_node_lists_are_approved() {
+        let advertised = [net("198.51.100.0/24"), net("203.0.113.0/24")];
+        let node = Node {
+            addresses: vec!["100.64.0.1/32".into()],
+            allowed_ips: vec![
+                "100.64.0.1/32".into(),
+                "198.51.100.0/24".into(),
+                // Listed, but not ours to route: never forwarded into.
+                "192.0.2.0/24".into(),
+            ],
+            ..Node::default()
+        };
+        assert_eq!(
+            approved_routes(&advertised, Some(&node)),
+            [net("198.51.100.0/24")]
+        );
+        assert!(approved_routes(&advertised, None).is_empty());
+        assert!(approved_routes(&[], Some(&node)).is_empty());
+    }
+
+    #[test]
+    fn a_router_asks_for_its_node_after_filters_without_it() {
+        let routes = [net("198.51.100.0/24")];
+        let policy: MapResponse = serde_json::from_str(
+            r#"{"PacketFilters":{"base":[]},"PeersChanged":[{"ID":2}]}"#,
+        )
+        .unwrap();
+        assert!(needs_self_node(&routes, &policy));
+        assert!(!needs_self_node(&[], &policy), "not a router");
+        let with_node: MapResponse =
+            serde_json::from_str(r#"{"PacketFilters":{"base":[]},"Node":{"ID":1}}"#).unwrap();
+        assert!(!needs_self_node(&routes, &with_node));
+        let patch: MapResponse =
+            serde_json::from_str(r#"{"PeersChangedPatch":[{"NodeID":2}]}"#).unwrap();
+        assert!(!needs_self_node(&routes, &patch), "a patch is no policy change");
+    }
 
     /// The texts of `RegisterResponse.Error` as each version's source writes them
     /// (hscontrol/auth.go, hscontrol/state/state.go, hscontrol/db/preauth_keys.go).

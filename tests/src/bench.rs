@@ -11,6 +11,8 @@
 //!
 //! The parsers and the table are pure; [`Bench`] is the IO.
 
+pub mod subnet;
+
 use crate::cmd;
 use crate::firewall;
 use crate::tailscale::{PORT, Tailscaled};
@@ -217,15 +219,7 @@ impl Bench {
 
     /// One iperf3 TCP run from op to `to` (`reverse`: `to` sends).
     pub fn iperf(&self, to: IpAddr, reverse: bool, seconds: u32) -> Result<Iperf> {
-        let mut c = self.lab.host(OP_HOST).ns().command("iperf3");
-        c.args(["-c", &to.to_string(), "-J", "--connect-timeout", "3000"])
-            .args(["-t", &seconds.to_string()]);
-        if reverse {
-            c.arg("-R");
-        }
-        let out = cmd::quiet_output(&mut c)?;
-        parse_iperf(&String::from_utf8_lossy(&out.stdout))
-            .with_context(|| format!("`{}` ({})", cmd::render(&c), out.status))
+        iperf(&self.lab.host(OP_HOST).ns(), to, reverse, seconds)
     }
 
     /// A short iperf3 run, retried while the server is still starting.
@@ -579,6 +573,19 @@ impl Results {
         ));
         s
     }
+}
+
+/// One iperf3 TCP run from namespace `ns` to `to` (`reverse`: `to` sends).
+pub fn iperf(ns: &crate::netns::Netns, to: IpAddr, reverse: bool, seconds: u32) -> Result<Iperf> {
+    let mut c = ns.command("iperf3");
+    c.args(["-c", &to.to_string(), "-J", "--connect-timeout", "3000"])
+        .args(["-t", &seconds.to_string()]);
+    if reverse {
+        c.arg("-R");
+    }
+    let out = cmd::quiet_output(&mut c)?;
+    parse_iperf(&String::from_utf8_lossy(&out.stdout))
+        .with_context(|| format!("`{}` ({})", cmd::render(&c), out.status))
 }
 
 fn finish_iperf(child: std::process::Child) -> Result<f64> {

@@ -15,6 +15,8 @@ pub enum Which {
     Dataplane,
     /// What junk on the agent's UDP port costs per packet, no network.
     Flood,
+    /// iperf3 through vpn-agent as a subnet router against a stock tailscaled, in the lab.
+    Subnet,
 }
 
 pub fn run(which: Option<Which>, profile: bool) -> Result<()> {
@@ -29,6 +31,9 @@ pub fn run(which: Option<Which>, profile: bool) -> Result<()> {
     }
     if which.is_none_or(|w| w == Which::Dataplane) {
         dataplane(profile)?;
+    }
+    if !profile && which.is_none_or(|w| w == Which::Subnet) {
+        subnet()?;
     }
     Ok(())
 }
@@ -113,39 +118,7 @@ fn dataplane(profile: bool) -> Result<()> {
     }
     let root = vdc::tools::workspace_root();
     println!("==> bench: data plane, vpn-agent (release build) against tailscaled, in the lab");
-    // What the agent is built from, taken before the build: others may edit meanwhile.
-    let built_from = commit();
-    // The release agent under test; debug userdata-gen provisions the firewall and the debug
-    // vpn-agent answers `status`, as in the tests.
-    for args in [
-        &[
-            "build",
-            "-q",
-            "--release",
-            "-p",
-            "vpn-agent",
-            "--bin",
-            "vpn-agent",
-        ][..],
-        &[
-            "build",
-            "-q",
-            "-p",
-            "vpn-agent",
-            "-p",
-            "userdata-gen",
-            "--bins",
-        ][..],
-    ] {
-        let status = cargo().args(args).status().context("cannot run cargo")?;
-        if !status.success() {
-            bail!("cargo {} failed ({status})", args.join(" "));
-        }
-    }
-    if let Some(why) = vdc::lab_unavailable() {
-        bail!("the data-plane benchmark needs the lab, which cannot run here: {why}");
-    }
-    let agent_bin = target_dir().join("release/vpn-agent");
+    let (agent_bin, built_from) = release_agent()?;
     let bench = vdc::bench::Bench::start(&agent_bin)?;
     println!(
         "  lab up: vpn-agent {} on fw, tailscaled {} on ts, both direct from op",
@@ -177,6 +150,65 @@ fn dataplane(profile: bool) -> Result<()> {
         ),
     )?;
     Ok(())
+}
+
+/// Builds the agent under test (release) and the debug binaries the lab provisions with;
+/// returns the release binary and the commit it was built from.
+fn release_agent() -> Result<(PathBuf, String)> {
+    // What the agent is built from, taken before the build: others may edit meanwhile.
+    let built_from = commit();
+    // The release agent under test; debug userdata-gen provisions the firewall and the debug
+    // vpn-agent answers `status`, as in the tests.
+    for args in [
+        &[
+            "build",
+            "-q",
+            "--release",
+            "-p",
+            "vpn-agent",
+            "--bin",
+            "vpn-agent",
+        ][..],
+        &[
+            "build",
+            "-q",
+            "-p",
+            "vpn-agent",
+            "-p",
+            "userdata-gen",
+            "--bins",
+        ][..],
+    ] {
+        let status = cargo().args(args).status().context("cannot run cargo")?;
+        if !status.success() {
+            bail!("cargo {} failed ({status})", args.join(" "));
+        }
+    }
+    if let Some(why) = vdc::lab_unavailable() {
+        bail!("the lab benchmarks need the lab, which cannot run here: {why}");
+    }
+    Ok((target_dir().join("release/vpn-agent"), built_from))
+}
+
+/// vpn-agent as a subnet router (release build) against a stock tailscaled doing the same job.
+fn subnet() -> Result<()> {
+    println!("==> bench: subnet router, op -> bmc through vpn-agent and through tailscaled");
+    let (agent_bin, built_from) = release_agent()?;
+    let r = vdc::bench::subnet::measure(&agent_bin, 10, 3, &mut |line| println!("  {line}"))?;
+    let table = r.table();
+    print!("{table}");
+    write_section(
+        &vdc::tools::workspace_root().join("README.md"),
+        "subnet",
+        &format!(
+            "Measured by `cargo xtask bench subnet` on {}, {} (vpn-agent release build of {}, \
+             tailscale {}):\n\n{table}",
+            machine(),
+            vdc::bench::today(),
+            built_from,
+            vdc::tools::TAILSCALE.version,
+        ),
+    )
 }
 
 /// Replaces what stands between `<!-- bench:NAME:start -->` and its end marker in `readme`.
