@@ -1038,10 +1038,9 @@ mod tests {
     #[test]
     fn a_router_asks_for_its_node_after_filters_without_it() {
         let routes = [net("198.51.100.0/24")];
-        let policy: MapResponse = serde_json::from_str(
-            r#"{"PacketFilters":{"base":[]},"PeersChanged":[{"ID":2}]}"#,
-        )
-        .unwrap();
+        let policy: MapResponse =
+            serde_json::from_str(r#"{"PacketFilters":{"base":[]},"PeersChanged":[{"ID":2}]}"#)
+                .unwrap();
         assert!(needs_self_node(&routes, &policy));
         assert!(!needs_self_node(&[], &policy), "not a router");
         let with_node: MapResponse =
@@ -1049,7 +1048,10 @@ mod tests {
         assert!(!needs_self_node(&routes, &with_node));
         let patch: MapResponse =
             serde_json::from_str(r#"{"PeersChangedPatch":[{"NodeID":2}]}"#).unwrap();
-        assert!(!needs_self_node(&routes, &patch), "a patch is no policy change");
+        assert!(
+            !needs_self_node(&routes, &patch),
+            "a patch is no policy change"
+        );
     }
 
     /// The texts of `RegisterResponse.Error` as each version's source writes them
