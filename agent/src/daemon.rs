@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{debug, error, info, warn};
-use userdata_gen::payload::Secret;
+use vpn_contract::Secret;
 use x25519_dalek::PublicKey;
 
 /// How often the firewall table is compared with the intended one besides every change
@@ -50,6 +50,15 @@ const CACHE_FLUSH: Duration = Duration::from_secs(5);
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 
 /// How often the pre-auth key file is looked at while a key is wanted.
+/// What we report as our version to control (tailscaled's `IPNVersion`): peers see it in
+/// their netmaps.
+pub const IPN_VERSION: &str = concat!(
+    "vpn-agent-",
+    env!("CARGO_PKG_VERSION"),
+    "-",
+    env!("VPN_BUILD_COMMIT")
+);
+
 /// At most this often a subnet router opens a new map stream to learn its approved routes.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -118,7 +127,7 @@ impl Daemon {
     /// tagOwners and refuse the whole registration when the policy does not list them.
     fn hostinfo(&self, net: &NetInfo) -> Hostinfo {
         Hostinfo {
-            ipn_version: format!("vpn-agent-{}", env!("CARGO_PKG_VERSION")),
+            ipn_version: IPN_VERSION.into(),
             os: "linux".into(),
             hostname: self.cfg.hostname.clone(),
             routable_ips: self
@@ -1011,7 +1020,7 @@ mod tests {
     use super::*;
 
     fn net(text: &str) -> (std::net::IpAddr, u8) {
-        userdata_gen::payload::subnet_route(text).unwrap()
+        vpn_contract::subnet_route(text).unwrap()
     }
 
     #[test]

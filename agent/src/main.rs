@@ -6,8 +6,16 @@ use vpn_agent::config::Config;
 use vpn_agent::daemon::Daemon;
 
 /// Joins this firewall to the headscale mesh and keeps SSH reachable only through it.
+/// `--version`: the release and the commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("VPN_BUILD_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
-#[command(name = "vpn-agent", version, about, long_about = None)]
+#[command(name = "vpn-agent", version = VERSION, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

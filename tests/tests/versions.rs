@@ -85,6 +85,21 @@ fn headscale_shows_peers_the_viewers_own_capability_version() {
             })
         })
         .unwrap_or_else(|| panic!("{fw_ip} is not in the operator's netmap"));
+    // The agent's version and commit reach the peers in Hostinfo, as tailscaled's do.
+    let version = vdc::cmd::run_quiet(
+        std::process::Command::new(vdc::tools::project_bin("vpn-agent")).arg("--version"),
+    )
+    .unwrap();
+    let (release, commit) = version
+        .trim()
+        .strip_prefix("vpn-agent ")
+        .and_then(|v| v.strip_suffix(')')?.split_once(" (commit "))
+        .unwrap_or_else(|| panic!("vpn-agent --version printed {version:?}"));
+    assert_eq!(
+        fw["Hostinfo"]["IPNVersion"],
+        format!("vpn-agent-{release}-{commit}"),
+        "{fw}"
+    );
     let (theirs, own) = (fw["Cap"].as_u64(), map["SelfNode"]["Cap"].as_u64());
     println!("    tailscale v1.102.3's netmap: the firewall's Cap {theirs:?}, its own {own:?}");
     assert!(own.is_some_and(|c| c >= 121), "{own:?}");

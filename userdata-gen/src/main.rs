@@ -14,8 +14,16 @@ use userdata_gen::{
     AgentSettings, Error, Format, MeshSettings, Payload, Result, Secret, Target, generate,
 };
 
+/// `--version`: the release and the commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("VPN_BUILD_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
-#[command(name = "userdata-gen", version, about, long_about = None)]
+#[command(name = "userdata-gen", version = VERSION, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -1,28 +1,18 @@
 //! What we add to the firewall: the agent's configuration files and our systemd units.
 
-use serde::{Deserialize, Serialize};
-
-/// The directory holding the agent's configuration on the firewall.
-pub const CONFIG_DIR: &str = "/etc/vpn-agent";
-/// The mesh settings in tailscaled's own `--config` format (`alpha0`).
-pub const MESH_CONFIG_PATH: &str = "/etc/vpn-agent/tailscaled.conf";
-/// The pre-auth key, referenced from the mesh settings as `file:`; scrubbed once used.
-pub const AUTH_KEY_PATH: &str = "/etc/vpn-agent/authkey";
-/// The agent's own settings (interface, SSH port, ports to close).
-pub const AGENT_SETTINGS_PATH: &str = "/etc/vpn-agent/agent.json";
-/// The CA that signed headscale's certificate, when it is not a public one.
-pub const CA_PATH: &str = "/etc/vpn-agent/ca.pem";
-/// Where systemd units go.
-pub const UNIT_DIR: &str = "/etc/systemd/system";
+pub use vpn_contract::{
+    AGENT_SETTINGS_PATH, AUTH_KEY_PATH, AgentSettings, CA_PATH, CONFIG_DIR, FIREWALL_UNIT,
+    MESH_CONFIG_PATH, MeshConfig, Protocol, Secret, Service, UNIT_DIR, subnet_route,
+};
 
 /// Our units, from `systemd/` at the repository root: one source for the repo and the userdata.
 pub const UNITS: &[(&str, &str)] = &[
     (
-        "vpn-agent-firewall.service",
+        FIREWALL_UNIT,
         include_str!("../../systemd/vpn-agent-firewall.service"),
     ),
     (
-        "tailscaled.service",
+        vpn_contract::AGENT_UNIT,
         include_str!("../../systemd/tailscaled.service"),
     ),
 ];
@@ -46,195 +36,12 @@ pub const FOREIGN_DROPINS: &[(&str, &str)] = &[
     ),
 ];
 
-/// The unit that loads our table early at boot.
-pub const FIREWALL_UNIT: &str = "vpn-agent-firewall.service";
-
 /// Whether `name` is a usable VRF device name (an interface name: 1-15 safe characters).
 pub fn valid_vrf(name: &str) -> bool {
     (1..=15).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// A secret string (pre-auth key, API key). It never prints itself.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-
-    /// The secret itself, for the one place that must send or write it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl std::fmt::Display for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-/// The agent-only settings, written to [`AGENT_SETTINGS_PATH`] as JSON.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentSettings {
-    /// Format version of this file.
-    pub version: u32,
-    /// The tunnel interface; `tailscale0` so rules written for tailscale keep matching.
-    pub interface: String,
-    /// The SSH port accepted on the tunnel interface.
-    pub ssh_port: u16,
-    /// TCP ports closed on every interface but the tunnel.
-    pub closed_tcp_ports: Vec<u16>,
-    /// The UDP port for WireGuard and disco.
-    pub listen_port: u16,
-    /// The tags minted into the pre-auth key, for the operator's information; the agent
-    /// does not request them again (headscale applies the key's tags).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub advertise_tags: Vec<String>,
-    /// A CA file to trust for headscale, besides the system roots.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<String>,
-    /// The device the agent's own sockets are bound to (`SO_BINDTODEVICE`): the VRF whose
-    /// table holds the routes to headscale and the peers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bind_device: Option<String>,
-    /// Services besides SSH reachable only over the mesh: accepted on the tunnel interface,
-    /// dropped on every other (on a management server, bmc-reverse-proxy's port).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub services: Vec<Service>,
-}
-
-/// A port reachable only over the mesh.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Service {
-    /// For people and logs: `bmc-reverse-proxy`.
-    pub name: String,
-    pub protocol: Protocol,
-    pub port: u16,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        }
-    }
-}
-
-impl std::str::FromStr for Service {
-    type Err = String;
-
-    /// `NAME:PROTO/PORT`, e.g. `bmc-reverse-proxy:tcp/3333`.
-    fn from_str(text: &str) -> Result<Service, String> {
-        let bad = || format!("{text:?} is not NAME:tcp/PORT or NAME:udp/PORT");
-        let (name, rest) = text.rsplit_once(':').ok_or_else(bad)?;
-        let (proto, port) = rest.split_once('/').ok_or_else(bad)?;
-        let protocol = match proto {
-            "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            _ => return Err(bad()),
-        };
-        let port = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
-        if name.is_empty() {
-            return Err(bad());
-        }
-        Ok(Service {
-            name: name.into(),
-            protocol,
-            port,
-        })
-    }
-}
-
-impl Default for AgentSettings {
-    fn default() -> Self {
-        Self {
-            version: 1,
-            interface: "tailscale0".into(),
-            ssh_port: 22,
-            closed_tcp_ports: vec![22],
-            listen_port: 41641,
-            advertise_tags: vec![],
-            ca_file: None,
-            bind_device: None,
-            services: vec![],
-        }
-    }
-}
-
-/// The mesh's own ranges (headscale's default prefixes, tailscale's CGNAT and ULA ranges).
-const MESH_RANGES: &[(std::net::IpAddr, u8)] = &[
-    (
-        std::net::IpAddr::V4(std::net::Ipv4Addr::new(100, 64, 0, 0)),
-        10,
-    ),
-    (
-        std::net::IpAddr::V6(std::net::Ipv6Addr::new(
-            0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0,
-        )),
-        48,
-    ),
-];
-
-/// Whether two prefixes share an address (one contains the other).
-fn overlap((a, a_len): (std::net::IpAddr, u8), (b, b_len): (std::net::IpAddr, u8)) -> bool {
-    use std::net::IpAddr::{V4, V6};
-    let len = a_len.min(b_len) as u32;
-    match (a, b) {
-        (V4(a), V4(b)) => len == 0 || u32::from(a) >> (32 - len) == u32::from(b) >> (32 - len),
-        (V6(a), V6(b)) => len == 0 || u128::from(a) >> (128 - len) == u128::from(b) >> (128 - len),
-        _ => false,
-    }
-}
-
-/// A subnet route as `AdvertiseRoutes` may list it: an `ip/len` network (no host bits),
-/// neither an exit route (`/0`: the agent is no exit node) nor one overlapping the mesh's own
-/// ranges (the mesh addresses are routed by the mesh already). The message says which.
-pub fn subnet_route(text: &str) -> Result<(std::net::IpAddr, u8), String> {
-    let bad = |why: &str| format!("route {text:?} {why}");
-    let (ip, len) = text.split_once('/').ok_or_else(|| bad("is not ip/len"))?;
-    let ip: std::net::IpAddr = ip.parse().map_err(|_| bad("is not ip/len"))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len: u8 = len
-        .parse()
-        .ok()
-        .filter(|l| *l <= max)
-        .ok_or_else(|| bad("has no valid prefix length"))?;
-    if len == 0 {
-        return Err(bad("is an exit route; vpn-agent is no exit node"));
-    }
-    let host_bits = len < max
-        && match ip {
-            std::net::IpAddr::V4(a) => u32::from(a) & (u32::MAX >> len) != 0,
-            std::net::IpAddr::V6(a) => u128::from(a) & (u128::MAX >> len) != 0,
-        };
-    if host_bits {
-        return Err(bad("has host bits set"));
-    }
-    if MESH_RANGES.iter().any(|m| overlap(*m, (ip, len))) {
-        return Err(bad("overlaps the mesh's own addresses"));
-    }
-    Ok((ip, len))
 }
 
 /// Everything that decides what goes onto the firewall, besides the key.
@@ -357,17 +164,11 @@ impl Payload {
 /// from the same file. `alpha0` has no field for tags: they are on the pre-auth key and in
 /// the agent's settings.
 pub fn mesh_config(settings: &MeshSettings) -> String {
-    let mut v = serde_json::json!({
-        "Version": "alpha0",
-        "ServerURL": settings.login_server,
-        "AuthKey": format!("file:{AUTH_KEY_PATH}"),
-        "Hostname": settings.hostname,
-        "Enabled": true,
-    });
-    if !settings.advertise_routes.is_empty() {
-        v["AdvertiseRoutes"] = serde_json::json!(settings.advertise_routes);
-    }
-    serde_json::to_string_pretty(&v).expect("config serializes") + "\n"
+    MeshConfig::for_node(
+        &settings.login_server,
+        &settings.hostname,
+        &settings.advertise_routes,
+    )
 }
 
 /// The payload the unit tests merge: defaults, a dummy key.
@@ -398,39 +199,6 @@ mod tests {
             vrf: None,
             advertise_routes: vec![],
             agent: AgentSettings::default(),
-        }
-    }
-
-    #[test]
-    fn subnet_routes_are_networks_outside_the_mesh() {
-        assert!(subnet_route("198.51.100.0/24").is_ok());
-        assert!(subnet_route("2001:db8::/32").is_ok());
-        assert!(subnet_route("198.51.100.7/32").is_ok());
-        for (text, why) in [
-            ("198.51.100.0", "not ip/len"),
-            ("198.51.100.0/33", "prefix length"),
-            ("0.0.0.0/0", "exit route"),
-            ("::/0", "exit route"),
-            ("198.51.100.1/24", "host bits"),
-            ("100.64.0.0/10", "mesh"),
-            ("100.0.0.0/8", "mesh"),
-            ("100.100.1.0/24", "mesh"),
-            ("fd7a:115c:a1e0::/64", "mesh"),
-        ] {
-            let e = subnet_route(text).unwrap_err();
-            assert!(e.contains(why) && e.contains(text), "{text}: {e}");
-        }
-    }
-
-    #[test]
-    fn services_parse_from_the_command_line_form() {
-        let s: Service = "bmc-reverse-proxy:tcp/3333".parse().unwrap();
-        assert_eq!(
-            (s.name.as_str(), s.protocol, s.port),
-            ("bmc-reverse-proxy", Protocol::Tcp, 3333)
-        );
-        for bad in ["x:tcp/0", "x:icmp/1", ":tcp/1", "x/1", "x:tcp/70000"] {
-            assert!(bad.parse::<Service>().is_err(), "{bad}");
         }
     }
 

@@ -2,19 +2,10 @@
 //! own settings file (the format `userdata-gen` writes).
 
 use crate::error::{Error, Result};
-use serde_json::Value;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-pub use userdata_gen::payload::AgentSettings;
-use userdata_gen::payload::{Protocol, Secret};
-
-/// Where the pre-auth key comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuthKey {
-    Inline(Secret),
-    /// `file:<path>`: the file is scrubbed once registration succeeded.
-    File(PathBuf),
-}
+use std::path::Path;
+use vpn_contract::Protocol;
+pub use vpn_contract::{AgentSettings, AuthKey, MeshConfig};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -32,125 +23,10 @@ pub struct Config {
     pub settings: AgentSettings,
 }
 
-/// What the `alpha0` file says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mesh {
-    pub server_url: String,
-    pub auth_key: Option<AuthKey>,
-    pub hostname: Option<String>,
-    pub enabled: bool,
-    pub accept_routes: bool,
-    pub advertise_routes: Vec<(IpAddr, u8)>,
-}
-
-/// The value of `name` in `v`, with Go's case-insensitive match of JSON keys (tailscale's
-/// own files spell some keys `acceptRoutes`, the struct fields `AcceptRoutes`).
-fn key<'a>(v: &'a Value, name: &str) -> &'a Value {
-    v.as_object()
-        .and_then(|o| {
-            o.get(name).or_else(|| {
-                o.iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                    .map(|e| e.1)
-            })
-        })
-        .unwrap_or(&Value::Null)
-}
-
-fn field<'a>(v: &'a Value, name: &str, path: &Path) -> Result<Option<&'a str>> {
-    match key(v, name) {
-        Value::Null => Ok(None),
-        Value::String(s) => Ok(Some(s)),
-        other => Err(Error::Config(format!(
-            "{}: {name} must be a string, found {other}",
-            path.display()
-        ))),
-    }
-}
-
-/// A boolean as tailscale's `opt.Bool` reads it: true, false, "true", "false", or absent.
-fn flag(v: &Value, name: &str, default: bool, path: &Path) -> Result<bool> {
-    match key(v, name) {
-        Value::Null => Ok(default),
-        Value::Bool(b) => Ok(*b),
-        Value::String(s) if s == "true" || s == "false" => Ok(s == "true"),
-        Value::String(s) if s.is_empty() => Ok(default),
-        other => Err(Error::Config(format!(
-            "{}: {name} must be true or false, found {other}",
-            path.display()
-        ))),
-    }
-}
-
-/// `AdvertiseRoutes`: a list of subnets (see [`userdata_gen::payload::subnet_route`]).
-fn routes(v: &Value, path: &Path) -> Result<Vec<(IpAddr, u8)>> {
-    let err = |e: String| Error::Config(format!("{}: AdvertiseRoutes: {e}", path.display()));
-    let list = match key(v, "AdvertiseRoutes") {
-        Value::Null => return Ok(vec![]),
-        Value::Array(a) => a,
-        other => return Err(err(format!("must be a list of subnets, found {other}"))),
-    };
-    let mut out = list
-        .iter()
-        .map(|r| match r {
-            Value::String(s) => userdata_gen::payload::subnet_route(s).map_err(err),
-            other => Err(err(format!("{other} is not a subnet"))),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    out.sort();
-    out.dedup();
-    Ok(out)
-}
-
-/// Parses a tailscale `alpha0` config file's text.
-pub fn parse_mesh(text: &str, path: &Path) -> Result<Mesh> {
-    let v: Value = serde_json::from_str(text)
-        .map_err(|e| Error::Config(format!("{} is not valid JSON: {e}", path.display())))?;
-    match field(&v, "Version", path)? {
-        Some("alpha0") => {}
-        other => {
-            return Err(Error::Config(format!(
-                "{}: Version is {other:?}; this agent reads \"alpha0\"",
-                path.display()
-            )));
-        }
-    }
-    let server = field(&v, "ServerURL", path)?.ok_or_else(|| {
-        Error::Config(format!(
-            "{}: ServerURL is missing (the headscale URL)",
-            path.display()
-        ))
-    })?;
-    if !server.starts_with("https://") && !server.starts_with("http://") {
-        return Err(Error::Config(format!(
-            "{}: ServerURL {server:?} must start with https://",
-            path.display()
-        )));
-    }
-    // An exit node would carry the host's own traffic, control and DERP included, through
-    // another node: for a firewall whose only way in is this mesh, a lock-out waiting to
-    // happen. Refused rather than ignored, so nobody believes it is in use.
-    if field(&v, "ExitNode", path)?.is_some_and(|s| !s.is_empty()) {
-        return Err(Error::Config(format!(
-            "{}: ExitNode is set; vpn-agent never sends its host's traffic through an exit \
-             node (remove the key)",
-            path.display()
-        )));
-    }
-    let auth = field(&v, "AuthKey", path)?
-        .filter(|s| !s.is_empty())
-        .map(|s| match s.strip_prefix("file:") {
-            Some(p) => AuthKey::File(PathBuf::from(p)),
-            None => AuthKey::Inline(Secret::new(s)),
-        });
-    Ok(Mesh {
-        server_url: server.trim_end_matches('/').to_string(),
-        auth_key: auth,
-        hostname: field(&v, "Hostname", path)?.map(str::to_string),
-        enabled: flag(&v, "Enabled", true, path)?,
-        accept_routes: flag(&v, "AcceptRoutes", false, path)?,
-        advertise_routes: routes(&v, path)?,
-    })
+/// Parses a tailscale `alpha0` config file's text (see [`MeshConfig::parse`]); the error
+/// names the file.
+pub fn parse_mesh(text: &str, path: &Path) -> Result<MeshConfig> {
+    MeshConfig::parse(text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
 /// Reads the agent's own settings file, and refuses settings that would leave a port open
@@ -247,15 +123,7 @@ mod tests {
 
     #[test]
     fn reads_what_userdata_gen_writes() {
-        let settings = userdata_gen::MeshSettings {
-            login_server: "https://hs.example:443".into(),
-            hostname: "m1".into(),
-            ca_pem: None,
-            vrf: None,
-            advertise_routes: vec![],
-            agent: AgentSettings::default(),
-        };
-        let text = userdata_gen::payload::mesh_config(&settings);
+        let text = MeshConfig::for_node("https://hs.example:443", "m1", &[]);
         let m = parse_mesh(&text, Path::new("t.conf")).unwrap();
         assert_eq!(m.server_url, "https://hs.example:443");
         assert_eq!(

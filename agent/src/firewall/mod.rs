@@ -13,7 +13,7 @@ use nftables::schema::{NfListObject, NfObject, Nftables};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use userdata_gen::payload::{AgentSettings, Protocol};
+use vpn_contract::{AgentSettings, Protocol};
 
 /// Our table, in the `inet` family (IPv4 and IPv6 at once).
 pub const TABLE: &str = "vpn_agent";

@@ -1,7 +1,7 @@
 use super::*;
 
 fn route(text: &str) -> (IpAddr, u8) {
-    userdata_gen::payload::subnet_route(text).unwrap()
+    vpn_contract::subnet_route(text).unwrap()
 }
 
 #[test]

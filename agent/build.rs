@@ -1,0 +1,1 @@
+include!("../userdata-gen/contract/commit.rs");
