@@ -49,7 +49,6 @@ const CACHE_FLUSH: Duration = Duration::from_secs(5);
 /// backoff afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 
-/// How often the pre-auth key file is looked at while a key is wanted.
 /// What we report as our version to control (tailscaled's `IPNVersion`): peers see it in
 /// their netmaps.
 pub const IPN_VERSION: &str = concat!(
@@ -62,6 +61,7 @@ pub const IPN_VERSION: &str = concat!(
 /// At most this often a subnet router opens a new map stream to learn its approved routes.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often the pre-auth key file is looked at while a key is wanted.
 const KEY_FILE_POLL: Duration = Duration::from_secs(1);
 
 pub struct Daemon {
@@ -130,12 +130,7 @@ impl Daemon {
             ipn_version: IPN_VERSION.into(),
             os: "linux".into(),
             hostname: self.cfg.hostname.clone(),
-            routable_ips: self
-                .cfg
-                .advertise_routes
-                .iter()
-                .map(|(ip, len)| format!("{ip}/{len}"))
-                .collect(),
+            routable_ips: prefix_texts(&self.cfg.advertise_routes),
             arch: std::env::consts::ARCH
                 .replace("x86_64", "amd64")
                 .replace("aarch64", "arm64"),
@@ -669,14 +664,11 @@ impl Daemon {
             if let Some(t) = &self.tunnel {
                 t.set_addresses(&addrs).await?;
             }
-            let text = |v: &[(std::net::IpAddr, u8)]| -> Vec<String> {
-                v.iter().map(|(ip, len)| format!("{ip}/{len}")).collect()
-            };
-            let approved = text(&self.approved_routes());
+            let approved = prefix_texts(&self.approved_routes());
             info!(addresses = ?self.netmap.addresses(), approved_routes = ?approved, "self node");
             self.set(|s| {
                 s.self_addresses = self.netmap.addresses();
-                s.advertised_routes = text(&self.cfg.advertise_routes);
+                s.advertised_routes = prefix_texts(&self.cfg.advertise_routes);
                 s.approved_routes = approved;
             });
         }
@@ -811,9 +803,6 @@ impl Daemon {
             .values()
             .map(|p| {
                 let routes = PeerRoutes::of(p, self.cfg.accept_routes).unwrap_or_default();
-                let text = |v: &[(std::net::IpAddr, u8)]| {
-                    v.iter().map(|(ip, len)| format!("{ip}/{len}")).collect()
-                };
                 PeerStatus {
                     name: p.name.clone(),
                     addresses: p.addresses.clone(),
@@ -821,8 +810,8 @@ impl Daemon {
                     node_key: p.key.clone(),
                     home_derp: p.home_derp,
                     endpoints: p.endpoints.clone(),
-                    routes: text(&routes.served),
-                    accepted_routes: text(&routes.accepted),
+                    routes: prefix_texts(&routes.served),
+                    accepted_routes: prefix_texts(&routes.accepted),
                     key_expired: is_expired(p, now),
                     ..PeerStatus::default()
                 }
@@ -991,6 +980,11 @@ pub fn explain(error: &str) -> String {
         "see headscale's log"
     };
     format!("{error} ({hint})")
+}
+
+/// Prefixes as `ip/len` text, as control and status spell them.
+fn prefix_texts(v: &[(std::net::IpAddr, u8)]) -> Vec<String> {
+    v.iter().map(|(ip, len)| format!("{ip}/{len}")).collect()
 }
 
 /// Those of `advertised` that our own node's `AllowedIPs` list: the approved ones.
