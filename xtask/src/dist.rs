@@ -80,9 +80,11 @@ fn build(root: &Path, out: &Path, fresh: bool) -> Result<String> {
         .map(PathBuf::from)
         .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .context("neither CARGO_HOME nor HOME is set")?;
-    // Paths of this machine stay out of the binaries (panic messages, debug line tables).
+    // Paths of this machine stay out of the binaries (panic messages); no debug info, which
+    // would be most of a binary that firewalls download at boot.
     let rustflags = format!(
-        "-C target-feature=+crt-static --remap-path-prefix={}=/cargo --remap-path-prefix={}=/src",
+        "-C target-feature=+crt-static -C strip=debuginfo --remap-path-prefix={}=/cargo \
+         --remap-path-prefix={}=/src",
         home.display(),
         root.display()
     );
