@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod cmd;
+pub mod dist;
 pub mod firewall;
 pub mod flood;
 pub mod headscale;

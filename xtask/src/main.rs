@@ -1,6 +1,7 @@
 //! `cargo xtask`: everything a newcomer or CI runs, in Rust, with no hand-installed tools.
 
 mod bench;
+mod dist;
 mod lab;
 mod setup;
 
@@ -10,7 +11,10 @@ use std::process::Command;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Project tasks: setup, test, lab, demo")]
+#[command(
+    name = "cargo xtask",
+    about = "Project tasks: setup, test, demo, bench, dist, lab"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -39,6 +43,12 @@ enum Cmd {
         #[arg(long)]
         profile: bool,
     },
+    /// Release artifacts in target/dist: static binaries, the Debian package, SHA512SUMS.
+    Dist {
+        /// Build everything twice from scratch and fail unless the sha512s agree.
+        #[arg(long)]
+        check: bool,
+    },
     /// Bring the virtual data center up and down by hand.
     Lab {
         #[command(subcommand)]
@@ -55,6 +65,7 @@ fn main() -> Result<()> {
             lab::demo()
         }
         Cmd::Bench { which, profile } => bench::run(which, profile),
+        Cmd::Dist { check } => dist::run(check),
         Cmd::Lab { cmd } => lab::run(cmd),
     }
 }
@@ -136,7 +147,7 @@ fn matrix() -> Result<()> {
             .env("VDC_REQUIRE_LAB", "1");
         let started = Instant::now();
         step(
-            &format!("matrix: headscale {hs} × tailscale {ts}: story and agent tests"),
+            &format!("matrix: headscale {hs} × tailscale {ts}: story, agent and mgmt tests"),
             c,
         )?;
         rows.push(format!(
@@ -144,7 +155,7 @@ fn matrix() -> Result<()> {
             started.elapsed()
         ));
     }
-    println!("| headscale | tailscale | story + agent tests | took |\n|---|---|---|---|");
+    println!("| headscale | tailscale | story, agent and mgmt tests | took |\n|---|---|---|---|");
     for r in rows {
         println!("{r}");
     }

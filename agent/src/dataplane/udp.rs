@@ -142,7 +142,7 @@ impl RecvBatch {
             h.msg_hdr.msg_iov = &mut iov[i];
             h.msg_hdr.msg_iovlen = 1;
             h.msg_hdr.msg_control = self.control[i].as_mut_ptr().cast();
-            h.msg_hdr.msg_controllen = CONTROL;
+            h.msg_hdr.msg_controllen = CONTROL as _;
         }
         // SAFETY: `hdrs` holds BATCH valid headers whose buffers are MESSAGE bytes each.
         let n = unsafe {
@@ -150,7 +150,7 @@ impl RecvBatch {
                 udp.as_raw_fd(),
                 hdrs.as_mut_ptr(),
                 BATCH as u32,
-                libc::MSG_DONTWAIT,
+                libc::MSG_DONTWAIT as _,
                 std::ptr::null_mut(),
             )
         };
@@ -302,7 +302,7 @@ fn sendmmsg(
         h.msg_hdr.msg_name = names[k].as_ptr() as *mut libc::c_void;
         h.msg_hdr.msg_namelen = names[k].len();
         h.msg_hdr.msg_iov = &mut iov[first_iov];
-        h.msg_hdr.msg_iovlen = *n;
+        h.msg_hdr.msg_iovlen = *n as _;
         first_iov += n;
         if *n > 1 {
             let seg = datagrams[*start].1.len() as u16;
@@ -310,11 +310,11 @@ fn sendmmsg(
             // SAFETY: the control buffer has room for one cmsg with a u16 (CONTROL bytes,
             // 8-byte aligned); CMSG_* compute offsets within it.
             unsafe {
-                h.msg_hdr.msg_controllen = libc::CMSG_SPACE(2) as usize;
+                h.msg_hdr.msg_controllen = libc::CMSG_SPACE(2) as _;
                 let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
                 (*c).cmsg_level = SOL_UDP;
                 (*c).cmsg_type = UDP_SEGMENT;
-                (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+                (*c).cmsg_len = libc::CMSG_LEN(2) as _;
                 std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
             }
         }
@@ -325,7 +325,7 @@ fn sendmmsg(
             udp.as_raw_fd(),
             hdrs.as_mut_ptr(),
             hdrs.len() as u32,
-            libc::MSG_DONTWAIT,
+            libc::MSG_DONTWAIT as _,
         )
     };
     if m < 0 {
