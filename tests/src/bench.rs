@@ -142,19 +142,8 @@ impl Bench {
     /// `iperf3 -s` on both firewall hosts; returns once op reaches both directly.
     pub fn start(agent_bin: &Path) -> Result<Bench> {
         let lab = Lab::start(LabOptions::hosts(&[AGENT_HOST, TS_HOST, OP_HOST]))?;
-        let fw = firewall::provision(&lab, AGENT_HOST, MACHINE, "bench", &[])?;
-        lab.spawn(
-            AGENT_HOST,
-            firewall::AGENT_LOG,
-            firewall::agent_command_with(&lab, AGENT_HOST, &fw.root, agent_bin)?,
-        )?;
-        let node = firewall::wait_online(&lab, AGENT_HOST, MACHINE)?;
-        let agent_ip: IpAddr = node
-            .addresses
-            .iter()
-            .find(|a| !a.contains(':'))
-            .context("the agent's node has no IPv4 address")?
-            .parse()?;
+        let (_, agent_ip) =
+            firewall::start_firewall_with(&lab, AGENT_HOST, MACHINE, "bench", &[], agent_bin)?;
         let ts = lab.join_tailscaled(TS_HOST, "firewalls")?;
         let ts_ip = ts.ipv4()?;
         let (op, _) = firewall::join_operator(&lab, OP_HOST, AGENT_HOST)?;
@@ -186,16 +175,7 @@ impl Bench {
 
     /// Disco pings from op until the path to `t` is direct to its underlay address.
     pub fn wait_direct(&self, t: Target) -> Result<()> {
-        let want = format!("via {}:{PORT}", self.lab.host(t.host()).addr);
-        let mut last = String::new();
-        for _ in 0..3 {
-            match self.op.ping(self.ip(t), true) {
-                Ok(out) if out.contains(&want) => return Ok(()),
-                Ok(out) => last = out,
-                Err(e) => last = format!("{e:#}"),
-            }
-        }
-        bail!("op has no direct path to {t} ({want}): {last}")
+        wait_direct(&self.op, self.ip(t), &self.lab.host(t.host()))
     }
 
     /// The pid of the daemon of `t` (found by name among its host's processes).
@@ -573,6 +553,24 @@ impl Results {
         ));
         s
     }
+}
+
+/// Disco pings from `op` to mesh address `ip` until the path is direct to `host`'s underlay
+/// address.
+pub fn wait_direct(op: &Tailscaled, ip: IpAddr, host: &crate::lab::Host) -> Result<()> {
+    let want = format!("via {}:{PORT}", host.addr);
+    let mut last = String::new();
+    for _ in 0..3 {
+        match op.ping(ip, true) {
+            Ok(out) if out.contains(&want) => return Ok(()),
+            Ok(out) => last = out,
+            Err(e) => last = format!("{e:#}"),
+        }
+    }
+    bail!(
+        "op has no direct path to {} {ip} ({want}): {last}",
+        host.name
+    )
 }
 
 /// One iperf3 TCP run from namespace `ns` to `to` (`reverse`: `to` sends).

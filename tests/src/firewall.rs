@@ -437,8 +437,32 @@ pub fn start_firewall(
     project: &str,
     extra: &[&str],
 ) -> Result<(Provisioned, std::net::IpAddr)> {
+    start_firewall_with(
+        lab,
+        host,
+        machine,
+        project,
+        extra,
+        &tools::project_bin("vpn-agent"),
+    )
+}
+
+/// Like [`start_firewall`], running the `vpn-agent` binary at `bin` (the benchmarks run a
+/// release build).
+pub fn start_firewall_with(
+    lab: &Lab,
+    host: &str,
+    machine: &str,
+    project: &str,
+    extra: &[&str],
+    bin: &std::path::Path,
+) -> Result<(Provisioned, std::net::IpAddr)> {
     let fw = provision(lab, host, machine, project, extra)?;
-    start_agent(lab, host, &fw.root)?;
+    lab.spawn(
+        host,
+        AGENT_LOG,
+        agent_command_with(lab, host, &fw.root, bin)?,
+    )?;
     let node = wait_online(lab, host, machine)?;
     let ip = node
         .addresses
@@ -566,6 +590,19 @@ s.serve_forever()
     c.args(["-c", script]).current_dir(&dir);
     lab.spawn(host, "https", c)?;
     Ok(pki.ca_pem)
+}
+
+/// `f` until it succeeds, for up to `limit`; then its last error. For what reaches a host a
+/// moment after control said so (routes after an approval, a policy change).
+pub fn retry<T>(limit: std::time::Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let start = std::time::Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() > limit => return Err(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(500)),
+        }
+    }
 }
 
 /// `GET https://ip/` from inside `ns`, trusting `ca_pem`, within 5 s: the body.

@@ -341,14 +341,9 @@ fn management_server(
         &mgmt_keys,
         "echo logged in to $(hostname)",
     )?;
-    let start = std::time::Instant::now();
-    let page = loop {
-        match crate::firewall::https_get(&opns, bmc, &bmc_ca) {
-            Ok(p) => break p,
-            Err(e) if start.elapsed() > Duration::from_secs(20) => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(500)),
-        }
-    };
+    let page = crate::firewall::retry(Duration::from_secs(20), || {
+        crate::firewall::https_get(&opns, bmc, &bmc_ca)
+    })?;
     println_indented(&format!("https://{bmc}/ answers: {}", page.trim()));
     let seen = crate::firewall::ssh(lab, "op", bmc, &bmc_keys, "echo bmc sees $SSH_CONNECTION")?;
     ensure!(

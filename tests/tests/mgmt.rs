@@ -179,13 +179,6 @@ fn route_fields(node: &serde_json::Value) -> String {
 }
 
 /// `f` until it succeeds, for up to 20 s: routes reach the client a moment after approval.
-fn retry<T>(mut f: impl FnMut() -> anyhow::Result<T>) -> T {
-    let start = std::time::Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(e) if start.elapsed() > Duration::from_secs(20) => panic!("{e:#}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(500)),
-        }
-    }
+fn retry<T>(f: impl FnMut() -> anyhow::Result<T>) -> T {
+    vdc::firewall::retry(Duration::from_secs(20), f).unwrap_or_else(|e| panic!("{e:#}"))
 }

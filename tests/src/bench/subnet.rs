@@ -13,9 +13,9 @@
 //! tailscaled runs with `--netfilter-mode=off`, so it cannot, and `bmc` gets a route back to
 //! the mesh instead.
 
-use super::{iperf, median};
+use super::{iperf, median, wait_direct};
 use crate::{Lab, LabOptions, cmd, firewall};
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -47,22 +47,12 @@ pub fn measure(
     };
     {
         let (lab, bmc) = router_lab()?;
-        let fw = firewall::provision(&lab, ROUTER, MACHINE, "bench", &["--advertise-routes", NET])?;
-        lab.spawn(
-            ROUTER,
-            firewall::AGENT_LOG,
-            firewall::agent_command_with(&lab, ROUTER, &fw.root, agent_bin)?,
-        )?;
-        let node = firewall::wait_online(&lab, ROUTER, MACHINE)?;
+        let extra = ["--advertise-routes", NET];
+        let (_, ip) =
+            firewall::start_firewall_with(&lab, ROUTER, MACHINE, "bench", &extra, agent_bin)?;
         lab.headscale().approve_routes(MACHINE, &[NET])?;
         let op = lab.join_tailscaled_with(OP, "ops", &["--accept-routes"])?;
-        let ip: IpAddr = node
-            .addresses
-            .iter()
-            .find(|a| !a.contains(':'))
-            .context("the router's node has no IPv4 address")?
-            .parse()?;
-        wait_direct(&op, ip)?;
+        wait_direct(&op, ip, &lab.host(ROUTER))?;
         r.agent = runs(&lab, bmc, seconds, reps, "vpn-agent", progress)?;
     }
     // A lab of its own, so nothing of the agent's (table, conntrack, the node) is left over.
@@ -79,7 +69,7 @@ pub fn measure(
     let ts = lab.join_tailscaled_with(ROUTER, "subnet", &[&format!("--advertise-routes={NET}")])?;
     lab.headscale().approve_routes(ROUTER, &[NET])?;
     let op = lab.join_tailscaled_with(OP, "ops", &["--accept-routes"])?;
-    wait_direct(&op, ts.ipv4()?)?;
+    wait_direct(&op, ts.ipv4()?, &lab.host(ROUTER))?;
     r.tailscaled = runs(&lab, bmc, seconds, reps, "tailscaled", progress)?;
     Ok(r)
 }
@@ -94,18 +84,6 @@ fn router_lab() -> Result<(Lab, IpAddr)> {
     c.arg("-s");
     lab.spawn(BMC, "iperf3", c)?;
     Ok((lab, crate::lab::lan_addr(0).into()))
-}
-
-fn wait_direct(op: &crate::tailscale::Tailscaled, ip: IpAddr) -> Result<()> {
-    for _ in 0..3 {
-        if op
-            .ping(ip, true)
-            .is_ok_and(|out| out.contains("via 192.0.2."))
-        {
-            return Ok(());
-        }
-    }
-    bail!("op has no direct path to the router {ip}")
 }
 
 /// `reps` runs each way, after waiting until bmc answers through the router at all.
