@@ -53,7 +53,7 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// their netmaps.
 pub const IPN_VERSION: &str = concat!(
     "vpn-agent-",
-    env!("CARGO_PKG_VERSION"),
+    env!("VPN_BUILD_VERSION"),
     "-",
     env!("VPN_BUILD_COMMIT")
 );

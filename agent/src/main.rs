@@ -8,7 +8,7 @@ use vpn_agent::daemon::Daemon;
 /// Joins this firewall to the headscale mesh and keeps SSH reachable only through it.
 /// `--version`: the release and the commit it was built from.
 const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
+    env!("VPN_BUILD_VERSION"),
     " (commit ",
     env!("VPN_BUILD_COMMIT"),
     ")"

@@ -241,3 +241,43 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// A release of the agent as metal-api pins it: where it is served, its sha512, and the CA
+/// of the server's certificate.
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub url: String,
+    pub sha512: String,
+    pub ca_file: PathBuf,
+}
+
+/// The port lab release servers listen on.
+pub const RELEASE_PORT: u16 = 8443;
+
+/// Serves `bin` as `https://<host's address>:8443/vpn-agent` from lab host `host`, with a
+/// certificate from a CA of its own (written beside the file).
+pub fn serve_release(lab: &crate::Lab, host: &str, bin: &Path) -> Result<Release> {
+    let dir = lab.host_dir(host).join("releases");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(bin, dir.join("vpn-agent"))
+        .with_context(|| format!("cannot copy {}", bin.display()))?;
+    let ip: std::net::IpAddr = lab.host(host).addr.into();
+    let ca = crate::firewall::serve_files_https(lab, host, ip, RELEASE_PORT, &dir)?;
+    let ca_file = lab.host_dir(host).join("release-ca.pem");
+    std::fs::write(&ca_file, ca)?;
+    Ok(Release {
+        url: format!("https://{ip}:{RELEASE_PORT}/vpn-agent"),
+        sha512: sha512_hex(bin)?,
+        ca_file,
+    })
+}
+
+/// `sha512sum` of a file: 128 hex digits.
+pub fn sha512_hex(path: &Path) -> Result<String> {
+    let out = cmd::run_quiet(Command::new("sha512sum").arg(path))?;
+    out.split_whitespace()
+        .next()
+        .filter(|h| h.len() == 128)
+        .map(String::from)
+        .with_context(|| format!("sha512sum of {}: {out:?}", path.display()))
+}

@@ -66,7 +66,19 @@ pub fn agent_command(
     host: &str,
     root: &std::path::Path,
 ) -> Result<std::process::Command> {
-    agent_command_with(lab, host, root, &tools::project_bin("vpn-agent"))
+    agent_command_with(lab, host, root, &agent_bin(root))
+}
+
+/// The `vpn-agent` the units run on a firewall with `root`: the one Ignition or cloud-init
+/// put at `/usr/local/bin/vpn-agent` (a pinned release fetched at first boot), else the
+/// image's, for which our build stands in.
+pub fn agent_bin(root: &std::path::Path) -> PathBuf {
+    let fetched = root.join(vpn_contract::AGENT_BINARY_PATH.trim_start_matches('/'));
+    if fetched.exists() {
+        fetched
+    } else {
+        tools::project_bin("vpn-agent")
+    }
 }
 
 /// Like [`agent_command`], running the `vpn-agent` binary at `bin` (the data-plane benchmark
@@ -384,7 +396,7 @@ pub fn run_in_root(
         bail!("an empty command line");
     };
     let program = match program.as_str() {
-        "/usr/local/bin/vpn-agent" => tools::project_bin("vpn-agent"),
+        vpn_contract::AGENT_BINARY_PATH => agent_bin(root),
         p => PathBuf::from(p),
     };
     cmd::run_quiet(
@@ -566,13 +578,7 @@ impl Notify {
 /// `ip` from a CA of its own, answering every GET with the address it sees the client at.
 /// Returns the CA (PEM) to trust.
 pub fn serve_https(lab: &Lab, host: &str, ip: std::net::IpAddr) -> Result<String> {
-    let dir = lab.host_dir(host).join("https");
-    std::fs::create_dir_all(&dir)?;
-    let pki = crate::pki::generate(ip, host)?;
-    std::fs::write(dir.join("cert.pem"), &pki.cert_pem)?;
-    crate::headscale::write_private(&dir.join("key.pem"), pki.key_pem.as_bytes())?;
-    let script = r#"
-import http.server, ssl
+    let handler = r#"
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = ("client " + self.client_address[0] + "\n").encode()
@@ -580,15 +586,60 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-s = http.server.ThreadingHTTPServer(("0.0.0.0", 443), H)
+"#;
+    https_server(lab, host, ip, 443, "https", handler)
+}
+
+/// A release server on `host`: the files of `dir` over HTTPS on `port`, with a certificate
+/// for `ip` from a CA of its own, which it returns (PEM).
+pub fn serve_files_https(
+    lab: &Lab,
+    host: &str,
+    ip: std::net::IpAddr,
+    port: u16,
+    dir: &std::path::Path,
+) -> Result<String> {
+    let handler = format!(
+        "import functools\nH = functools.partial(http.server.SimpleHTTPRequestHandler, directory={:?})\n",
+        dir.display().to_string()
+    );
+    https_server(lab, host, ip, port, "files", &handler)
+}
+
+/// Python's HTTP server with `handler` (Python code defining `H`) behind TLS on `port`,
+/// logged as `log`; returns the CA.
+fn https_server(
+    lab: &Lab,
+    host: &str,
+    ip: std::net::IpAddr,
+    port: u16,
+    log: &str,
+    handler: &str,
+) -> Result<String> {
+    let dir = lab.host_dir(host).join(log);
+    std::fs::create_dir_all(&dir)?;
+    let pki = crate::pki::generate(ip, host)?;
+    std::fs::write(dir.join("cert.pem"), &pki.cert_pem)?;
+    crate::headscale::write_private(&dir.join("key.pem"), pki.key_pem.as_bytes())?;
+    let script = format!(
+        r#"
+import http.server, ssl
+{handler}
+s = http.server.ThreadingHTTPServer(("0.0.0.0", {port}), H)
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain("cert.pem", "key.pem")
 s.socket = ctx.wrap_socket(s.socket, server_side=True)
 s.serve_forever()
-"#;
+"#
+    );
     let mut c = lab.host(host).ns().command("python3");
-    c.args(["-c", script]).current_dir(&dir);
-    lab.spawn(host, "https", c)?;
+    c.args(["-c", &script]).current_dir(&dir);
+    lab.spawn(host, log, c)?;
+    wait_connects(
+        &lab.host(host).ns(),
+        (ip, port).into(),
+        std::time::Duration::from_secs(10),
+    )?;
     Ok(pki.ca_pem)
 }
 

@@ -4,6 +4,7 @@
 //! 3.0-3.3, a pinned current release for 3.4 and later.
 
 use crate::cmd;
+use crate::netns::Netns;
 use crate::tools;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -48,13 +49,32 @@ impl Coreos {
 /// os-installer does (`-oem file`, `config.ign` in the working directory, a fresh config
 /// cache). Returns Ignition's log.
 pub fn apply_flatcar(config: &str, root: &Path, work: &Path) -> Result<String> {
+    apply_flatcar_in(None, config, root, work)
+}
+
+/// `program`, inside `ns` when given (for configs that fetch from a lab host).
+fn command(ns: Option<&Netns>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match ns {
+        Some(ns) => ns.command(program),
+        None => Command::new(program),
+    }
+}
+
+/// Like [`apply_flatcar`], run inside `ns` when given, where the config's remote sources
+/// are fetched from.
+pub fn apply_flatcar_in(
+    ns: Option<&Netns>,
+    config: &str,
+    root: &Path,
+    work: &Path,
+) -> Result<String> {
     std::fs::create_dir_all(root)?;
     std::fs::create_dir_all(work)?;
     std::fs::write(work.join("config.ign"), config)?;
     let cache = work.join("ignition-cache.json");
     let _ = std::fs::remove_file(&cache);
     let out = cmd::quiet_output(
-        Command::new(tools::flatcar_ignition_bin())
+        command(ns, tools::flatcar_ignition_bin())
             .args(["-oem", "file", "-stage", "files", "-log-to-stdout", "-root"])
             .arg(root)
             .arg("-config-cache")
@@ -75,24 +95,38 @@ pub fn apply_flatcar(config: &str, root: &Path, work: &Path) -> Result<String> {
     Ok(log)
 }
 
-/// Applies a spec 3.x `config` into `root` with `ignition-apply` of `ignition`.
+/// Applies a spec 3.x `config` into `root` with `ignition-apply` of `ignition`, offline.
 pub fn apply_coreos(ignition: &Coreos, config: &str, root: &Path, work: &Path) -> Result<String> {
+    apply_coreos_in(None, ignition, config, root, work)
+}
+
+/// Like [`apply_coreos`]; with `ns`, online inside it, where remote sources are fetched from.
+pub fn apply_coreos_in(
+    ns: Option<&Netns>,
+    ignition: &Coreos,
+    config: &str,
+    root: &Path,
+    work: &Path,
+) -> Result<String> {
     std::fs::create_dir_all(root)?;
     std::fs::create_dir_all(work)?;
     let cfg = work.join("config.ign");
+    let config = match ns {
+        Some(_) => as_merged_child(config)?,
+        None => config.to_string(),
+    };
     std::fs::write(&cfg, config)?;
     let apply = work.join("ignition-apply");
     let _ = std::fs::remove_file(&apply);
     std::os::unix::fs::symlink(&ignition.ignition, &apply)
         .with_context(|| format!("cannot link {}", apply.display()))?;
-    let out = cmd::quiet_output(
-        Command::new(&apply)
-            // It refuses to run outside a container unless told it is in one.
-            .env("container", "1")
-            .args(["--offline", "--root"])
-            .arg(root)
-            .arg(&cfg),
-    )?;
+    let mut c = command(ns, &apply);
+    // It refuses to run outside a container unless told it is in one.
+    c.env("container", "1");
+    if ns.is_none() {
+        c.arg("--offline");
+    }
+    let out = cmd::quiet_output(c.arg("--root").arg(root).arg(&cfg))?;
     let log =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
@@ -103,6 +137,25 @@ pub fn apply_coreos(ignition: &Coreos, config: &str, root: &Path, work: &Path) -
         );
     }
     Ok(log)
+}
+
+/// `config` as the one `merge` child of an empty config of its version. On a real boot
+/// Ignition trusts the CAs in `ignition.security.tls` of the config it fetched before it
+/// fetches anything else; `ignition-apply` (v2.14 to v2.26) only reads them from child
+/// configs (`exec.ConfigFetcher.RenderConfig`), so a remote file behind a private CA needs
+/// this wrapper to be fetched as the boot would.
+fn as_merged_child(config: &str) -> Result<String> {
+    use base64::Engine;
+    let doc: serde_json::Value = serde_json::from_str(config)?;
+    let version = doc["ignition"]["version"].clone();
+    let data = base64::engine::general_purpose::STANDARD.encode(config);
+    Ok(serde_json::json!({
+        "ignition": {
+            "version": version,
+            "config": { "merge": [{ "source": format!("data:;base64,{data}") }] },
+        }
+    })
+    .to_string())
 }
 
 /// `ignition-validate` of `ignition` on a spec 3.x `config`: `Ok` when valid.

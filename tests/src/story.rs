@@ -68,6 +68,10 @@ pub fn run(lab: &Lab, step: &mut dyn FnMut(&str)) -> Result<()> {
     let user: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(ctl.join("user.ign"))?)?;
 
+    step("the agent release metal-api pins, on the control plane's release server");
+    let release = crate::dist::serve_release(lab, "ctl", &tools::project_bin("vpn-agent"))?;
+    println_indented(&format!("{}\nsha512 {}", release.url, release.sha512));
+
     step("userdata-gen, as metal-api runs it while allocating the firewall");
     cmd::run(
         udg()
@@ -79,15 +83,36 @@ pub fn run(lab: &Lab, step: &mut dyn FnMut(&str)) -> Result<()> {
                 &p("api.key"),
             ])
             .args(["--ca-file", &hs.ca_path().display().to_string()])
+            .args([
+                "--agent-url",
+                &release.url,
+                "--agent-sha512",
+                &release.sha512,
+            ])
+            .arg("--agent-ca-file")
+            .arg(&release.ca_file)
             .args(["--userdata", &p("user.ign"), "--output", &p("userdata.ign")])
             .args(["--metadata-out", &p("meta.json")]),
     )?;
     cmd::run(Command::new("cat").arg(p("meta.json")))?;
 
-    step("flatcar Ignition v0.36.2 writes it into the firewall's root, as os-installer runs it");
+    step(
+        "flatcar Ignition v0.36.2 writes it into the firewall's root, as os-installer runs it, \
+         and fetches the pinned agent, checking its sha512",
+    );
     let root = lab.host_dir("fw").join("root");
     let config = std::fs::read_to_string(ctl.join("userdata.ign"))?;
-    crate::ignition::apply_flatcar(&config, &root, &lab.host_dir("fw").join("ignition"))?;
+    crate::ignition::apply_flatcar_in(
+        Some(&lab.host("fw").ns()),
+        &config,
+        &root,
+        &lab.host_dir("fw").join("ignition"),
+    )?;
+    let fetched = root.join("usr/local/bin/vpn-agent");
+    ensure!(
+        crate::dist::sha512_hex(&fetched)? == release.sha512,
+        "the agent Ignition wrote is not the pinned release"
+    );
     cmd::run(
         Command::new("find")
             .arg(&root)
@@ -137,6 +162,20 @@ pub fn run(lab: &Lab, step: &mut dyn FnMut(&str)) -> Result<()> {
     })?;
     cmd::run(&mut status_command(lab, "fw"))?;
     cmd::run(hs.cli().args(["nodes", "list"]))?;
+
+    step("what each node of the project runs: userdata-gen nodes");
+    let listed = list_nodes(lab, &api_key, PROJECT)?;
+    let version = cmd::run_quiet(Command::new(&fetched).arg("--version"))?;
+    let release_of = version
+        .trim()
+        .strip_prefix("vpn-agent ")
+        .and_then(|v| v.split_once(' '))
+        .map(|(v, _)| v)
+        .unwrap_or_default();
+    ensure!(
+        listed.contains(&format!("vpn-agent-{release_of}-")) && listed.contains(MACHINE),
+        "userdata-gen nodes does not show the firewall's agent version:\n{listed}"
+    );
 
     step("the operator pings the firewall and logs in with ssh, over the mesh");
     let fw_ip: IpAddr = node.addresses.first().context("no mesh address")?.parse()?;
@@ -308,6 +347,12 @@ fn management_server(
     start_agent(lab, "mgmt", &lab.host_dir("mgmt").join("root"))?;
     let node = wait_online(lab, "mgmt", MGMT)?;
     let mgmt_ip: IpAddr = node.addresses.first().context("no mesh address")?.parse()?;
+    // A tagged node belongs to its tags, not the project's user: listed through its key.
+    let listed = list_nodes(lab, api_key, "partition-mgmt")?;
+    ensure!(
+        listed.contains(MGMT) && listed.contains("vpn-agent-"),
+        "userdata-gen nodes does not list the tagged management server:\n{listed}"
+    );
 
     step(
         "from the data center, neither bmc-reverse-proxy nor SSH on the management server answers",
@@ -355,6 +400,22 @@ fn management_server(
 }
 
 /// What the early unit, the firewall's own ruleset and sshd do at boot, before the agent.
+/// `userdata-gen nodes` for `project` on headscale's host (its debug listener answers
+/// loopback, and gives the versions): the table it prints.
+fn list_nodes(lab: &Lab, api_key: &str, project: &str) -> Result<String> {
+    let hs = lab.headscale();
+    cmd::run(
+        lab.host("ctl")
+            .ns()
+            .command(tools::project_bin("userdata-gen"))
+            .env("HEADSCALE_API_KEY", api_key)
+            .args(["nodes", "--project", project])
+            .args(["--headscale-api-url", &hs.url()])
+            .args(["--ca-file", &hs.ca_path().display().to_string()])
+            .args(["--headscale-debug-url", "http://127.0.0.1:9090"]),
+    )
+}
+
 fn boot_without_agent(lab: &Lab, root: &Path) -> Result<()> {
     let ns = lab.host("fw").ns();
     crate::firewall::run_early_unit(lab, "fw", root)?;

@@ -197,6 +197,23 @@ impl Tailscaled {
         serde_json::from_str(&out).context("tailscale debug netmap printed no JSON")
     }
 
+    /// The peer with mesh address `ip` in this node's network map, as control sent it
+    /// (`Hostinfo`, `Cap`, ...).
+    pub fn netmap_peer(&self, ip: IpAddr) -> Result<Value> {
+        let prefix = format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 });
+        self.netmap()?["Peers"]
+            .as_array()
+            .and_then(|peers| {
+                peers.iter().find(|n| {
+                    n["Addresses"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(&prefix)))
+                })
+            })
+            .cloned()
+            .with_context(|| format!("{ip} is not in the network map"))
+    }
+
     /// This node's first mesh IPv4 address.
     pub fn ipv4(&self) -> Result<IpAddr> {
         let out = cmd::run(self.cli().args(["ip", "-4"]))?;

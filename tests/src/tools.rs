@@ -260,6 +260,34 @@ pub fn project_bin(name: &str) -> PathBuf {
     target.join("debug").join(name)
 }
 
+/// The version string of the agent [`next_agent_bin`] returns: this release with `-next`.
+pub const NEXT_AGENT_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "-next");
+
+/// A `vpn-agent` built from this source with another version string, for the upgrade test:
+/// `$VDC_NEXT_AGENT` (`cargo xtask test` builds it there), else built now into a target
+/// directory of its own (slow the first time: every dependency once more).
+pub fn next_agent_bin() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("VDC_NEXT_AGENT") {
+        return Ok(PathBuf::from(p));
+    }
+    let target = workspace_root().join("target/vdc-next");
+    crate::cmd::run_quiet(
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "build",
+                "-p",
+                "vpn-agent",
+                "--bin",
+                "vpn-agent",
+                "--target-dir",
+            ])
+            .arg(&target)
+            .env("VPN_BUILD_VERSION", NEXT_AGENT_VERSION)
+            .current_dir(workspace_root()),
+    )?;
+    Ok(target.join("debug/vpn-agent"))
+}
+
 /// The workspace's own binaries that the end-to-end suite runs.
 pub const PROJECT_BINARIES: &[&str] = &["userdata-gen", "vpn-agent"];
 

@@ -74,17 +74,7 @@ fn headscale_shows_peers_the_viewers_own_capability_version() {
     assert_eq!(op.version(), "v1.102.3");
     op.wait_peer(fw_ip, Duration::from_secs(30)).unwrap();
     let map = op.netmap().unwrap();
-    let fw_prefix = format!("{fw_ip}/32");
-    let fw = map["Peers"]
-        .as_array()
-        .and_then(|p| {
-            p.iter().find(|n| {
-                n["Addresses"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(&fw_prefix)))
-            })
-        })
-        .unwrap_or_else(|| panic!("{fw_ip} is not in the operator's netmap"));
+    let fw = op.netmap_peer(fw_ip).unwrap();
     // The agent's version and commit reach the peers in Hostinfo, as tailscaled's do.
     let version = vdc::cmd::run_quiet(
         std::process::Command::new(vdc::tools::project_bin("vpn-agent")).arg("--version"),

@@ -70,6 +70,7 @@ fn main() {
             vrf: None,
             advertise_routes: vec![],
             agent: AgentSettings::default(),
+            agent_binary: None,
         },
         &Secret::new("hskey-auth-bench"),
     );

@@ -1,10 +1,16 @@
 // The build script of vpn-agent and userdata-gen (each `include!`s this file): stamps the
-// commit the binary is built from into `VPN_BUILD_COMMIT`, for `--version` and headscale.
+// commit the binary is built from into `VPN_BUILD_COMMIT`, for `--version` and headscale,
+// and the release into `VPN_BUILD_VERSION` (the package's version unless that variable is
+// set at build time: the upgrade test builds an agent with another version string).
 // `cargo xtask dist` sets the variable itself; elsewhere git says, and outside a checkout
 // it is "unknown". (Uncommitted changes are not marked here: cargo would not rerun this
 // script for them; `cargo xtask dist` marks them.)
 fn main() {
     println!("cargo:rerun-if-env-changed=VPN_BUILD_COMMIT");
+    println!("cargo:rerun-if-env-changed=VPN_BUILD_VERSION");
+    let version = std::env::var("VPN_BUILD_VERSION")
+        .unwrap_or_else(|_| std::env::var("CARGO_PKG_VERSION").expect("cargo sets it"));
+    println!("cargo:rustc-env=VPN_BUILD_VERSION={version}");
     let git = |args: &[&str]| {
         std::process::Command::new("git")
             .args(args)

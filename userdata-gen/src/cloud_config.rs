@@ -6,7 +6,10 @@
 
 use crate::error::{Error, Result};
 use crate::ignition::{Taken, check_conflicts, normalize};
-use crate::payload::{AGENT_SETTINGS_PATH, CONFIG_DIR, FIREWALL_UNIT, Payload, UNIT_DIR, UNITS};
+use crate::payload::{
+    AGENT_BINARY_PATH, AGENT_SETTINGS_PATH, CONFIG_DIR, FIREWALL_UNIT, NFT_TABLE, Payload,
+    Protocol, RemoteBinary, UNIT_DIR, UNITS,
+};
 use base64::Engine;
 use std::collections::HashMap;
 use yaml_rust2::parser::{Event, EventReceiver, Parser};
@@ -100,7 +103,87 @@ pub fn boot_commands(payload: &Payload) -> Vec<Vec<String>> {
         .split_whitespace()
         .map(String::from)
         .collect();
-    vec![write, apply]
+    let mut out = vec![];
+    if let Some(binary) = &payload.agent_binary {
+        out.push(fetch_command(binary, &lockdown_ruleset(payload)));
+    }
+    out.extend([write, apply]);
+    out
+}
+
+/// Fetches the agent's binary unless the one in place has the pinned sha512, and installs
+/// it only if the download has it too: what Ignition's `verification.hash` does. A failed
+/// fetch leaves no binary (the image's would be another version than metal-api pinned) and
+/// loads [`lockdown_ruleset`] instead, since the early unit cannot run without the agent.
+/// The URL, hash and CA are arguments, never spliced into the script.
+const FETCH_SCRIPT: &str = r#"set -u
+url=$1 sum=$2 ca_b64=$3 lockdown=$4
+p=/usr/local/bin/vpn-agent
+if [ -f "$p" ] && printf '%s  %s\n' "$sum" "$p" | sha512sum -c --status; then exit 0; fi
+t="$p.download"
+trap 'rm -f "$t" "$t.ca"' EXIT
+fail() { echo "vpn-agent: $1; the agent is not installed, the public ports stay closed" >&2; printf '%s' "$lockdown" | nft -f -; rm -f "$p"; exit 1; }
+mkdir -p /usr/local/bin
+ca=""
+if [ -n "$ca_b64" ]; then printf '%s' "$ca_b64" | base64 -d > "$t.ca" || fail "bad CA"; ca="--cacert $t.ca"; fi
+curl -fsSL --proto =https,http --retry 10 --retry-connrefused --retry-delay 3 --max-time 900 $ca -o "$t" "$url" || fail "the download failed"
+printf '%s  %s\n' "$sum" "$t" | sha512sum -c --status || fail "the download does not have the pinned sha512"
+chmod 0755 "$t" && mv -f "$t" "$p"
+"#;
+
+fn fetch_command(binary: &RemoteBinary, lockdown: &str) -> Vec<String> {
+    debug_assert!(FETCH_SCRIPT.contains(AGENT_BINARY_PATH));
+    let ca = binary
+        .ca_pem
+        .as_ref()
+        .map(|c| base64::engine::general_purpose::STANDARD.encode(c))
+        .unwrap_or_default();
+    [
+        "sh",
+        "-c",
+        FETCH_SCRIPT,
+        "sh",
+        &binary.url,
+        &binary.sha512,
+        &ca,
+        lockdown,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// An nft script for a boot without the agent: our table, dropping every port the agent
+/// would keep off the public interfaces (no tunnel exists, so nothing is accepted on one).
+/// The agent replaces the whole table when it first runs.
+pub fn lockdown_ruleset(payload: &Payload) -> String {
+    let s = &payload.agent;
+    let mut rules = vec![];
+    for proto in [Protocol::Tcp, Protocol::Udp] {
+        let mut ports: Vec<u16> = s
+            .services
+            .iter()
+            .filter(|svc| svc.protocol == proto)
+            .map(|svc| svc.port)
+            .collect();
+        if proto == Protocol::Tcp {
+            ports.extend(&s.closed_tcp_ports);
+            ports.push(s.ssh_port);
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        if !ports.is_empty() {
+            let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+            rules.push(format!(
+                "{} dport {{ {} }} drop",
+                proto.as_str(),
+                list.join(", ")
+            ));
+        }
+    }
+    format!(
+        "table inet {NFT_TABLE} {{\n\tchain input {{\n\t\ttype filter hook input priority 0; policy accept;\n\t\t{}\n\t}}\n}}\n",
+        rules.join("\n\t\t")
+    )
 }
 
 /// Adds `payload` to the cloud-config `text`.
@@ -190,8 +273,25 @@ fn list(root: &Yaml, key: &str) -> Result<Vec<Yaml>> {
     }
 }
 
+/// A YAML scalar for `s` on one line: single-quoted, or double-quoted with escapes when it
+/// spans lines (a single-quoted scalar would fold its line breaks into spaces).
 fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    if !s.chars().any(char::is_control) {
+        return format!("'{}'", s.replace('\'', "''"));
+    }
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Our `write_files` items, each as lines relative to the item's dash.
@@ -356,6 +456,35 @@ mod tests {
 
     fn payload() -> Payload {
         crate::payload::test_payload()
+    }
+
+    #[test]
+    fn a_remote_binary_is_fetched_first_and_a_failure_locks_down() {
+        let mut p = payload();
+        assert_eq!(boot_commands(&p).len(), 2);
+        p.agent.services = vec!["bmc:tcp/3333".parse().unwrap(), "x:udp/53".parse().unwrap()];
+        p.agent_binary =
+            Some(RemoteBinary::new("https://r/a?x='$(reboot)'", &"b".repeat(128), None).unwrap());
+        let cmds = boot_commands(&p);
+        assert_eq!(cmds.len(), 3);
+        assert_eq!(cmds[0][..3], ["sh", "-c", FETCH_SCRIPT]);
+        // The URL is an argument, not script text.
+        assert_eq!(cmds[0][4], "https://r/a?x='$(reboot)'");
+        assert_eq!(cmds[0][5], "b".repeat(128));
+        assert_eq!(cmds[0][6], "");
+        let lockdown = &cmds[0][7];
+        assert!(lockdown.starts_with("table inet vpn_agent {"), "{lockdown}");
+        assert!(
+            lockdown.contains("tcp dport { 22, 3333 } drop"),
+            "{lockdown}"
+        );
+        assert!(lockdown.contains("udp dport { 53 } drop"), "{lockdown}");
+        let merged = merge("#cloud-config\n", &p).unwrap();
+        let boot = &merged[merged.find("\nbootcmd:").unwrap()..];
+        assert!(
+            boot.find("sha512sum").unwrap() < boot.find("'apply'").unwrap(),
+            "{boot}"
+        );
     }
 
     #[test]

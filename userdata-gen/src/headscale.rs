@@ -216,14 +216,136 @@ impl Client {
     }
 }
 
-fn user_from(v: &Value, what: &str) -> Result<User> {
-    let id = match &v["id"] {
+/// A node as an operator asks about it: headscale's REST API, plus the agent's version where
+/// headscale's debug listener gave it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeInfo {
+    pub id: u64,
+    /// The name in the mesh (headscale's given name).
+    pub name: String,
+    /// The hostname it registered with: the machine id, for a firewall.
+    pub hostname: String,
+    pub addresses: Vec<String>,
+    pub online: bool,
+    pub last_seen: Option<String>,
+    pub expiry: Option<String>,
+    pub tags: Vec<String>,
+    /// `Hostinfo.IPNVersion`: e.g. `vpn-agent-0.1.0-abc123`, or tailscale's `1.102.3-t…`.
+    pub version: Option<String>,
+}
+
+impl Client {
+    /// Every node headscale has (`GET /api/v1/node`), as its API answers.
+    pub fn list_nodes(&self) -> Result<Value> {
+        self.call(reqwest::Method::GET, "/api/v1/node", None)
+    }
+}
+
+/// The nodes of `project` in a `GET /api/v1/node` answer: those of its user, and tagged
+/// ones (owned by their tags since v0.28) registered with one of its user's keys. Only the
+/// listed fields are read: the answer also holds each node's pre-auth key.
+pub fn project_nodes(answer: &Value, project: &str) -> Result<Vec<NodeInfo>> {
+    let nodes = answer["nodes"].as_array().ok_or_else(|| {
+        Error::Headscale("GET /api/v1/node: no `nodes` list in the answer".into())
+    })?;
+    let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(String::from);
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(&text).collect())
+            .unwrap_or_default()
+    };
+    let mut out = vec![];
+    for n in nodes {
+        let ours = n["user"]["name"].as_str() == Some(project)
+            || n["preAuthKey"]["user"]["name"].as_str() == Some(project);
+        if !ours {
+            continue;
+        }
+        // v0.27 lists tags as forced/valid; v0.28 and later as `tags`.
+        let mut tags = strings(&n["tags"]);
+        for t in strings(&n["validTags"])
+            .into_iter()
+            .chain(strings(&n["forcedTags"]))
+        {
+            if !tags.contains(&t) {
+                tags.push(t);
+            }
+        }
+        out.push(NodeInfo {
+            id: id_of(&n["id"]).ok_or_else(|| {
+                Error::Headscale("GET /api/v1/node: a node without a numeric id".into())
+            })?,
+            name: text(&n["givenName"]).unwrap_or_default(),
+            hostname: text(&n["name"]).unwrap_or_default(),
+            addresses: strings(&n["ipAddresses"]),
+            online: n["online"].as_bool().unwrap_or(false),
+            last_seen: text(&n["lastSeen"]),
+            expiry: text(&n["expiry"]).filter(|e| !e.starts_with("0001-01-01")),
+            tags,
+            version: None,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Node id to `Hostinfo.IPNVersion` from headscale's `/debug/nodestore` (JSON), which its
+/// REST API does not carry (v0.27 to v0.29).
+pub fn versions_from_nodestore(store: &Value) -> std::collections::HashMap<u64, String> {
+    store
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(id, node)| {
+                    let id = id.parse().ok().or_else(|| id_of(&node["ID"]))?;
+                    let v = node["Hostinfo"]["IPNVersion"].as_str()?;
+                    Some((id, v.to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Fetches headscale's `/debug/nodestore` from its debug listener (`metrics_listen_addr`),
+/// which answers loopback, private and tailnet addresses only and takes no API key (none is
+/// sent).
+pub fn fetch_nodestore(debug_url: &str, timeout: Duration) -> Result<Value> {
+    let url = format!("{}/debug/nodestore", debug_url.trim_end_matches('/'));
+    let http = reqwest::blocking::Client::builder()
+        .timeout(timeout)
+        .build()
+        .map_err(|e| Error::Headscale(format!("cannot set up the HTTP client: {}", chain(&e))))?;
+    let resp = http
+        .get(&url)
+        .header("Accept", "application/json")
+        .send()
+        .map_err(|e| Error::Headscale(format!("cannot reach {url}: {}", chain(&e))))?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(Error::Headscale(format!(
+            "GET {url}: HTTP {status} (headscale's debug listener answers loopback, private \
+             and tailnet addresses only)"
+        )));
+    }
+    resp.json().map_err(|e| {
+        Error::Headscale(format!(
+            "GET {url}: not the JSON of headscale's node store: {}",
+            chain(&e)
+        ))
+    })
+}
+
+fn id_of(v: &Value) -> Option<u64> {
+    match v {
         Value::String(s) => s.parse().ok(),
         Value::Number(n) => n.as_u64(),
         _ => None,
-    };
+    }
+}
+
+fn user_from(v: &Value, what: &str) -> Result<User> {
     Ok(User {
-        id: id.ok_or_else(|| {
+        id: id_of(&v["id"]).ok_or_else(|| {
             Error::Headscale(format!(
                 "{what}: a user without a numeric id; is this headscale v0.28?"
             ))
@@ -246,6 +368,38 @@ fn url_escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_projects_nodes_are_its_users_and_its_keys_tagged_ones() {
+        let answer = json!({ "nodes": [
+            { "id": "2", "givenName": "fw-b", "name": "m2", "user": { "name": "tagged-devices" },
+              "preAuthKey": { "user": { "name": "p1" }, "key": "hskey-auth-SECRET" },
+              "ipAddresses": ["100.64.0.2"], "online": true, "tags": ["tag:firewall"],
+              "lastSeen": "2026-12-02T07:00:00Z", "expiry": "0001-01-01T00:00:00Z" },
+            { "id": "1", "givenName": "fw-a", "name": "m1", "user": { "name": "p1" },
+              "validTags": ["tag:fw"], "forcedTags": ["tag:fw", "tag:x"] },
+            { "id": "3", "givenName": "other", "user": { "name": "p2" } },
+        ]});
+        let nodes = project_nodes(&answer, "p1").unwrap();
+        assert_eq!(
+            nodes
+                .iter()
+                .map(|n| (n.id, n.name.as_str()))
+                .collect::<Vec<_>>(),
+            [(1, "fw-a"), (2, "fw-b")]
+        );
+        assert_eq!(nodes[0].tags, ["tag:fw", "tag:x"]);
+        assert_eq!(nodes[1].expiry, None);
+        assert!(nodes[1].online && !nodes[0].online);
+        assert!(!format!("{nodes:?}").contains("SECRET"));
+        assert!(project_nodes(&json!({}), "p1").is_err());
+
+        let store = json!({ "2": { "ID": 2, "Hostinfo": { "IPNVersion": "vpn-agent-1-abc" } },
+                            "1": { "ID": 1, "Hostinfo": null } });
+        let v = versions_from_nodestore(&store);
+        assert_eq!(v.get(&2).map(String::as_str), Some("vpn-agent-1-abc"));
+        assert_eq!(v.len(), 1);
+    }
 
     #[test]
     fn escapes_query_values() {

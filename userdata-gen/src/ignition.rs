@@ -6,7 +6,7 @@
 //! with one of our unit names is a conflict, never a patch.
 
 use crate::error::{Error, Result};
-use crate::payload::{Payload, UNIT_DIR};
+use crate::payload::{AGENT_BINARY_PATH, Payload, RemoteBinary, UNIT_DIR};
 use base64::Engine;
 use serde_json::{Map, Value, json};
 use std::io::Read;
@@ -412,31 +412,66 @@ fn list<'a>(parent: &'a mut Map<String, Value>, key: &str, at: &str) -> Result<&
         .ok_or_else(|| Error::input(format!("userdata: {at}.{key} must be a list")))
 }
 
+/// A file entry owned by root, in fields valid in every minor version of `spec`'s major.
+fn file_entry(spec: Spec, path: &str, contents: Value, mode: u32) -> Value {
+    let mut entry = Map::new();
+    if spec.major == 2 {
+        // flatcar's 2.x requires the filesystem; `overwrite` defaults to true there.
+        entry.insert("filesystem".into(), json!("root"));
+    }
+    entry.insert("path".into(), json!(path));
+    if spec.major == 3 {
+        entry.insert("overwrite".into(), json!(true));
+    }
+    entry.insert("contents".into(), contents);
+    // Always explicit: a 2.x file without a mode is created 0000.
+    entry.insert("mode".into(), json!(mode));
+    // By id: a name needs /etc/passwd in the target root.
+    entry.insert("user".into(), json!({ "id": 0 }));
+    entry.insert("group".into(), json!({ "id": 0 }));
+    Value::Object(entry)
+}
+
+/// The agent's binary as a remote file Ignition verifies (a mismatch fails the boot), and
+/// the CA for its server in `ignition.security.tls`, beside any the user trusts.
+fn add_remote_binary(
+    root: &mut Map<String, Value>,
+    spec: Spec,
+    binary: &RemoteBinary,
+) -> Result<()> {
+    if let Some(ca) = &binary.ca_pem {
+        if spec < (Spec { major: 2, minor: 2 }) {
+            return Err(Error::input(format!(
+                "--agent-ca-file needs Ignition spec 2.2.0 or later (ignition.security.tls);                  the userdata is {spec}: raise its version, or serve the agent from a server                  with a public certificate"
+            )));
+        }
+        let ignition = object(root, "ignition", "$")?;
+        let security = object(ignition, "security", "$.ignition")?;
+        let tls = object(security, "tls", "$.ignition.security")?;
+        let cas = list(tls, "certificateAuthorities", "$.ignition.security.tls")?;
+        cas.push(json!({ "source": to_data_url(ca.as_bytes()) }));
+    }
+    let storage = object(root, "storage", "$")?;
+    let files = list(storage, "files", "$.storage")?;
+    let contents = json!({
+        "source": binary.url,
+        "verification": { "hash": format!("sha512-{}", binary.sha512) },
+    });
+    files.push(file_entry(spec, AGENT_BINARY_PATH, contents, 0o755));
+    Ok(())
+}
+
 /// Appends our entries, in fields valid in every minor version of `spec`'s major.
 fn add(doc: &mut Value, spec: Spec, payload: &Payload) -> Result<()> {
     let root = doc.as_object_mut().expect("checked to be an object");
+    if let Some(binary) = &payload.agent_binary {
+        add_remote_binary(root, spec, binary)?;
+    }
     let storage = object(root, "storage", "$")?;
     let files = list(storage, "files", "$.storage")?;
     for f in &payload.files {
-        let mut entry = Map::new();
-        if spec.major == 2 {
-            // flatcar's 2.x requires the filesystem; `overwrite` defaults to true there.
-            entry.insert("filesystem".into(), json!("root"));
-        }
-        entry.insert("path".into(), json!(f.path));
-        if spec.major == 3 {
-            entry.insert("overwrite".into(), json!(true));
-        }
-        entry.insert(
-            "contents".into(),
-            json!({ "source": to_data_url(&f.contents) }),
-        );
-        // Always explicit: a 2.x file without a mode is created 0000.
-        entry.insert("mode".into(), json!(f.mode));
-        // By id: a name needs /etc/passwd in the target root.
-        entry.insert("user".into(), json!({ "id": 0 }));
-        entry.insert("group".into(), json!({ "id": 0 }));
-        files.push(Value::Object(entry));
+        let contents = json!({ "source": to_data_url(&f.contents) });
+        files.push(file_entry(spec, &f.path, contents, f.mode));
     }
     let systemd = object(root, "systemd", "$")?;
     let units = list(systemd, "units", "$.systemd")?;
@@ -598,6 +633,52 @@ mod tests {
             assert_eq!(e.exit_code(), 2);
             assert!(e.to_string().contains(want), "{e}");
         }
+    }
+
+    #[test]
+    fn a_remote_binary_is_a_verified_file_and_its_ca_is_trusted() {
+        let mut p = payload();
+        p.agent_binary = Some(
+            RemoteBinary::new(
+                "https://repo/vpn-agent",
+                &"a".repeat(128),
+                Some("PEM".into()),
+            )
+            .unwrap(),
+        );
+        for (user, filesystem) in [
+            (
+                r#"{"ignition":{"version":"2.2.0","security":{"tls":{"certificateAuthorities":[{"source":"data:,x"}]}}}}"#,
+                true,
+            ),
+            (r#"{"ignition":{"version":"3.4.0"}}"#, false),
+        ] {
+            let out: Value = serde_json::from_str(&merge(user, &p).unwrap().text).unwrap();
+            let bin = &out["storage"]["files"][0];
+            assert_eq!(bin["path"], AGENT_BINARY_PATH);
+            assert_eq!(bin["mode"], 0o755);
+            assert_eq!(bin["contents"]["source"], "https://repo/vpn-agent");
+            assert_eq!(
+                bin["contents"]["verification"]["hash"],
+                format!("sha512-{}", "a".repeat(128))
+            );
+            assert_eq!(bin.get("filesystem").is_some(), filesystem);
+            let cas = out["ignition"]["security"]["tls"]["certificateAuthorities"]
+                .as_array()
+                .unwrap();
+            assert_eq!(cas.last().unwrap()["source"], to_data_url(b"PEM"));
+        }
+        let e = merge(r#"{"ignition":{"version":"2.1.0"}}"#, &p).unwrap_err();
+        assert!(e.to_string().contains("spec 2.2.0 or later"), "{e}");
+        p.agent_binary.as_mut().unwrap().ca_pem = None;
+        let out = merge(r#"{"ignition":{"version":"2.0.0"}}"#, &p)
+            .unwrap()
+            .text;
+        assert!(!out.contains("security") && out.contains("sha512-"));
+        // The user cannot put a binary of their own in its place.
+        let user = r#"{"ignition":{"version":"2.3.0"},"storage":{"files":[{"path":"/usr/local/bin/vpn-agent"}]}}"#;
+        assert!(matches!(merge(user, &p).unwrap_err(), Error::Conflict(_)));
+        assert!(merge(user, &payload()).is_ok());
     }
 
     #[test]

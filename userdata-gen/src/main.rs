@@ -9,14 +9,15 @@ use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
-use userdata_gen::headscale::{Client, KeyRequest, MintedKey};
+use userdata_gen::headscale::{self, Client, KeyRequest, MintedKey};
+use userdata_gen::payload::RemoteBinary;
 use userdata_gen::{
     AgentSettings, Error, Format, MeshSettings, Payload, Result, Secret, Target, generate,
 };
 
 /// `--version`: the release and the commit it was built from.
 const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
+    env!("VPN_BUILD_VERSION"),
     " (commit ",
     env!("VPN_BUILD_COMMIT"),
     ")"
@@ -35,6 +36,25 @@ enum Cmd {
     Generate(Box<GenerateArgs>),
     /// Mint a pre-auth key for an operator's own device (printed on stdout).
     AuthKey(AuthKeyArgs),
+    /// List a project's nodes: name, addresses, online, last seen, agent version. Read-only.
+    Nodes(NodesArgs),
+}
+
+#[derive(Args)]
+struct NodesArgs {
+    /// The project whose nodes to list.
+    #[arg(long)]
+    project: String,
+    #[command(flatten)]
+    headscale: HeadscaleArgs,
+    /// headscale's debug listener (its metrics_listen_addr, e.g. http://127.0.0.1:9090), for
+    /// the agent versions: its REST API does not report them. It answers loopback, private
+    /// and tailnet addresses only.
+    #[arg(long)]
+    headscale_debug_url: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -129,6 +149,17 @@ struct GenerateArgs {
     /// (tailscaled's AdvertiseRoutes; repeatable or comma-separated), e.g. 198.51.100.0/24.
     #[arg(long, value_delimiter = ',')]
     advertise_routes: Vec<String>,
+    /// Where the firewall downloads vpn-agent at first boot (metal-api's pinned release);
+    /// without it the image's /usr/local/bin/vpn-agent runs.
+    #[arg(long, requires = "agent_sha512")]
+    agent_url: Option<String>,
+    /// The sha512 of that binary (hex, as in the release's SHA512SUMS): any other bytes
+    /// fail the boot instead of running.
+    #[arg(long, requires = "agent_url")]
+    agent_sha512: Option<String>,
+    /// PEM file of the CA that signed --agent-url's server certificate, if not a public one.
+    #[arg(long, requires = "agent_url")]
+    agent_ca_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -160,6 +191,7 @@ fn main() {
     let res = match cli.cmd {
         Cmd::Generate(a) => run_generate(*a),
         Cmd::AuthKey(a) => run_auth_key(a),
+        Cmd::Nodes(a) => run_nodes(a),
     };
     if let Err(e) = res {
         eprintln!("userdata-gen: error: {e}");
@@ -170,6 +202,16 @@ fn main() {
 fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path)
         .map_err(|e| Error::Input(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+/// A CA file's bytes as PEM text.
+fn pem_text(bytes: &[u8], flag: &str) -> Result<String> {
+    match std::str::from_utf8(bytes) {
+        Ok(t) if t.contains("-----BEGIN CERTIFICATE-----") => Ok(t.to_string()),
+        _ => Err(Error::Input(format!(
+            "{flag}: not a PEM certificate (no BEGIN CERTIFICATE line)"
+        ))),
+    }
 }
 
 fn read_userdata(arg: &Option<PathBuf>) -> Result<Vec<u8>> {
@@ -306,10 +348,20 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     }
     let ca = ca_pem(&a.headscale)?;
     let ca_text = ca
-        .as_ref()
-        .map(|b| String::from_utf8(b.clone()))
-        .transpose()
-        .map_err(|_| Error::Input("--ca-file is not PEM text".into()))?;
+        .as_deref()
+        .map(|b| pem_text(b, "--ca-file"))
+        .transpose()?;
+    let agent_binary = match (&a.agent_url, &a.agent_sha512) {
+        (Some(url), Some(sha)) => {
+            let ca = a
+                .agent_ca_file
+                .as_ref()
+                .map(|p| pem_text(&read_file(p, "--agent-ca-file")?, "--agent-ca-file"))
+                .transpose()?;
+            Some(RemoteBinary::new(url, sha, ca)?)
+        }
+        _ => None,
+    };
     let settings = MeshSettings {
         login_server: login_server.clone(),
         hostname: a.machine_id.clone(),
@@ -324,6 +376,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             services: a.mesh_services.clone(),
             ..AgentSettings::default()
         },
+        agent_binary,
     };
     let source = match &a.userdata {
         Some(p) if p.as_os_str() == "-" => "userdata from stdin".to_string(),
@@ -387,12 +440,87 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         "target": a.target,
         "files_added": payload.file_paths(),
         "units_added": payload.unit_names(),
+        "agent_url": payload.agent_binary.as_ref().map(|b| b.url.clone()),
+        "agent_sha512": payload.agent_binary.as_ref().map(|b| b.sha512.clone()),
         "warnings": out.warnings,
     });
     let meta = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
     let mut outs = vec![(a.output.as_ref(), out.bytes)];
     outs.push((a.metadata_out.as_ref(), meta));
     write_outputs(&outs)
+}
+
+fn run_nodes(a: NodesArgs) -> Result<()> {
+    let ca = ca_pem(&a.headscale)?;
+    let url = a
+        .headscale
+        .headscale_api_url
+        .clone()
+        .ok_or_else(|| Error::Input("nodes needs --headscale-api-url".into()))?;
+    let c = client(&a.headscale, &url, ca.as_deref())?;
+    let mut nodes = headscale::project_nodes(&c.list_nodes()?, &a.project)?;
+    match &a.headscale_debug_url {
+        Some(debug) => {
+            let versions = headscale::versions_from_nodestore(&headscale::fetch_nodestore(
+                debug,
+                a.headscale.timeout,
+            )?);
+            for n in &mut nodes {
+                n.version = versions.get(&n.id).cloned();
+            }
+        }
+        None => eprintln!(
+            "userdata-gen: note: no agent versions: headscale's REST API does not report them; \
+             give --headscale-debug-url"
+        ),
+    }
+    let out = if a.json {
+        serde_json::to_string_pretty(&nodes).expect("nodes serialize") + "\n"
+    } else {
+        nodes_table(&nodes)
+    };
+    std::io::stdout()
+        .write_all(out.as_bytes())
+        .map_err(|e| Error::io("stdout", e))
+}
+
+/// The nodes as a table with aligned columns.
+fn nodes_table(nodes: &[headscale::NodeInfo]) -> String {
+    let dash = || "-".to_string();
+    let mut rows = vec![
+        [
+            "NAME",
+            "HOSTNAME",
+            "ADDRESSES",
+            "ONLINE",
+            "LAST SEEN",
+            "VERSION",
+        ]
+        .map(String::from),
+    ];
+    for n in nodes {
+        rows.push([
+            n.name.clone(),
+            n.hostname.clone(),
+            n.addresses.join(","),
+            if n.online { "yes" } else { "no" }.into(),
+            n.last_seen.clone().unwrap_or_else(dash),
+            n.version.clone().unwrap_or_else(dash),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            let cells: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            cells.join("  ").trim_end().to_string() + "\n"
+        })
+        .collect()
 }
 
 fn run_auth_key(a: AuthKeyArgs) -> Result<()> {

@@ -1,8 +1,10 @@
 //! What we add to the firewall: the agent's configuration files and our systemd units.
 
+use crate::error::{Error, Result};
 pub use vpn_contract::{
-    AGENT_SETTINGS_PATH, AUTH_KEY_PATH, AgentSettings, CA_PATH, CONFIG_DIR, FIREWALL_UNIT,
-    MESH_CONFIG_PATH, MeshConfig, Protocol, Secret, Service, UNIT_DIR, subnet_route,
+    AGENT_BINARY_PATH, AGENT_SETTINGS_PATH, AUTH_KEY_PATH, AgentSettings, CA_PATH, CONFIG_DIR,
+    FIREWALL_UNIT, MESH_CONFIG_PATH, MeshConfig, NFT_TABLE, Protocol, Secret, Service, UNIT_DIR,
+    subnet_route,
 };
 
 /// Our units, from `systemd/` at the repository root: one source for the repo and the userdata.
@@ -59,8 +61,50 @@ pub struct MeshSettings {
     /// headscale approves them: a management server's management network.
     pub advertise_routes: Vec<String>,
     pub agent: AgentSettings,
+    /// The agent's binary to fetch at first boot; `None`: the image's.
+    pub agent_binary: Option<RemoteBinary>,
 }
 
+/// A release of the agent that the firewall downloads at first boot and refuses unless its
+/// sha512 is the pinned one: metal-api picks the version per allocation, no image needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteBinary {
+    /// `https://` (or `http://`: the hash, not the transport, vouches for the bytes).
+    pub url: String,
+    /// 128 lowercase hex digits.
+    pub sha512: String,
+    /// PEM of the CA that signed the server's certificate, if not a public one.
+    pub ca_pem: Option<String>,
+}
+
+impl RemoteBinary {
+    /// Checks `url` and `sha512` (hex, either case) as `--agent-url`/`--agent-sha512`.
+    pub fn new(url: &str, sha512: &str, ca_pem: Option<String>) -> Result<RemoteBinary> {
+        let scheme_ok = url.starts_with("https://") || url.starts_with("http://");
+        let host = url.split_once("://").map(|(_, r)| r).unwrap_or_default();
+        if !scheme_ok || host.is_empty() || host.starts_with('/') {
+            return Err(Error::input(format!(
+                "--agent-url {url:?}: expected an https:// (or http://) URL of the vpn-agent binary"
+            )));
+        }
+        if let Some(c) = url.chars().find(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Error::input(format!(
+                "--agent-url: {c:?} is not allowed in a URL; percent-encode it"
+            )));
+        }
+        if sha512.len() != 128 || !sha512.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::input(format!(
+                "--agent-sha512: expected 128 hex digits (sha512sum's output), got {} characters",
+                sha512.len()
+            )));
+        }
+        Ok(RemoteBinary {
+            url: url.to_string(),
+            sha512: sha512.to_ascii_lowercase(),
+            ca_pem,
+        })
+    }
+}
 /// One file we add.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PayloadFile {
@@ -81,6 +125,10 @@ pub struct PayloadUnit {
 pub struct Payload {
     pub files: Vec<PayloadFile>,
     pub units: Vec<PayloadUnit>,
+    /// Fetched at first boot into [`AGENT_BINARY_PATH`]; `None`: the image has it.
+    pub agent_binary: Option<RemoteBinary>,
+    /// The agent's settings, for what runs before the agent does (cloud-config's bootcmd).
+    pub agent: AgentSettings,
 }
 
 impl std::fmt::Debug for Payload {
@@ -89,6 +137,7 @@ impl std::fmt::Debug for Payload {
         f.debug_struct("Payload")
             .field("files", &self.file_paths())
             .field("units", &self.unit_names())
+            .field("agent_binary", &self.agent_binary)
             .finish()
     }
 }
@@ -137,7 +186,12 @@ impl Payload {
                 contents: contents.to_string(),
             })
             .collect();
-        Payload { files, units }
+        Payload {
+            files,
+            units,
+            agent_binary: settings.agent_binary.clone(),
+            agent,
+        }
     }
 
     pub fn file_paths(&self) -> Vec<String> {
@@ -152,6 +206,9 @@ impl Payload {
     /// their drop-in directories.
     pub fn owned_paths(&self) -> Vec<String> {
         let mut out = self.file_paths();
+        if self.agent_binary.is_some() {
+            out.push(AGENT_BINARY_PATH.into());
+        }
         for u in &self.units {
             out.push(format!("{UNIT_DIR}/{}", u.name));
             out.push(format!("{UNIT_DIR}/{}.d", u.name));
@@ -182,6 +239,7 @@ pub(crate) fn test_payload() -> Payload {
             vrf: None,
             advertise_routes: vec![],
             agent: AgentSettings::default(),
+            agent_binary: None,
         },
         &Secret::new("hskey-auth-x"),
     )
@@ -199,6 +257,7 @@ mod tests {
             vrf: None,
             advertise_routes: vec![],
             agent: AgentSettings::default(),
+            agent_binary: None,
         }
     }
 
@@ -270,5 +329,42 @@ mod tests {
             vec!["vpn-agent-firewall.service", "tailscaled.service"]
         );
         assert!(p.units[1].contents.contains("Type=notify"));
+        // The binary the units run is the one a download puts in place.
+        for (_, unit) in UNITS.iter().chain(FOREIGN_DROPINS) {
+            for exec in unit.lines().filter(|l| l.starts_with("Exec")) {
+                let program = exec.split_once('=').unwrap().1.split_whitespace().next();
+                assert_eq!(program, Some(AGENT_BINARY_PATH), "{exec}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_remote_binary_is_checked_and_owned() {
+        let hex = "AB".repeat(64);
+        let b = RemoteBinary::new("https://repo.example/vpn-agent", &hex, None).unwrap();
+        assert_eq!(b.sha512, "ab".repeat(64));
+        for (url, sha, want) in [
+            ("ftp://x/a", hex.as_str(), "https://"),
+            ("https://", hex.as_str(), "https://"),
+            ("https:///a", hex.as_str(), "https://"),
+            ("https://x/a b", hex.as_str(), "percent-encode"),
+            ("https://x/a", "abc", "128 hex digits"),
+            ("https://x/a", &"g".repeat(128), "128 hex digits"),
+        ] {
+            let e = RemoteBinary::new(url, sha, None).unwrap_err().to_string();
+            assert!(e.contains(want), "{url}: {e}");
+        }
+        let mut s = settings();
+        assert!(
+            !Payload::new(&s, &Secret::new("k"))
+                .owned_paths()
+                .contains(&AGENT_BINARY_PATH.to_string())
+        );
+        s.agent_binary = Some(b);
+        assert!(
+            Payload::new(&s, &Secret::new("k"))
+                .owned_paths()
+                .contains(&AGENT_BINARY_PATH.to_string())
+        );
     }
 }

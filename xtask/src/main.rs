@@ -94,6 +94,7 @@ fn test(matrix_only: bool) -> Result<()> {
             "warnings",
         ]),
     )?;
+    let next_agent = build_next_agent()?;
     step(
         "unit tests",
         cargo(&["test", "--workspace", "--lib", "--bins"]),
@@ -107,7 +108,8 @@ fn test(matrix_only: bool) -> Result<()> {
         bail!("the end-to-end suite cannot run here: {why}");
     }
     let mut e2e = cargo(&["test", "--workspace", "--test", "*"]);
-    e2e.env("VDC_REQUIRE_LAB", "1");
+    e2e.env("VDC_REQUIRE_LAB", "1")
+        .env("VDC_NEXT_AGENT", &next_agent);
     step("end-to-end suite (virtual data center)", e2e)?;
     matrix()?;
     for (dir, target) in vdc::tools::FUZZ_TARGETS {
@@ -118,6 +120,26 @@ fn test(matrix_only: bool) -> Result<()> {
     }
     println!("xtask test: all green in {:.0?}", start.elapsed());
     Ok(())
+}
+
+/// The agent with another version string that the upgrade test moves to, built in the
+/// usual target directory (only the agent crate recompiles, twice: now and when the next
+/// step builds the binaries again) and kept as `target/vdc/vpn-agent-next`.
+fn build_next_agent() -> Result<std::path::PathBuf> {
+    let mut c = cargo(&["build", "-p", "vpn-agent", "--bin", "vpn-agent"]);
+    c.env("VPN_BUILD_VERSION", vdc::tools::NEXT_AGENT_VERSION);
+    step(
+        &format!(
+            "build vpn-agent {} for the upgrade test",
+            vdc::tools::NEXT_AGENT_VERSION
+        ),
+        c,
+    )?;
+    let dir = vdc::tools::workspace_root().join("target/vdc");
+    std::fs::create_dir_all(&dir)?;
+    let next = dir.join("vpn-agent-next");
+    std::fs::copy(vdc::tools::project_bin("vpn-agent"), &next)?;
+    Ok(next)
 }
 
 /// The pairs the matrix runs besides the default (which the whole suite ran on): every

@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use vpn_contract::{AgentSettings, Protocol};
 
 /// Our table, in the `inet` family (IPv4 and IPv6 at once).
-pub const TABLE: &str = "vpn_agent";
+pub const TABLE: &str = vpn_contract::NFT_TABLE;
 pub const CHAIN: &str = "input";
 pub const FORWARD: &str = "forward";
 pub const POSTROUTING: &str = "postrouting";

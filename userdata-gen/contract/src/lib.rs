@@ -20,6 +20,12 @@ pub const AGENT_SETTINGS_PATH: &str = "/etc/vpn-agent/agent.json";
 pub const CA_PATH: &str = "/etc/vpn-agent/ca.pem";
 /// Where systemd units go.
 pub const UNIT_DIR: &str = "/etc/systemd/system";
+/// The agent's binary, where the units run it from (the image's, the Debian package's, or
+/// one Ignition or cloud-init downloaded at first boot).
+pub const AGENT_BINARY_PATH: &str = "/usr/local/bin/vpn-agent";
+/// The agent's nftables table (family `inet`). A first boot that could not fetch the agent
+/// loads a table of this name that only drops, which the agent replaces when it runs.
+pub const NFT_TABLE: &str = "vpn_agent";
 
 /// Our units' names: the early firewall unit, and the agent's (named as tailscaled's, so
 /// metal-stack's firewall-controller restarts it).

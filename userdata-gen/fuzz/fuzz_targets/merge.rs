@@ -13,6 +13,15 @@ fuzz_target!(|data: &[u8]| {
         vrf: None,
         advertise_routes: vec![],
         agent: AgentSettings::default(),
+        // Half the inputs with a pinned remote binary and its CA: the other merge path.
+        agent_binary: (data.len() % 2 == 1).then(|| {
+            userdata_gen::payload::RemoteBinary::new(
+                "https://repo.example/vpn-agent",
+                &"0".repeat(128),
+                Some("-----BEGIN CERTIFICATE-----\n".into()),
+            )
+            .expect("a valid remote binary")
+        }),
     };
     let payload = Payload::new(&settings, &Secret::new("hskey-auth-fuzz"));
     let fresh = Format::Ignition(userdata_gen::ignition::DEFAULT_SPEC);
