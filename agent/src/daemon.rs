@@ -61,6 +61,9 @@ pub const IPN_VERSION: &str = concat!(
 /// At most this often a subnet router opens a new map stream to learn its approved routes.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
 
+/// At most this often the peer list of `vpn-agent status` is rebuilt while peers change.
+const STATUS_REFRESH: Duration = Duration::from_secs(1);
+
 /// How often the pre-auth key file is looked at while a key is wanted.
 const KEY_FILE_POLL: Duration = Duration::from_secs(1);
 
@@ -84,6 +87,14 @@ pub struct Daemon {
     state_dir: PathBuf,
     identity: Identity,
     pub netmap: Netmap,
+    /// The next key expiry in the netmap, kept up to date as expiries change (a patch of
+    /// endpoints or online state does not look at every peer for it).
+    next_expiry: Option<std::time::SystemTime>,
+    /// Peers changed since `vpn-agent status` last got their list: it is rebuilt at most once
+    /// per [`STATUS_REFRESH`], not for every patch.
+    peer_status_dirty: bool,
+    /// When that list was last rebuilt.
+    peer_status_at: Option<tokio::time::Instant>,
 }
 
 impl Daemon {
@@ -119,6 +130,9 @@ impl Daemon {
             state_dir,
             identity,
             netmap: Netmap::default(),
+            next_expiry: None,
+            peer_status_dirty: false,
+            peer_status_at: None,
         })
     }
 
@@ -513,12 +527,13 @@ impl Daemon {
         let mut check =
             tokio::time::interval_at(tokio::time::Instant::now() + CONTROL_CHECK, CONTROL_CHECK);
         let mut flush = tokio::time::interval(CACHE_FLUSH);
+        let mut status_refresh = tokio::time::interval(STATUS_REFRESH);
         let mut cache_dirty = false;
         // When to open a new stream for a full map (see `needs_self_node`).
         let mut resync: Option<tokio::time::Instant> = None;
         let mut last_resync = tokio::time::Instant::now();
         loop {
-            let next_expiry = self.next_expiry();
+            let next_expiry = self.next_expiry;
             tokio::select! {
                 msg = body.next_message() => {
                     let Some(mut msg) = msg? else {
@@ -560,6 +575,7 @@ impl Daemon {
                     self.lite_update(&mut s, &net).await?;
                 }
                 _ = refresh.tick() => self.refresh_endpoints().await,
+                _ = status_refresh.tick(), if self.peer_status_dirty => self.publish_peer_status(),
                 _ = flush.tick(), if cache_dirty => {
                     cache_dirty = false;
                     self.save_cache().await;
@@ -653,10 +669,6 @@ impl Daemon {
         }
     }
 
-    fn next_expiry(&self) -> Option<std::time::SystemTime> {
-        self.netmap.next_expiry(std::time::SystemTime::now())
-    }
-
     /// Applies what changed in the netmap: addresses, DERP map, peers, filter.
     async fn apply_changes(&mut self, c: Changes) -> Result<()> {
         if c.self_changed {
@@ -679,10 +691,67 @@ impl Daemon {
         if c.filter_changed || c.self_changed {
             self.update_filter();
         }
-        if c.peers_changed + c.peers_removed > 0 || c.self_changed {
+        if c.expiry_changed {
+            self.next_expiry = self.netmap.next_expiry(std::time::SystemTime::now());
+        }
+        if c.self_changed || c.all_peers {
             self.refresh_peers().await;
+        } else if c.peers_changed() {
+            self.update_peers(&c).await;
         }
         Ok(())
+    }
+
+    /// Hands the data plane only the peers `c` names; the kernel's routes only if a peer's
+    /// routes may have changed. What a patch costs does not grow with the tailnet.
+    async fn update_peers(&mut self, c: &Changes) {
+        let now = std::time::SystemTime::now();
+        let mut removed: Vec<[u8; 32]> = c
+            .stale_keys
+            .iter()
+            .filter_map(|k| keys::parse_text("nodekey", k))
+            .collect();
+        let mut changed = vec![];
+        for id in &c.changed_peers {
+            let Some(p) = self.netmap.peers.get(id) else {
+                continue;
+            };
+            match self.peer_info(p, now) {
+                Some(info) => changed.push(info),
+                None => removed.extend(keys::parse_text("nodekey", &p.key)),
+            }
+        }
+        debug!(
+            changed = changed.len(),
+            removed = removed.len(),
+            peers = self.netmap.peers.len(),
+            "peers updated"
+        );
+        self.data().update_peers(changed, &removed);
+        if c.routes_changed {
+            let routes = self.accepted_routes();
+            if let Some(t) = &mut self.tunnel {
+                t.set_routes(&routes).await;
+            }
+        }
+        // Now if the list is older than STATUS_REFRESH, else at the session's next refresh
+        // tick: a stream of patches neither rebuilds it each time nor leaves it stale.
+        if self
+            .peer_status_at
+            .is_none_or(|at| at.elapsed() >= STATUS_REFRESH)
+        {
+            self.publish_peer_status();
+        } else {
+            self.peer_status_dirty = true;
+        }
+    }
+
+    /// The peer list of `vpn-agent status`, from the netmap as it is now.
+    fn publish_peer_status(&mut self) {
+        self.peer_status_dirty = false;
+        self.peer_status_at = Some(tokio::time::Instant::now());
+        let peers = self.peer_status(std::time::SystemTime::now());
+        self.set(|s| s.peers = peers);
     }
 
     /// Hands the data plane the peers, the kernel the accepted routes, and status both;
@@ -719,16 +788,14 @@ impl Daemon {
             info!("running");
         }
         info!(peers = self.netmap.peers.len(), "peers updated");
+        self.next_expiry = self.netmap.next_expiry(now);
         self.data().set_peers(self.peer_infos(now));
         let routes = self.accepted_routes();
         if let Some(t) = &mut self.tunnel {
             t.set_routes(&routes).await;
         }
-        let peers = self.peer_status(now);
-        self.set(|s| {
-            s.peers = peers;
-            s.key_expiry = self_expiry.map(format_time);
-        });
+        self.publish_peer_status();
+        self.set(|s| s.key_expiry = self_expiry.map(format_time));
     }
 
     /// Hands the data plane the filter of the netmap's packet filter sets and our addresses.
@@ -769,17 +836,17 @@ impl Daemon {
         self.netmap
             .peers
             .values()
-            .filter(|p| !is_expired(p, now))
-            .filter_map(|p| {
-                Some(PeerInfo {
-                    node_key: keys::parse_text("nodekey", &p.key)?,
-                    disco_key: keys::parse_text("discokey", &p.disco_key),
-                    allowed: PeerRoutes::of(p, self.cfg.accept_routes).ok()?.trusted(),
-                    endpoints: p.endpoints.iter().filter_map(|e| e.parse().ok()).collect(),
-                    home_derp: p.home_derp,
-                })
-            })
+            .filter_map(|p| self.peer_info(p, now))
             .collect()
+    }
+
+    /// One peer for the data plane (see [`peer_info`]); none at all while our own key has
+    /// expired.
+    fn peer_info(&self, p: &Node, now: std::time::SystemTime) -> Option<PeerInfo> {
+        if self.netmap.self_expired(now) {
+            return None;
+        }
+        peer_info(p, self.cfg.accept_routes, now)
     }
 
     /// The subnet routes of all peers that we accept: the kernel sends them to the tunnel.
@@ -960,6 +1027,22 @@ impl PeerRoutes {
         out.extend(self.accepted);
         out
     }
+}
+
+/// A netmap peer for the data plane: trusted with its addresses and, with `accept_routes`,
+/// the routes it serves. `None` if it must not be one: its key expired, or its key or
+/// routes do not parse.
+pub fn peer_info(p: &Node, accept_routes: bool, now: std::time::SystemTime) -> Option<PeerInfo> {
+    if is_expired(p, now) {
+        return None;
+    }
+    Some(PeerInfo {
+        node_key: keys::parse_text("nodekey", &p.key)?,
+        disco_key: keys::parse_text("discokey", &p.disco_key),
+        allowed: PeerRoutes::of(p, accept_routes).ok()?.trusted(),
+        endpoints: p.endpoints.iter().filter_map(|e| e.parse().ok()).collect(),
+        home_derp: p.home_derp,
+    })
 }
 
 /// headscale's refusal texts, said in words an operator can act on. The wordings of every

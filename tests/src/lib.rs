@@ -19,6 +19,7 @@ pub mod flood;
 pub mod headscale;
 pub mod ignition;
 pub mod lab;
+pub mod load;
 pub mod netns;
 pub mod pki;
 pub mod smoke;

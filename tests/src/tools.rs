@@ -289,7 +289,7 @@ pub fn next_agent_bin() -> anyhow::Result<PathBuf> {
 }
 
 /// The workspace's own binaries that the end-to-end suite runs.
-pub const PROJECT_BINARIES: &[&str] = &["userdata-gen", "vpn-agent"];
+pub const PROJECT_BINARIES: &[&str] = &["userdata-gen", "vpn-agent", "vdc-load"];
 
 /// Every binary the lab needs, with a name for error messages.
 pub fn required_binaries() -> Vec<(String, PathBuf)> {

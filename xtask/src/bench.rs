@@ -17,6 +17,8 @@ pub enum Which {
     Flood,
     /// iperf3 through vpn-agent as a subnet router against a stock tailscaled, in the lab.
     Subnet,
+    /// A large tailnet's first map and patches in the agent, no network.
+    Patch,
 }
 
 pub fn run(which: Option<Which>, profile: bool) -> Result<()> {
@@ -28,6 +30,9 @@ pub fn run(which: Option<Which>, profile: bool) -> Result<()> {
     }
     if !profile && which.is_none_or(|w| w == Which::Flood) {
         flood()?;
+    }
+    if !profile && which.is_none_or(|w| w == Which::Patch) {
+        patch()?;
     }
     if which.is_none_or(|w| w == Which::Dataplane) {
         dataplane(profile)?;
@@ -79,6 +84,39 @@ fn flood() -> Result<()> {
         "flood",
         &format!(
             "Measured by `cargo xtask bench flood` on {}, {} (release build of {built_from}):\n\n{table}",
+            machine(),
+            vdc::bench::today(),
+        ),
+    )
+}
+
+/// The first map and one patch for tailnets of 100 to 5 000 peers (release build, no
+/// network).
+fn patch() -> Result<()> {
+    let root = vdc::tools::workspace_root();
+    println!("==> bench: a large tailnet's first map and patches in the agent (release build)");
+    let built_from = commit();
+    let mut table = String::from(
+        "| peers | first map (JSON / zstd) | first map decoded and applied | a patch, as now (the named peer) | a patch, as before (every peer again) |\n|---|---|---|---|---|\n",
+    );
+    for v in cargo_bench("vpn-agent", "patch")? {
+        let f = |k: &str| v[k].as_f64().unwrap_or_default();
+        table.push_str(&format!(
+            "| {} | {:.2} MB / {:.2} MB | {:.0} ms | {:.1} µs | {:.0} µs |\n",
+            v["peers"],
+            f("first_map_bytes") / 1e6,
+            f("first_map_zstd_bytes") / 1e6,
+            f("first_map_ms"),
+            f("patch_us"),
+            f("patch_full_refresh_us"),
+        ));
+    }
+    print!("{table}");
+    write_section(
+        &root.join("README.md"),
+        "patch",
+        &format!(
+            "Measured by `cargo xtask bench patch` on {}, {} (release build of {built_from}):\n\n{table}",
             machine(),
             vdc::bench::today(),
         ),

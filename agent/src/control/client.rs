@@ -44,8 +44,13 @@ pub(crate) async fn deadline<T>(
         .map_err(|_| Error::Unreachable(format!("{what}: no answer within {limit:?}")))?
 }
 
-/// Largest map message we accept (tailscale uses the same bound for early payloads).
+/// Largest early payload or non-streamed control response we accept (tailscale uses the
+/// same bound for early payloads).
 const MAX_MESSAGE: usize = 10 << 20;
+/// Largest map message we accept, compressed or not. A full map costs about 1 KiB of JSON per
+/// peer, so tens of thousands of peers fit; a broken or hostile server cannot make the agent
+/// hold more than this.
+pub const MAX_MAP_MESSAGE: usize = 256 << 20;
 const EARLY_MAGIC: &[u8] = b"\xff\xff\xffTS";
 
 /// headscale's address, from the config's ServerURL.
@@ -504,9 +509,10 @@ impl Body {
         loop {
             if self.buf.len() >= 4 {
                 let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
-                if len > MAX_MESSAGE {
+                if len > MAX_MAP_MESSAGE {
                     return Err(Error::Control(format!(
-                        "map message of {len} bytes is too large"
+                        "map message of {len} bytes is larger than the limit of {} MiB",
+                        MAX_MAP_MESSAGE >> 20
                     )));
                 }
                 if self.buf.len() >= 4 + len {
@@ -521,21 +527,57 @@ impl Body {
     }
 }
 
-/// One map message: zstd-compressed JSON.
+/// One map message: zstd-compressed JSON, parsed as it is decompressed (a large map is
+/// never held whole as text), and refused past [`MAX_MAP_MESSAGE`].
 pub fn decode_map_message(raw: &[u8]) -> Result<MapResponse> {
-    let mut json = vec![];
-    zstd::stream::read::Decoder::new(raw)
-        .map_err(|e| Error::Control(format!("map message: {e}")))?
-        .take(MAX_MESSAGE as u64 + 1)
-        .read_to_end(&mut json)
-        .map_err(|e| Error::Control(format!("map message is not valid zstd: {e}")))?;
-    if json.len() > MAX_MESSAGE {
-        return Err(Error::Control(
-            "map message decompresses to more than 10 MiB".into(),
-        ));
+    decode_capped(raw, MAX_MAP_MESSAGE)
+}
+
+fn decode_capped(raw: &[u8], cap: usize) -> Result<MapResponse> {
+    let decoder = zstd::stream::read::Decoder::new(raw)
+        .map_err(|e| Error::Control(format!("map message: {e}")))?;
+    let mut capped = Capped {
+        inner: decoder,
+        left: cap,
+        hit: false,
+    };
+    let parsed = serde_json::from_reader(std::io::BufReader::with_capacity(64 << 10, &mut capped));
+    parsed.map_err(|e| {
+        Error::Control(if capped.hit {
+            format!(
+                "map message decompresses to more than the limit of {} MiB",
+                cap >> 20
+            )
+        } else if e.is_io() {
+            format!("map message is not valid zstd: {e}")
+        } else {
+            format!("map message is not a MapResponse: {e}")
+        })
+    })
+}
+
+/// A reader that yields at most `left` bytes, and fails (setting `hit`) when there are more.
+struct Capped<R> {
+    inner: R,
+    left: usize,
+    hit: bool,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            let mut probe = [0u8; 1];
+            if self.inner.read(&mut probe)? > 0 {
+                self.hit = true;
+                return Err(std::io::Error::other("over the size limit"));
+            }
+            return Ok(0);
+        }
+        let n = buf.len().min(self.left);
+        let got = self.inner.read(&mut buf[..n])?;
+        self.left -= got;
+        Ok(got)
     }
-    serde_json::from_slice(&json)
-        .map_err(|e| Error::Control(format!("map message is not a MapResponse: {e}")))
 }
 
 impl Session {
@@ -657,5 +699,17 @@ mod tests {
         assert!(decode_map_message(&bad_json).is_err());
         let truncated = &raw[..raw.len() - 2];
         assert!(decode_map_message(truncated).is_err());
+    }
+
+    #[test]
+    fn large_maps_pass_and_the_limit_holds() {
+        // Past the old 10 MiB limit: a map of a large tailnet.
+        let peer = r#"{"ID":1,"Key":"nodekey:00","Name":"n","Addresses":["100.64.0.1/32"]}"#;
+        let n = (12 << 20) / peer.len();
+        let json = format!(r#"{{"Peers":[{}]}}"#, vec![peer; n].join(","));
+        let raw = zstd::encode_all(json.as_bytes(), 3).unwrap();
+        assert_eq!(decode_map_message(&raw).unwrap().peers.unwrap().len(), n);
+        let e = decode_capped(&raw, 8 << 20).unwrap_err().to_string();
+        assert!(e.contains("more than the limit of 8 MiB"), "{e}");
     }
 }

@@ -14,12 +14,23 @@ pub struct Netmap {
     pub packet_filters: BTreeMap<String, serde_json::Value>,
 }
 
-/// What changed with one map response, for logging and for the data plane.
-#[derive(Debug, Default, PartialEq, Eq)]
+/// What changed with one map response, for logging and for the data plane: which peers, so
+/// that a patch costs the peers it names and not the whole tailnet.
+#[derive(Debug, Default, PartialEq)]
 pub struct Changes {
     pub self_changed: bool,
-    pub peers_changed: usize,
-    pub peers_removed: usize,
+    /// The peer set may have changed as a whole (a full peer list, a map from the cache).
+    pub all_peers: bool,
+    /// Peers added or changed, by node id, each once.
+    pub changed_peers: Vec<i64>,
+    /// Peers removed, as they were.
+    pub removed_peers: Vec<Node>,
+    /// Node keys no peer has any more: those of removed peers, and those a peer replaced.
+    pub stale_keys: Vec<String>,
+    /// A peer's `AllowedIPs` (the routes it serves) may have changed.
+    pub routes_changed: bool,
+    /// A key expiry may have changed, or a peer with one came or went.
+    pub expiry_changed: bool,
     pub derp_changed: bool,
     pub filter_changed: bool,
 }
@@ -29,11 +40,19 @@ impl Changes {
     pub fn everything(m: &Netmap) -> Changes {
         Changes {
             self_changed: true,
-            peers_changed: m.peers.len(),
-            peers_removed: 0,
+            all_peers: true,
+            changed_peers: m.peers.keys().copied().collect(),
+            removed_peers: vec![],
+            stale_keys: vec![],
+            routes_changed: true,
+            expiry_changed: true,
             derp_changed: true,
             filter_changed: true,
         }
+    }
+
+    pub fn peers_changed(&self) -> bool {
+        self.all_peers || !self.changed_peers.is_empty() || !self.removed_peers.is_empty()
     }
 }
 
@@ -47,6 +66,7 @@ impl Netmap {
         {
             self.self_node = Some(n);
             c.self_changed = true;
+            c.expiry_changed = true;
         }
         if let Some(d) = r.derp_map
             && d != self.derp_map
@@ -55,21 +75,38 @@ impl Netmap {
             c.derp_changed = true;
         }
         if let Some(peers) = r.peers {
-            c.peers_removed = self
-                .peers
-                .keys()
-                .filter(|id| !peers.iter().any(|p| p.id == **id))
-                .count();
-            c.peers_changed = peers.len();
+            let mut old = std::mem::take(&mut self.peers);
             self.peers = peers.into_iter().map(|p| (p.id, p)).collect();
+            old.retain(|id, _| !self.peers.contains_key(id));
+            c.removed_peers = old.into_values().collect();
+            c.changed_peers = self.peers.keys().copied().collect();
+            c.all_peers = true;
+            c.routes_changed = true;
+            c.expiry_changed = true;
         } else {
             for p in r.peers_changed {
-                self.peers.insert(p.id, p);
-                c.peers_changed += 1;
+                let id = p.id;
+                let old = self.peers.insert(id, p);
+                let new = &self.peers[&id];
+                if old
+                    .as_ref()
+                    .is_none_or(|o| o.allowed_ips != new.allowed_ips)
+                {
+                    c.routes_changed = true;
+                }
+                if let Some(o) = old
+                    && o.key != new.key
+                {
+                    c.stale_keys.push(o.key);
+                }
+                c.expiry_changed = true;
+                c.changed_peers.push(id);
             }
             for id in r.peers_removed {
-                if self.peers.remove(&id).is_some() {
-                    c.peers_removed += 1;
+                if let Some(old) = self.peers.remove(&id) {
+                    c.routes_changed |= !old.allowed_ips.is_empty();
+                    c.expiry_changed = true;
+                    c.removed_peers.push(old);
                 }
             }
         }
@@ -83,8 +120,10 @@ impl Netmap {
             if let Some(e) = patch.endpoints {
                 p.endpoints = e;
             }
-            if let Some(k) = patch.key {
-                p.key = k;
+            if let Some(k) = patch.key
+                && k != p.key
+            {
+                c.stale_keys.push(std::mem::replace(&mut p.key, k));
             }
             if let Some(k) = patch.disco_key {
                 p.disco_key = k;
@@ -94,9 +133,17 @@ impl Netmap {
             }
             if let Some(e) = patch.key_expiry {
                 p.key_expiry = Some(e);
+                c.expiry_changed = true;
             }
-            c.peers_changed += 1;
+            c.changed_peers.push(patch.node_id);
         }
+        c.changed_peers.sort_unstable();
+        c.changed_peers.dedup();
+        // A peer removed and added back in one response is a change, not a removal.
+        c.removed_peers.retain(|p| !self.peers.contains_key(&p.id));
+        c.stale_keys
+            .extend(c.removed_peers.iter().map(|p| p.key.clone()));
+        self.drop_live_keys(&mut c.stale_keys);
         if let Some(base) = r.packet_filter {
             self.packet_filters.insert("base".into(), base);
             c.filter_changed = true;
@@ -125,23 +172,40 @@ impl Netmap {
     /// set headscale no longer sends for instance, outlives it. The changes are those
     /// between the old map and the new one.
     pub fn replace_with(&mut self, r: MapResponse) -> Changes {
-        let old = std::mem::take(self);
+        let mut old = std::mem::take(self);
         self.apply(r);
+        let changed_peers = self
+            .peers
+            .iter()
+            .filter(|(id, p)| old.peers.get(id) != Some(p))
+            .map(|(id, _)| *id)
+            .collect();
+        old.peers.retain(|id, _| !self.peers.contains_key(id));
+        let mut stale_keys = old.peers.values().map(|p| p.key.clone()).collect();
+        self.drop_live_keys(&mut stale_keys);
         Changes {
             self_changed: self.self_node != old.self_node,
-            peers_changed: self
-                .peers
-                .iter()
-                .filter(|(id, p)| old.peers.get(id) != Some(p))
-                .count(),
-            peers_removed: old
-                .peers
-                .keys()
-                .filter(|id| !self.peers.contains_key(id))
-                .count(),
+            all_peers: true,
+            changed_peers,
+            removed_peers: old.peers.into_values().collect(),
+            stale_keys,
+            routes_changed: true,
+            expiry_changed: true,
             derp_changed: self.derp_map != old.derp_map,
             filter_changed: self.packet_filters != old.packet_filters,
         }
+    }
+
+    /// Keeps in `keys` only those no peer has now (a key can move between node ids).
+    fn drop_live_keys(&self, keys: &mut Vec<String>) {
+        if keys.is_empty() {
+            return;
+        }
+        let live: std::collections::HashSet<&str> =
+            self.peers.values().map(|p| p.key.as_str()).collect();
+        keys.retain(|k| !live.contains(k.as_str()));
+        keys.sort_unstable();
+        keys.dedup();
     }
 
     /// Our mesh addresses (`100.64.x.y/32`, `fd7a:...::/128`).
@@ -242,8 +306,8 @@ mod tests {
         m.apply(resp(r#"{"PacketFilters":{"*":null,"other":[]}}"#));
         assert_eq!(m.packet_filters.keys().collect::<Vec<_>>(), vec!["other"]);
         let c = m.apply(resp(r#"{"Peers":[]}"#));
-        assert_eq!(c.peers_removed, 2);
-        assert!(m.peers.is_empty());
+        assert_eq!(c.removed_peers.len(), 2);
+        assert!(c.all_peers && m.peers.is_empty());
     }
 
     #[test]
@@ -274,17 +338,54 @@ mod tests {
             r#"{"Node":{"ID":1,"Addresses":["100.64.0.1/32"]},
             "Peers":[{"ID":2,"Key":"nodekey:aa"},{"ID":4}],"PacketFilters":{"base":[]}}"#,
         ));
+        assert!(!c.self_changed && !c.derp_changed && c.filter_changed);
+        assert_eq!(c.changed_peers, vec![4]);
         assert_eq!(
-            c,
-            Changes {
-                self_changed: false,
-                peers_changed: 1,
-                peers_removed: 1,
-                derp_changed: false,
-                filter_changed: true,
-            }
+            c.removed_peers.iter().map(|p| p.id).collect::<Vec<_>>(),
+            vec![3]
         );
         assert_eq!(m.packet_filters.keys().collect::<Vec<_>>(), vec!["base"]);
+    }
+
+    #[test]
+    fn a_patch_names_only_the_peers_it_touches() {
+        let mut m = Netmap::default();
+        m.apply(resp(
+            r#"{"Node":{"ID":1},"Peers":[{"ID":2,"AllowedIPs":["100.64.0.2/32"]},{"ID":3},{"ID":4}]}"#,
+        ));
+        let c = m.apply(resp(
+            r#"{"PeersChangedPatch":[{"NodeID":3,"Online":true},{"NodeID":3,"Endpoints":["192.0.2.9:1"]},{"NodeID":77}]}"#,
+        ));
+        assert_eq!(c.changed_peers, vec![3]);
+        assert!(!c.all_peers && !c.routes_changed && !c.expiry_changed && !c.self_changed);
+        assert!(c.removed_peers.is_empty());
+        // A changed node with new AllowedIPs may change routes; a removed one is named.
+        let c = m.apply(resp(
+            r#"{"PeersChanged":[{"ID":2,"AllowedIPs":["100.64.0.2/32","198.51.100.0/24"]}],"PeersRemoved":[4]}"#,
+        ));
+        assert!(
+            c.stale_keys.is_empty(),
+            "no key was set: {:?}",
+            c.stale_keys
+        );
+        assert_eq!(c.changed_peers, vec![2]);
+        assert_eq!(
+            c.removed_peers.iter().map(|p| p.id).collect::<Vec<_>>(),
+            vec![4]
+        );
+        assert!(c.routes_changed && !c.all_peers);
+        let c = m.apply(resp(
+            r#"{"PeersChanged":[{"ID":2,"AllowedIPs":["100.64.0.2/32","198.51.100.0/24"]}]}"#,
+        ));
+        assert!(!c.routes_changed);
+        // A new node key: the old one is stale, for the data plane to drop.
+        m.apply(resp(r#"{"PeersChanged":[{"ID":3,"Key":"nodekey:01"}]}"#));
+        let c = m.apply(resp(
+            r#"{"PeersChangedPatch":[{"NodeID":3,"Key":"nodekey:02"}]}"#,
+        ));
+        assert_eq!(c.stale_keys, vec!["nodekey:01"]);
+        let c = m.apply(resp(r#"{"PeersRemoved":[3]}"#));
+        assert_eq!(c.stale_keys, vec!["nodekey:02"]);
     }
 
     #[test]

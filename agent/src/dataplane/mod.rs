@@ -12,7 +12,7 @@ use crate::disco::{self, Kind, Message};
 use crate::stun;
 use crate::wg::{self, Wg};
 use path::PeerPath;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -147,40 +147,73 @@ impl Engine {
     /// Makes the peer set equal to `peers`. A peer keeps its path state unless its disco key
     /// changed (it restarted: its old pongs mean nothing).
     pub fn set_peers(&mut self, peers: Vec<PeerInfo>) {
-        self.wg.sync(
-            peers
-                .iter()
-                .map(|p| wg::PeerSpec {
-                    node_key: p.node_key,
-                    allowed: p.allowed.clone(),
-                })
-                .collect(),
-        );
-        let mut old = std::mem::take(&mut self.peers);
-        for info in peers {
-            let (path, disco) = match old.remove(&info.node_key) {
-                Some(mut p) if p.info.disco_key == info.disco_key => {
-                    p.path.home_derp = info.home_derp;
-                    p.path.endpoints = info.endpoints.clone();
-                    (p.path, p.disco)
+        let wanted: HashSet<[u8; 32]> = peers.iter().map(|p| p.node_key).collect();
+        let gone: Vec<[u8; 32]> = self
+            .peers
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .copied()
+            .collect();
+        self.update_peers(peers, &gone);
+    }
+
+    /// Adds or changes the peers in `changed` and drops those in `removed`; every other peer
+    /// is left as it is. Costs the changed peers, whatever the number of peers.
+    pub fn update_peers(&mut self, changed: Vec<PeerInfo>, removed: &[[u8; 32]]) {
+        for key in removed {
+            self.wg.remove(key);
+            if let Some(p) = self.peers.remove(key) {
+                self.unindex(&p.info);
+            }
+        }
+        for info in changed {
+            self.wg.upsert(wg::PeerSpec {
+                node_key: info.node_key,
+                allowed: info.allowed.clone(),
+            });
+            let (path, disco) = match self.peers.remove(&info.node_key) {
+                Some(mut p) => {
+                    self.unindex(&p.info);
+                    if p.info.disco_key == info.disco_key {
+                        p.path.home_derp = info.home_derp;
+                        p.path.endpoints = info.endpoints.clone();
+                        (p.path, p.disco)
+                    } else {
+                        self.fresh_path(&info)
+                    }
                 }
-                _ => (
-                    PeerPath::new(info.home_derp, info.endpoints.clone()),
-                    info.disco_key.map(|k| disco::shared(&self.disco, &k)),
-                ),
+                None => self.fresh_path(&info),
             };
+            if let Some(d) = info.disco_key {
+                self.by_disco.insert(d, info.node_key);
+            }
+            for e in &info.endpoints {
+                self.by_endpoint.insert(*e, info.node_key);
+            }
             self.peers.insert(info.node_key, Peer { info, path, disco });
         }
-        self.by_disco = self
-            .peers
-            .values()
-            .filter_map(|p| Some((p.info.disco_key?, p.info.node_key)))
-            .collect();
-        self.by_endpoint = self
-            .peers
-            .values()
-            .flat_map(|p| p.info.endpoints.iter().map(|e| (*e, p.info.node_key)))
-            .collect();
+    }
+
+    fn fresh_path(&self, info: &PeerInfo) -> (PeerPath, Option<crypto_box::SalsaBox>) {
+        (
+            PeerPath::new(info.home_derp, info.endpoints.clone()),
+            info.disco_key.map(|k| disco::shared(&self.disco, &k)),
+        )
+    }
+
+    /// Forgets the disco key and endpoints `info` was indexed under (those still pointing to
+    /// it: another peer may have taken an endpoint over).
+    fn unindex(&mut self, info: &PeerInfo) {
+        if let Some(d) = info.disco_key
+            && self.by_disco.get(&d) == Some(&info.node_key)
+        {
+            self.by_disco.remove(&d);
+        }
+        for e in &info.endpoints {
+            if self.by_endpoint.get(e) == Some(&info.node_key) {
+                self.by_endpoint.remove(e);
+            }
+        }
     }
 
     /// The DERP map changed. Until STUN says otherwise the first region is home.

@@ -204,6 +204,10 @@ impl Shell {
         self.engine().set_peers(peers);
     }
 
+    pub fn update_peers(&self, changed: Vec<PeerInfo>, removed: &[[u8; 32]]) {
+        self.engine().update_peers(changed, removed);
+    }
+
     pub fn set_filter(&self, f: crate::filter::Filter) {
         self.engine().set_filter(f);
     }

@@ -352,3 +352,71 @@ fn junk_data_from_an_unknown_address_starts_no_handshake() {
     n.b.e.on_udp(A.parse().unwrap(), &junk, n.now, &mut out);
     assert_eq!(out.len(), 1, "a second handshake while one is under way");
 }
+
+/// A peer as a large tailnet's other nodes look: its own key and address, no traffic.
+fn bystander(i: u16) -> PeerInfo {
+    let secret = StaticSecret::from([(i % 251) as u8 + 3; 32]);
+    let mut key = *PublicKey::from(&secret).as_bytes();
+    key[30..].copy_from_slice(&i.to_be_bytes());
+    PeerInfo {
+        node_key: key,
+        disco_key: None,
+        allowed: vec![(
+            format!("100.65.{}.{}", i / 256, i % 256).parse().unwrap(),
+            32,
+        )],
+        endpoints: vec![
+            format!("203.0.113.{}:{}", i % 250 + 1, 1000 + i)
+                .parse()
+                .unwrap(),
+        ],
+        home_derp: 999,
+    }
+}
+
+#[test]
+fn peers_coming_and_going_leave_the_others_sessions_and_paths_alone() {
+    let mut n = Net::new();
+    n.udp_blocked = false;
+    n.send_a_to_b();
+    n.tick(path::DISCOVERY);
+    assert_eq!(n.path_of_b().as_deref(), Some(B));
+    assert!(n.a.e.stats(n.now)[&n.b.key].last_handshake.is_some());
+
+    // Hundreds of others arrive, some leave, one changes its endpoints: B's session and
+    // its proven direct path stay as they were.
+    let others: Vec<PeerInfo> = (0..300).map(bystander).collect();
+    n.a.e.update_peers(others.clone(), &[]);
+    let gone: Vec<[u8; 32]> = others[..150].iter().map(|p| p.node_key).collect();
+    let mut moved = others[200].clone();
+    moved.endpoints = vec!["203.0.113.250:9".parse().unwrap()];
+    n.a.e.update_peers(vec![moved.clone()], &gone);
+    assert_eq!(n.a.e.peers.len(), 1 + 150);
+    assert_eq!(
+        n.a.e.by_endpoint.get(&moved.endpoints[0]),
+        Some(&moved.node_key)
+    );
+    assert!(!n.a.e.by_endpoint.contains_key(&others[200].endpoints[0]));
+    assert!(!n.a.e.by_endpoint.contains_key(&others[0].endpoints[0]));
+    assert_eq!(n.path_of_b().as_deref(), Some(B));
+    let udp = n.udp_sent;
+    n.send_a_to_b();
+    assert_eq!(n.b.delivered.len(), 2);
+    assert_eq!(n.udp_sent, udp + 1, "one data packet, no new handshake");
+
+    // B leaves: nothing goes to its address any more. It comes back: a new session.
+    n.a.e.update_peers(vec![], &[n.b.key]);
+    n.send_a_to_b();
+    assert_eq!(n.b.delivered.len(), 2);
+    let (_, ib, _) = node(2, B);
+    n.a.e.update_peers(vec![ib], &[]);
+    n.send_a_to_b();
+    assert_eq!(n.b.delivered.len(), 3);
+
+    // The full set replaces the lot: only B is left.
+    let ib = n.a.e.peers[&n.b.key].info.clone();
+    n.a.e.set_peers(vec![ib]);
+    assert_eq!(n.a.e.peers.len(), 1);
+    assert_eq!(n.a.e.by_endpoint.len(), 1);
+    assert_eq!(n.a.e.by_disco.len(), 1);
+}

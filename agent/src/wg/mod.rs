@@ -59,6 +59,8 @@ pub struct Wg {
     our: StaticSecret,
     our_pub: PublicKey,
     slots: Vec<Option<Peer>>,
+    /// Empty slots, for the next new peer.
+    free: Vec<usize>,
     by_key: HashMap<[u8; 32], usize>,
     /// Every peer's allowed prefixes: where packets go, and which sources each may use.
     table: Table,
@@ -103,6 +105,7 @@ impl Wg {
             our,
             our_pub,
             slots: vec![],
+            free: vec![],
             by_key: HashMap::new(),
             table: Table::default(),
             buf: vec![0u8; 65536 + 256],
@@ -129,60 +132,72 @@ impl Wg {
     pub fn sync(&mut self, peers: Vec<PeerSpec>) {
         let wanted: HashMap<[u8; 32], PeerSpec> =
             peers.into_iter().map(|p| (p.node_key, p)).collect();
-        for (key, slot) in self.by_key.clone() {
-            if !wanted.contains_key(&key) {
-                self.slots[slot] = None;
-                self.by_key.remove(&key);
-            }
+        let gone: Vec<[u8; 32]> = self
+            .by_key
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.remove(&key);
         }
-        for (key, spec) in wanted {
-            match self.by_key.get(&key) {
-                Some(&slot) => {
-                    if let Some(p) = self.slots[slot].as_mut() {
-                        p.spec = spec;
-                    }
-                }
-                None => {
-                    let slot = self
-                        .slots
-                        .iter()
-                        .position(Option::is_none)
-                        .unwrap_or(self.slots.len());
-                    let tunn = Tunn::new(
-                        self.our.clone(),
-                        PublicKey::from(key),
-                        None,
-                        None,
-                        slot as u32,
-                        Some(self.limiter.clone()),
-                    );
-                    let peer = Peer { spec, tunn };
-                    if slot == self.slots.len() {
-                        self.slots.push(Some(peer));
-                    } else {
-                        self.slots[slot] = Some(peer);
-                    }
-                    self.by_key.insert(key, slot);
-                }
-            }
+        for spec in wanted.into_values() {
+            self.upsert(spec);
         }
-        self.rebuild_table();
     }
 
-    /// Peers in node key order, so that a prefix two peers claim goes to the same one after
-    /// every restart.
-    fn rebuild_table(&mut self) {
-        let mut keys: Vec<(&[u8; 32], &usize)> = self.by_key.iter().collect();
-        keys.sort();
-        let mut table = Table::default();
-        for (_, &slot) in keys {
-            if let Some(p) = &self.slots[slot] {
-                for &(ip, len) in &p.spec.allowed {
-                    table.insert(ip, len, slot);
-                }
+    /// Adds a peer, or gives a known one (its session kept) new allowed IPs. Costs the
+    /// peer's own prefixes, whatever the number of peers.
+    pub fn upsert(&mut self, spec: PeerSpec) {
+        let key = spec.node_key;
+        if let Some(&slot) = self.by_key.get(&key) {
+            let Some(p) = self.slots[slot].as_mut() else {
+                return;
+            };
+            if p.spec.allowed == spec.allowed {
+                return;
+            }
+            for &(ip, len) in &p.spec.allowed {
+                self.table.remove(ip, len, &key);
+            }
+            for &(ip, len) in &spec.allowed {
+                self.table.insert(ip, len, key, slot);
+            }
+            p.spec = spec;
+            return;
+        }
+        let slot = self.free.pop().unwrap_or(self.slots.len());
+        let tunn = Tunn::new(
+            self.our.clone(),
+            PublicKey::from(key),
+            None,
+            None,
+            slot as u32,
+            Some(self.limiter.clone()),
+        );
+        for &(ip, len) in &spec.allowed {
+            self.table.insert(ip, len, key, slot);
+        }
+        let peer = Peer { spec, tunn };
+        if slot == self.slots.len() {
+            self.slots.push(Some(peer));
+        } else {
+            self.slots[slot] = Some(peer);
+        }
+        self.by_key.insert(key, slot);
+    }
+
+    /// Removes a peer and its session.
+    pub fn remove(&mut self, key: &[u8; 32]) {
+        let Some(slot) = self.by_key.remove(key) else {
+            return;
+        };
+        if let Some(p) = self.slots[slot].take() {
+            for &(ip, len) in &p.spec.allowed {
+                self.table.remove(ip, len, key);
             }
         }
-        self.table = table;
+        self.free.push(slot);
     }
 
     /// The peer a verified packet belongs to. Only a handshake initiation needs our private

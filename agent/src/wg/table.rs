@@ -5,15 +5,22 @@
 //!
 //! One hash map per prefix length that is in use: a lookup costs one probe per distinct
 //! length (two in the common case, the mesh's /32s and /128s), whatever the number of peers.
+//! Peers come and go one at a time ([`Table::insert`], [`Table::remove`]): a change costs
+//! the changed peer's prefixes, never a rebuild. A prefix two peers claim goes to the one
+//! with the smaller node key, whatever the order they arrived in (headscale makes one node
+//! primary per route; a tie is a misconfiguration, and must not flip with each restart).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-/// Prefixes of one address family, as integers, to values.
+/// The peers that claim one prefix, smallest node key first: the first one routes.
+type Owners = Vec<([u8; 32], usize)>;
+
+/// Prefixes of one address family, as integers, to their owners.
 #[derive(Debug, Clone)]
 struct Family<K> {
-    /// Per prefix length in use, longest first: masked address → value.
-    by_len: Vec<(u8, HashMap<K, usize>)>,
+    /// Per prefix length in use, longest first: masked address → owners.
+    by_len: Vec<(u8, HashMap<K, Owners>)>,
 }
 
 impl<K> Default for Family<K> {
@@ -46,8 +53,7 @@ impl Bits for u128 {
 }
 
 impl<K: Bits> Family<K> {
-    /// Adds `prefix/len → value` unless that exact prefix is taken: the first insert wins.
-    fn insert(&mut self, prefix: K, len: u8, value: usize) {
+    fn insert(&mut self, prefix: K, len: u8, key: [u8; 32], slot: usize) {
         let len = len.min(K::MAX);
         let i = match self.by_len.iter().position(|(l, _)| *l <= len) {
             Some(i) if self.by_len[i].0 == len => i,
@@ -60,17 +66,40 @@ impl<K: Bits> Family<K> {
                 self.by_len.len() - 1
             }
         };
-        self.by_len[i].1.entry(prefix.mask(len)).or_insert(value);
+        let owners = self.by_len[i].1.entry(prefix.mask(len)).or_default();
+        match owners.binary_search_by(|(k, _)| k.cmp(&key)) {
+            Ok(at) => owners[at].1 = slot,
+            Err(at) => owners.insert(at, (key, slot)),
+        }
+    }
+
+    fn remove(&mut self, prefix: K, len: u8, key: &[u8; 32]) {
+        let len = len.min(K::MAX);
+        let Some(i) = self.by_len.iter().position(|(l, _)| *l == len) else {
+            return;
+        };
+        let map = &mut self.by_len[i].1;
+        let masked = prefix.mask(len);
+        if let Some(owners) = map.get_mut(&masked) {
+            owners.retain(|(k, _)| k != key);
+            if owners.is_empty() {
+                map.remove(&masked);
+            }
+        }
+        if map.is_empty() {
+            self.by_len.remove(i);
+        }
     }
 
     fn lookup(&self, addr: K) -> Option<usize> {
         self.by_len
             .iter()
-            .find_map(|(len, m)| m.get(&addr.mask(*len)).copied())
+            .find_map(|(len, m)| m.get(&addr.mask(*len)).and_then(|o| o.first()))
+            .map(|(_, slot)| *slot)
     }
 }
 
-/// The routing table of a peer set: prefix → peer slot.
+/// The routing table of a peer set: prefix → the slot of the peer that owns it.
 #[derive(Debug, Clone, Default)]
 pub struct Table {
     v4: Family<u32>,
@@ -78,13 +107,20 @@ pub struct Table {
 }
 
 impl Table {
-    /// Routes `ip/len` to `slot`. A prefix that is already in the table keeps its peer, so
-    /// callers insert in a deterministic order (headscale makes one node primary per route;
-    /// a tie here is a misconfiguration, and must not flip with each restart).
-    pub fn insert(&mut self, ip: IpAddr, len: u8, slot: usize) {
+    /// Routes `ip/len` to the peer `key` in `slot` (unless a peer with a smaller key claims
+    /// the same prefix).
+    pub fn insert(&mut self, ip: IpAddr, len: u8, key: [u8; 32], slot: usize) {
         match ip {
-            IpAddr::V4(a) => self.v4.insert(u32::from(a), len, slot),
-            IpAddr::V6(a) => self.v6.insert(u128::from(a), len, slot),
+            IpAddr::V4(a) => self.v4.insert(u32::from(a), len, key, slot),
+            IpAddr::V6(a) => self.v6.insert(u128::from(a), len, key, slot),
+        }
+    }
+
+    /// Withdraws peer `key`'s claim on `ip/len`; another claimant takes over.
+    pub fn remove(&mut self, ip: IpAddr, len: u8, key: &[u8; 32]) {
+        match ip {
+            IpAddr::V4(a) => self.v4.remove(u32::from(a), len, key),
+            IpAddr::V6(a) => self.v6.remove(u128::from(a), len, key),
         }
     }
 
@@ -119,7 +155,7 @@ mod tests {
             let mut t = Table::default();
             for i in order {
                 let (a, l, s) = routes[i];
-                t.insert(ip(a), l, s);
+                t.insert(ip(a), l, key(s), s);
             }
             assert_eq!(t.lookup(ip("100.64.0.2")), Some(3));
             assert_eq!(t.lookup(ip("100.64.0.3")), Some(1));
@@ -129,17 +165,30 @@ mod tests {
         }
     }
 
+    fn key(n: usize) -> [u8; 32] {
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&(n as u64).to_be_bytes());
+        k
+    }
+
     #[test]
-    fn no_route_no_peer_and_first_insert_keeps_a_prefix() {
+    fn no_route_no_peer_and_the_smallest_key_owns_a_prefix() {
         let mut t = Table::default();
         assert_eq!(t.lookup(ip("100.64.0.1")), None);
-        t.insert(ip("198.51.100.0"), 24, 5);
-        t.insert(ip("198.51.100.0"), 24, 6);
+        t.insert(ip("198.51.100.0"), 24, key(6), 6);
+        t.insert(ip("198.51.100.0"), 24, key(5), 5);
         // Host bits in the prefix do not matter: the network is what routes.
-        t.insert(ip("198.51.100.77"), 24, 7);
+        t.insert(ip("198.51.100.77"), 24, key(7), 7);
         assert_eq!(t.lookup(ip("198.51.100.1")), Some(5));
         assert_eq!(t.lookup(ip("198.51.101.1")), None);
         assert_eq!(t.lookup(ip("::1")), None);
+        // When the owner goes, the next claimant routes; when all go, nothing does.
+        t.remove(ip("198.51.100.0"), 24, &key(5));
+        assert_eq!(t.lookup(ip("198.51.100.1")), Some(6));
+        t.remove(ip("198.51.100.0"), 24, &key(6));
+        t.remove(ip("198.51.100.0"), 24, &key(7));
+        assert_eq!(t.lookup(ip("198.51.100.1")), None);
+        assert!(t.v4.by_len.is_empty());
     }
 
     proptest! {
@@ -149,17 +198,21 @@ mod tests {
             prefixes in proptest::collection::vec((any::<u32>(), 0u8..=32), 0..40),
             probes in proptest::collection::vec(any::<u32>(), 1..40),
         ) {
+            // Peer i claims prefix i; the odd ones leave again.
             let mut t = Table::default();
             for (i, (a, l)) in prefixes.iter().enumerate() {
-                t.insert(IpAddr::V4((*a).into()), *l, i);
+                t.insert(IpAddr::V4((*a).into()), *l, key(i), i);
+            }
+            for (i, (a, l)) in prefixes.iter().enumerate().filter(|(i, _)| i % 2 == 1) {
+                t.remove(IpAddr::V4((*a).into()), *l, &key(i));
             }
             for p in probes {
-                // Among the prefixes that contain the probe: the longest, and of equal ones
-                // (they are the same network) the first inserted.
+                // Among the remaining prefixes that contain the probe: the longest, and of
+                // equal ones (the same network) the smallest key.
                 let want = prefixes
                     .iter()
                     .enumerate()
-                    .filter(|(_, (a, l))| a.mask(*l) == p.mask(*l))
+                    .filter(|(i, (a, l))| i % 2 == 0 && a.mask(*l) == p.mask(*l))
                     .max_by_key(|(i, (_, l))| (*l, std::cmp::Reverse(*i)))
                     .map(|(i, _)| i);
                 prop_assert_eq!(t.lookup(IpAddr::V4(p.into())), want);

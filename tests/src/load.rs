@@ -1,0 +1,384 @@
+//! Load for headscale: many nodes registered over ts2021 with the agent's own control client
+//! (throwaway machine, node and disco keys, one reusable pre-auth key), some of them online
+//! with a map stream, coming and going and changing endpoints at a given rate. They carry no
+//! traffic: they exist so that the nodes under test (the agent, a stock tailscaled) get the
+//! maps and patches of a large, busy tailnet from real headscale.
+//!
+//! `vdc-load` (`src/bin/vdc-load.rs`) runs it inside a lab host; its progress is a JSON file
+//! the tests read ([`Progress`]).
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vpn_agent::control::client::{self, ServerUrl, Session};
+use vpn_agent::control::types::{
+    AuthInfo, CAPABILITY_VERSION, Hostinfo, MapRequest, RegisterRequest, ZERO_TIME,
+};
+use vpn_agent::keys;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+/// What to do.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub server: String,
+    pub ca_file: Option<PathBuf>,
+    /// A reusable pre-auth key.
+    pub auth_key: String,
+    /// Nodes to register (`<prefix>-<i>`).
+    pub nodes: usize,
+    /// How many of them keep a map stream open (the first ones); the churn happens among them.
+    pub online: usize,
+    /// Changes per second once all are registered: an online node goes offline or comes back,
+    /// or changes its endpoints, in turn. 0: none.
+    pub churn_per_sec: f64,
+    pub prefix: String,
+    /// Registrations in flight at once.
+    pub parallel: usize,
+    /// Where [`Progress`] is written, about once a second.
+    pub progress: PathBuf,
+}
+
+/// How far the load got.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    pub registered: usize,
+    pub online: usize,
+    /// Churn events done: streams closed, streams opened, endpoint changes.
+    pub went_offline: u64,
+    pub came_online: u64,
+    pub endpoint_changes: u64,
+    /// Errors talking to headscale (each retried at the next turn).
+    pub errors: u64,
+    pub last_error: Option<String>,
+    /// Seconds from the start until every node was registered.
+    pub registered_after_secs: Option<f64>,
+}
+
+impl Progress {
+    pub fn churn_events(&self) -> u64 {
+        self.went_offline + self.came_online + self.endpoint_changes
+    }
+}
+
+/// One load node's identity.
+struct Node {
+    name: String,
+    machine: StaticSecret,
+    node: StaticSecret,
+    disco: StaticSecret,
+    /// Its session and the task that reads its map stream, while online.
+    online: Option<(Session, tokio::task::JoinHandle<()>)>,
+    /// Bumped at each endpoint change, so each change is a new endpoint.
+    generation: u32,
+}
+
+impl Node {
+    fn new(prefix: &str, i: usize) -> Node {
+        Node {
+            name: format!("{prefix}-{i}"),
+            machine: keys::generate(),
+            node: keys::generate(),
+            disco: keys::generate(),
+            online: None,
+            generation: 0,
+        }
+    }
+
+    fn node_key(&self) -> String {
+        keys::public_text("nodekey", &PublicKey::from(&self.node))
+    }
+
+    fn hostinfo(&self) -> Hostinfo {
+        Hostinfo {
+            ipn_version: "vdc-load".into(),
+            os: "linux".into(),
+            hostname: self.name.clone(),
+            routable_ips: vec![],
+            arch: "amd64".into(),
+            net_info: None,
+        }
+    }
+
+    /// A TEST-NET-3 endpoint no packet ever reaches: it only has to differ per change.
+    fn endpoint(&self, index: usize) -> String {
+        let n = (index as u32).wrapping_mul(7919) ^ self.generation;
+        format!("203.0.113.{}:{}", 1 + n % 254, 20000 + (n / 254) % 40000)
+    }
+
+    fn map_request(&self, index: usize, stream: bool) -> MapRequest {
+        MapRequest {
+            version: CAPABILITY_VERSION,
+            compress: "zstd".into(),
+            keep_alive: stream,
+            node_key: self.node_key(),
+            disco_key: keys::public_text("discokey", &PublicKey::from(&self.disco)),
+            stream,
+            omit_peers: !stream,
+            hostinfo: self.hostinfo(),
+            endpoints: vec![self.endpoint(index)],
+            endpoint_types: vec![1],
+        }
+    }
+}
+
+struct Ctx {
+    url: ServerUrl,
+    tls: Arc<rustls::ClientConfig>,
+    auth_key: String,
+}
+
+async fn register(ctx: &Ctx, n: &Node) -> Result<Session> {
+    let mut s = client::connect(&ctx.url, &ctx.tls, &n.machine).await?;
+    let r = s
+        .register(&RegisterRequest {
+            version: CAPABILITY_VERSION,
+            node_key: n.node_key(),
+            old_node_key: keys::public_text("nodekey", &PublicKey::from([0u8; 32])),
+            auth: Some(AuthInfo {
+                auth_key: ctx.auth_key.clone(),
+            }),
+            expiry: ZERO_TIME.into(),
+            hostinfo: n.hostinfo(),
+        })
+        .await?;
+    anyhow::ensure!(
+        r.error.is_empty() && r.machine_authorized,
+        "{}: not registered: {:?}",
+        n.name,
+        r.error
+    );
+    Ok(s)
+}
+
+/// Opens `n`'s map stream on `s` and reads it in the background, discarding what comes.
+async fn go_online(ctx: &Ctx, n: &mut Node, index: usize, s: Option<Session>) -> Result<()> {
+    let mut s = match s {
+        Some(s) => s,
+        None => client::connect(&ctx.url, &ctx.tls, &n.machine).await?,
+    };
+    let mut body = s.map(&n.map_request(index, true)).await?;
+    let reader = tokio::spawn(async move { while let Ok(Some(_)) = body.next_message().await {} });
+    n.online = Some((s, reader));
+    Ok(())
+}
+
+fn go_offline(n: &mut Node) {
+    if let Some((s, reader)) = n.online.take() {
+        reader.abort();
+        drop(s);
+    }
+}
+
+/// A new endpoint for an online node, as tailscaled reports one: a non-streaming map request.
+async fn change_endpoint(n: &mut Node, index: usize) -> Result<()> {
+    n.generation += 1;
+    let req = n.map_request(index, false);
+    let (s, _) = n.online.as_mut().context("not online")?;
+    s.map(&req).await?.read_all().await?;
+    Ok(())
+}
+
+fn write_progress(path: &PathBuf, p: &Progress) {
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, serde_json::to_vec(p).expect("serializes")).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+/// Registers the nodes, brings the first `online` of them online, then churns until killed.
+pub async fn run(spec: LoadSpec) -> Result<()> {
+    let ctx = Arc::new(Ctx {
+        url: ServerUrl::parse(&spec.server)?,
+        tls: client::tls_config(spec.ca_file.as_deref())?,
+        auth_key: spec.auth_key.clone(),
+    });
+    let start = Instant::now();
+    let mut progress = Progress::default();
+    let mut nodes: Vec<Node> = (0..spec.nodes)
+        .map(|i| Node::new(&spec.prefix, i))
+        .collect();
+
+    // Registration, `parallel` at a time; those that stay online keep their session.
+    let mut i = 0;
+    while i < nodes.len() {
+        let end = (i + spec.parallel.max(1)).min(nodes.len());
+        let mut batch = tokio::task::JoinSet::new();
+        for (j, n) in nodes.iter_mut().enumerate().take(end).skip(i) {
+            let ctx = ctx.clone();
+            let mut node = std::mem::replace(n, Node::new("", 0));
+            batch.spawn(async move {
+                let r = async {
+                    let s = register(&ctx, &node).await?;
+                    if j < spec.online {
+                        go_online(&ctx, &mut node, j, Some(s)).await?;
+                    }
+                    anyhow::Ok(())
+                }
+                .await;
+                (j, node, r)
+            });
+        }
+        while let Some(done) = batch.join_next().await {
+            let (j, node, r) = done?;
+            r.with_context(|| format!("registering {}", node.name))?;
+            nodes[j] = node;
+            progress.registered += 1;
+            progress.online += usize::from(j < spec.online);
+        }
+        write_progress(&spec.progress, &progress);
+        i = end;
+    }
+    progress.registered_after_secs = Some(start.elapsed().as_secs_f64());
+    write_progress(&spec.progress, &progress);
+
+    let online = spec.online.min(nodes.len());
+    if spec.churn_per_sec <= 0.0 || online == 0 {
+        return std::future::pending().await;
+    }
+    // Each event runs as a task of its own: a node coming online takes a connection and a
+    // full map, and must not hold up the next events.
+    let nodes: Vec<Arc<tokio::sync::Mutex<Node>>> = nodes
+        .into_iter()
+        .take(online)
+        .map(|n| Arc::new(tokio::sync::Mutex::new(n)))
+        .collect();
+    let progress = Arc::new(std::sync::Mutex::new(progress));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / spec.churn_per_sec));
+    let mut report = tokio::time::interval(Duration::from_secs(1));
+    let mut turn: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                // Node by node, each event of three kinds in turn: offline, online again,
+                // then a new endpoint.
+                let index = (turn as usize) % online;
+                let kind = (turn / online as u64) % 3;
+                turn += 1;
+                let (node, ctx, progress) = (nodes[index].clone(), ctx.clone(), progress.clone());
+                tokio::spawn(async move {
+                    let mut n = node.lock().await;
+                    let r = churn(&ctx, &mut n, index, kind).await;
+                    let mut p = progress.lock().expect("progress lock");
+                    match r {
+                        Ok(Event::Offline) => {
+                            p.went_offline += 1;
+                            p.online -= 1;
+                        }
+                        Ok(Event::Online) => {
+                            p.came_online += 1;
+                            p.online += 1;
+                        }
+                        Ok(Event::Endpoint) => p.endpoint_changes += 1,
+                        Err(e) => {
+                            p.errors += 1;
+                            p.last_error = Some(format!("{}: {e:#}", n.name));
+                        }
+                    }
+                });
+            }
+            _ = report.tick() => {
+                let p = progress.lock().expect("progress lock").clone();
+                write_progress(&spec.progress, &p);
+            }
+        }
+    }
+}
+
+enum Event {
+    Offline,
+    Online,
+    Endpoint,
+}
+
+/// One churn event of `kind` (0 offline, 1 online, 2 new endpoint) for node `n`; an offline
+/// node comes online whatever the kind.
+async fn churn(ctx: &Ctx, n: &mut Node, index: usize, kind: u64) -> Result<Event> {
+    match (kind, n.online.is_some()) {
+        (0, true) => {
+            go_offline(n);
+            Ok(Event::Offline)
+        }
+        (_, false) => go_online(ctx, n, index, None).await.map(|()| Event::Online),
+        (_, true) => change_endpoint(n, index).await.map(|()| Event::Endpoint),
+    }
+}
+
+/// `vdc-load` running in a lab host.
+pub struct Load {
+    pub progress: PathBuf,
+}
+
+impl Load {
+    /// Starts `vdc-load` on lab host `host`: `nodes` nodes of headscale user `user` named
+    /// `<prefix>-<i>`, the first `online` with a map stream, churning at `churn_per_sec`.
+    pub fn start(
+        lab: &crate::Lab,
+        host: &str,
+        user: &str,
+        nodes: usize,
+        online: usize,
+        churn_per_sec: f64,
+    ) -> Result<Load> {
+        let hs = lab.headscale();
+        let user = hs.user(user).or_else(|_| hs.create_user(user))?;
+        let key = hs.create_preauth_key(
+            &user,
+            &crate::headscale::KeyOptions {
+                reusable: true,
+                ..Default::default()
+            },
+        )?;
+        let dir = lab.host_dir(host).join("load");
+        std::fs::create_dir_all(&dir)?;
+        crate::headscale::write_private(&dir.join("key"), key.key.as_bytes())?;
+        let progress = dir.join("progress.json");
+        let _ = std::fs::remove_file(&progress);
+        let mut c = lab
+            .host(host)
+            .ns()
+            .command(crate::tools::project_bin("vdc-load"));
+        c.args(["--server", &hs.url()])
+            .arg("--ca-file")
+            .arg(hs.ca_path())
+            .arg("--auth-key-file")
+            .arg(dir.join("key"))
+            .args(["--nodes", &nodes.to_string()])
+            .args(["--online", &online.to_string()])
+            .args(["--churn-per-sec", &churn_per_sec.to_string()])
+            .arg("--progress")
+            .arg(&progress);
+        lab.spawn(host, "load", c)?;
+        Ok(Load { progress })
+    }
+
+    /// The load's progress so far.
+    pub fn progress(&self) -> Progress {
+        std::fs::read(&self.progress)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Waits until `pred` holds of the progress, for up to `limit`.
+    pub fn wait(
+        &self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&Progress) -> bool,
+    ) -> Result<Progress> {
+        let start = Instant::now();
+        loop {
+            let p = self.progress();
+            if pred(&p) {
+                return Ok(p);
+            }
+            anyhow::ensure!(
+                start.elapsed() < limit,
+                "load: {what} not reached within {limit:?}: {p:?}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The agent in a large, busy tailnet (#15): real headscale with hundreds of other nodes,
+//! registered over ts2021 by `vdc-load`, dozens of them coming, going and changing endpoints
+//! all the while.
+
+use std::time::Duration;
+use vdc::firewall::{
+    AGENT_LOG, join_operator, ssh, start_firewall, start_sshd, wait_banner, wait_status,
+};
+use vdc::load::Load;
+use vdc::{Lab, LabOptions, cmd, require_lab};
+
+const MACHINE: &str = "0cfc7e24-aaaa-4bbb-8ccc-0000000005ca";
+/// Nodes besides the firewall and the operator, and how many of them churn.
+const NODES: usize = 200;
+const CHURNING: usize = 50;
+const CHURN_PER_SEC: f64 = 10.0;
+/// How long the operator's session runs under churn.
+const SESSION_SECS: u32 = 30;
+
+#[test]
+fn the_operators_ssh_stays_up_while_50_of_200_nodes_come_and_go() {
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw", "op", "load"])).unwrap();
+    let (_fw, fw_ip) = start_firewall(&lab, "fw", MACHINE, "project-s", &[]).unwrap();
+    let (_op, _) = join_operator(&lab, "op", "fw").unwrap();
+    let authorized = start_sshd(&lab, "fw").unwrap();
+    wait_banner(&lab.host("op").ns(), (fw_ip, 22).into()).unwrap();
+
+    let load = Load::start(&lab, "load", "load", NODES, CHURNING, CHURN_PER_SEC).unwrap();
+    let registered = load
+        .wait("every node registered", Duration::from_secs(180), |p| {
+            p.registered_after_secs.is_some()
+        })
+        .unwrap();
+    println!(
+        "    {NODES} nodes registered in {:.1} s",
+        registered.registered_after_secs.unwrap()
+    );
+    wait_status(&lab, "fw", "every node in the netmap", |s| {
+        s["peers"].as_array().is_some_and(|p| p.len() > NODES)
+    })
+    .unwrap();
+    let log_before = lab.log("fw", AGENT_LOG).lines().count();
+    let events_before = load.progress().churn_events();
+
+    // The operator's session under churn: an SSH command that ticks for 30 s, and pings
+    // beside it, five a second; not one may be lost.
+    let ping = {
+        let ns = lab.host("op").ns();
+        let count = (SESSION_SECS * 5).to_string();
+        std::thread::spawn(move || {
+            cmd::run_quiet(
+                ns.command("ping")
+                    .args(["-i", "0.2", "-c", &count, "-W", "2"])
+                    .arg(fw_ip.to_string()),
+            )
+        })
+    };
+    let ticks = ssh(
+        &lab,
+        "op",
+        fw_ip,
+        &authorized,
+        &format!("for i in $(seq {SESSION_SECS}); do echo tick $i; sleep 1; done"),
+    )
+    .unwrap();
+    assert_eq!(ticks.lines().count(), SESSION_SECS as usize, "{ticks}");
+    let ping = ping.join().unwrap().unwrap();
+    assert!(ping.contains(" 0% packet loss"), "{ping}");
+
+    let p = load.progress();
+    let events = p.churn_events() - events_before;
+    assert!(
+        events as f64 >= CHURN_PER_SEC * f64::from(SESSION_SECS) * 0.8,
+        "the load churned only {events} times: {p:?}"
+    );
+    assert_eq!(p.errors, 0, "{p:?}");
+    // The agent kept up: it still lists every node, and it is quiet about each change.
+    let st = vdc::firewall::agent_status(&lab, "fw").unwrap();
+    assert_eq!(st["backend_state"], "Running");
+    assert!(st["peers"].as_array().unwrap().len() > NODES, "{st}");
+    let log = lab.log("fw", AGENT_LOG);
+    let during: Vec<&str> = log.lines().skip(log_before).collect();
+    assert!(
+        during.len() < 10,
+        "{} log lines for {events} changes:\n{}",
+        during.len(),
+        during.join("\n")
+    );
+    // When the load stops, its streams close and headscale says so in patches: the agent
+    // ends up with the operator as its only online peer.
+    lab.stop("load", "load").unwrap();
+    wait_status(&lab, "fw", "only the operator online", |s| {
+        s["peers"]
+            .as_array()
+            .is_some_and(|p| p.iter().filter(|p| p["online"] == true).count() == 1)
+    })
+    .unwrap();
+    println!(
+        "    {events} changes in {SESSION_SECS} s: ssh and {} pings unbroken, {} agent log lines",
+        SESSION_SECS * 5,
+        during.len()
+    );
+}
