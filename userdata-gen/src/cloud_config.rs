@@ -159,18 +159,11 @@ pub fn lockdown_ruleset(payload: &Payload) -> String {
     let s = &payload.agent;
     let mut rules = vec![];
     for proto in [Protocol::Tcp, Protocol::Udp] {
-        let mut ports: Vec<u16> = s
-            .services
-            .iter()
-            .filter(|svc| svc.protocol == proto)
-            .map(|svc| svc.port)
-            .collect();
-        if proto == Protocol::Tcp {
-            ports.extend(&s.closed_tcp_ports);
+        let mut ports = s.closed_ports(proto);
+        // No tunnel yet: SSH is for nobody.
+        if proto == Protocol::Tcp && !ports.contains(&s.ssh_port) {
             ports.push(s.ssh_port);
         }
-        ports.sort_unstable();
-        ports.dedup();
         if !ports.is_empty() {
             let list: Vec<String> = ports.iter().map(u16::to_string).collect();
             rules.push(format!(

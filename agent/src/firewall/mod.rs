@@ -120,17 +120,7 @@ pub fn rules(s: &AgentSettings) -> Vec<Vec<Value>> {
         ]);
     }
     for proto in [Protocol::Tcp, Protocol::Udp] {
-        let mut closed: Vec<u16> = s
-            .services
-            .iter()
-            .filter(|svc| svc.protocol == proto)
-            .map(|svc| svc.port)
-            .collect();
-        if proto == Protocol::Tcp {
-            closed.extend(&s.closed_tcp_ports);
-        }
-        closed.sort_unstable();
-        closed.dedup();
+        let closed = s.closed_ports(proto);
         if !closed.is_empty() {
             out.push(vec![
                 m(dport(proto), ports(&closed)),

@@ -141,6 +141,25 @@ impl std::str::FromStr for Service {
     }
 }
 
+impl AgentSettings {
+    /// The ports of `proto` that only the tunnel may reach, sorted: the mesh-only services,
+    /// and for TCP the closed ports.
+    pub fn closed_ports(&self, proto: Protocol) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .services
+            .iter()
+            .filter(|svc| svc.protocol == proto)
+            .map(|svc| svc.port)
+            .collect();
+        if proto == Protocol::Tcp {
+            ports.extend(&self.closed_tcp_ports);
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+}
+
 impl Default for AgentSettings {
     fn default() -> Self {
         Self {
