@@ -196,22 +196,23 @@ pub async fn run(spec: LoadSpec) -> Result<()> {
     });
     let start = Instant::now();
     let mut progress = Progress::default();
-    let mut nodes: Vec<Node> = (0..spec.nodes)
-        .map(|i| Node::new(&spec.prefix, i))
-        .collect();
+    // The nodes that stay online, kept with their sessions; the others are done once
+    // registered.
+    let online = spec.online.min(spec.nodes);
+    let mut kept: Vec<Option<Node>> = (0..online).map(|_| None).collect();
 
-    // Registration, `parallel` at a time; those that stay online keep their session.
+    // Registration, `parallel` at a time.
     let mut i = 0;
-    while i < nodes.len() {
-        let end = (i + spec.parallel.max(1)).min(nodes.len());
+    while i < spec.nodes {
+        let end = (i + spec.parallel.max(1)).min(spec.nodes);
         let mut batch = tokio::task::JoinSet::new();
-        for (j, n) in nodes.iter_mut().enumerate().take(end).skip(i) {
-            let ctx = ctx.clone();
-            let mut node = std::mem::replace(n, Node::new("", 0));
+        for j in i..end {
+            let (ctx, prefix) = (ctx.clone(), spec.prefix.clone());
             batch.spawn(async move {
+                let mut node = Node::new(&prefix, j);
                 let r = async {
                     let s = register(&ctx, &node).await?;
-                    if j < spec.online {
+                    if j < online {
                         go_online(&ctx, &mut node, j, Some(s)).await?;
                     }
                     anyhow::Ok(())
@@ -223,9 +224,11 @@ pub async fn run(spec: LoadSpec) -> Result<()> {
         while let Some(done) = batch.join_next().await {
             let (j, node, r) = done?;
             r.with_context(|| format!("registering {}", node.name))?;
-            nodes[j] = node;
             progress.registered += 1;
-            progress.online += usize::from(j < spec.online);
+            if j < online {
+                progress.online += 1;
+                kept[j] = Some(node);
+            }
         }
         write_progress(&spec.progress, &progress);
         i = end;
@@ -233,16 +236,14 @@ pub async fn run(spec: LoadSpec) -> Result<()> {
     progress.registered_after_secs = Some(start.elapsed().as_secs_f64());
     write_progress(&spec.progress, &progress);
 
-    let online = spec.online.min(nodes.len());
     if spec.churn_per_sec <= 0.0 || online == 0 {
         return std::future::pending().await;
     }
     // Each event runs as a task of its own: a node coming online takes a connection and a
     // full map, and must not hold up the next events.
-    let nodes: Vec<Arc<tokio::sync::Mutex<Node>>> = nodes
+    let nodes: Vec<Arc<tokio::sync::Mutex<Node>>> = kept
         .into_iter()
-        .take(online)
-        .map(|n| Arc::new(tokio::sync::Mutex::new(n)))
+        .map(|n| Arc::new(tokio::sync::Mutex::new(n.expect("registered above"))))
         .collect();
     let progress = Arc::new(std::sync::Mutex::new(progress));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / spec.churn_per_sec));

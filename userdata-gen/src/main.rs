@@ -264,6 +264,17 @@ fn client(h: &HeadscaleArgs, default_url: &str, ca: Option<&[u8]>) -> Result<Cli
     Client::new(url, api_key(h)?, ca, h.timeout)
 }
 
+/// The client for a command that talks only to headscale's API (`command` names it in the
+/// error when --headscale-api-url is missing).
+fn api_client(h: &HeadscaleArgs, command: &str) -> Result<Client> {
+    let ca = ca_pem(h)?;
+    let url = h
+        .headscale_api_url
+        .as_deref()
+        .ok_or_else(|| Error::Input(format!("{command} needs --headscale-api-url")))?;
+    client(h, url, ca.as_deref())
+}
+
 /// Writes `data` to `path` atomically: a temporary file in the same directory, then rename;
 /// the file is 0600.
 fn stage(path: &Path, data: &[u8]) -> Result<PathBuf> {
@@ -451,13 +462,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn run_nodes(a: NodesArgs) -> Result<()> {
-    let ca = ca_pem(&a.headscale)?;
-    let url = a
-        .headscale
-        .headscale_api_url
-        .clone()
-        .ok_or_else(|| Error::Input("nodes needs --headscale-api-url".into()))?;
-    let c = client(&a.headscale, &url, ca.as_deref())?;
+    let c = api_client(&a.headscale, "nodes")?;
     let mut nodes = headscale::project_nodes(&c.list_nodes()?, &a.project)?;
     match &a.headscale_debug_url {
         Some(debug) => {
@@ -524,13 +529,7 @@ fn nodes_table(nodes: &[headscale::NodeInfo]) -> String {
 }
 
 fn run_auth_key(a: AuthKeyArgs) -> Result<()> {
-    let ca = ca_pem(&a.headscale)?;
-    let url = a
-        .headscale
-        .headscale_api_url
-        .clone()
-        .ok_or_else(|| Error::Input("auth-key needs --headscale-api-url".into()))?;
-    let c = client(&a.headscale, &url, ca.as_deref())?;
+    let c = api_client(&a.headscale, "auth-key")?;
     let user = c.ensure_user(&a.project)?;
     let k = c.create_preauth_key(
         &user,

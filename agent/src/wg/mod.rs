@@ -128,7 +128,9 @@ impl Wg {
     }
 
     /// Makes the peer set equal to `peers`: new ones get a tunnel, gone ones lose theirs,
-    /// existing ones keep their session and learn new allowed IPs.
+    /// existing ones keep their session and learn new allowed IPs. The engine keeps its own
+    /// peer set and calls [`Wg::upsert`] and [`Wg::remove`]; the tests set up with this.
+    #[cfg(test)]
     pub fn sync(&mut self, peers: Vec<PeerSpec>) {
         let wanted: HashMap<[u8; 32], PeerSpec> =
             peers.into_iter().map(|p| (p.node_key, p)).collect();
