@@ -11,6 +11,7 @@
 //!
 //! The parsers and the table are pure; [`Bench`] is the IO.
 
+pub mod scale;
 pub mod subnet;
 
 use crate::cmd;
@@ -131,6 +132,9 @@ pub struct Results {
 /// The lab with both targets up, joined and on a direct path from op.
 pub struct Bench {
     pub lab: Lab,
+    /// The agent's binary, and the root Ignition wrote for its host.
+    pub agent_bin: std::path::PathBuf,
+    pub agent_root: std::path::PathBuf,
     pub op: Tailscaled,
     pub ts: Tailscaled,
     pub agent_ip: IpAddr,
@@ -141,8 +145,15 @@ impl Bench {
     /// Builds the lab: vpn-agent from `agent_bin` on `fw`, stock tailscaled on `ts` and `op`,
     /// `iperf3 -s` on both firewall hosts; returns once op reaches both directly.
     pub fn start(agent_bin: &Path) -> Result<Bench> {
-        let lab = Lab::start(LabOptions::hosts(&[AGENT_HOST, TS_HOST, OP_HOST]))?;
-        let (_, agent_ip) =
+        Self::start_with(agent_bin, &[])
+    }
+
+    /// [`Bench::start`] with more lab hosts, started empty.
+    pub fn start_with(agent_bin: &Path, more_hosts: &[&str]) -> Result<Bench> {
+        let mut hosts = vec![AGENT_HOST, TS_HOST, OP_HOST];
+        hosts.extend_from_slice(more_hosts);
+        let lab = Lab::start(LabOptions::hosts(&hosts))?;
+        let (fw, agent_ip) =
             firewall::start_firewall_with(&lab, AGENT_HOST, MACHINE, "bench", &[], agent_bin)?;
         let ts = lab.join_tailscaled(TS_HOST, "firewalls")?;
         let ts_ip = ts.ipv4()?;
@@ -154,6 +165,8 @@ impl Bench {
         }
         let bench = Bench {
             lab,
+            agent_bin: agent_bin.to_path_buf(),
+            agent_root: fw.root,
             op,
             ts,
             agent_ip,
@@ -692,17 +705,17 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
-fn peak_rss_kib(pid: i32) -> Result<u64> {
+pub(crate) fn peak_rss_kib(pid: i32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     parse_vmhwm(&status).with_context(|| format!("no VmHWM for pid {pid}"))
 }
 
-fn cpu_ticks(pid: i32) -> Result<u64> {
+pub(crate) fn cpu_ticks(pid: i32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     parse_cpu_ticks(&stat).with_context(|| format!("cannot read CPU time of pid {pid}"))
 }
 
-fn clock_ticks() -> Result<f64> {
+pub(crate) fn clock_ticks() -> Result<f64> {
     let out = cmd::run_quiet(Command::new("getconf").arg("CLK_TCK"))?;
     Ok(out.trim().parse()?)
 }

@@ -546,7 +546,12 @@ impl Lab {
 
     fn adopt_tailscaled(&self, name: &str, (ts, child): (Tailscaled, Child)) -> Result<Tailscaled> {
         self.push_child(format!("tailscaled@{name}"), child);
-        self.state.lock().unwrap().tailscaled.push(name.into());
+        {
+            let mut st = self.state.lock().unwrap();
+            if !st.tailscaled.iter().any(|h| h == name) {
+                st.tailscaled.push(name.into());
+            }
+        }
         self.save()?;
         Ok(ts)
     }

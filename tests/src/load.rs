@@ -54,6 +54,10 @@ pub struct Progress {
     pub last_error: Option<String>,
     /// Seconds from the start until every node was registered.
     pub registered_after_secs: Option<f64>,
+    /// The first message of a map stream opened once all were registered: its size as
+    /// headscale sent it (zstd) and as JSON.
+    pub first_map_zstd_bytes: Option<u64>,
+    pub first_map_json_bytes: Option<u64>,
 }
 
 impl Progress {
@@ -159,7 +163,10 @@ async fn go_online(ctx: &Ctx, n: &mut Node, index: usize, s: Option<Session>) ->
         None => client::connect(&ctx.url, &ctx.tls, &n.machine).await?,
     };
     let mut body = s.map(&n.map_request(index, true)).await?;
-    let reader = tokio::spawn(async move { while let Ok(Some(_)) = body.next_message().await {} });
+    // Read, never parsed: at thousands of peers parsing each full map would cost the load
+    // more CPU than the daemons under test spend.
+    let reader =
+        tokio::spawn(async move { while let Ok(Some(_)) = body.next_raw_message().await {} });
     n.online = Some((s, reader));
     Ok(())
 }
@@ -178,6 +185,18 @@ async fn change_endpoint(n: &mut Node, index: usize) -> Result<()> {
     let (s, _) = n.online.as_mut().context("not online")?;
     s.map(&req).await?.read_all().await?;
     Ok(())
+}
+
+/// The size of the first message of a new map stream for `n` (zstd, JSON).
+async fn first_map_size(ctx: &Ctx, n: &Node, index: usize) -> Result<(u64, u64)> {
+    let mut s = client::connect(&ctx.url, &ctx.tls, &n.machine).await?;
+    let mut body = s.map(&n.map_request(index, true)).await?;
+    let raw = body
+        .next_raw_message()
+        .await?
+        .context("the map stream ended before its first message")?;
+    let json = zstd::stream::decode_all(&raw[..]).context("the first map is not zstd")?;
+    Ok((raw.len() as u64, json.len() as u64))
 }
 
 fn write_progress(path: &PathBuf, p: &Progress) {
@@ -200,6 +219,7 @@ pub async fn run(spec: LoadSpec) -> Result<()> {
     // registered.
     let online = spec.online.min(spec.nodes);
     let mut kept: Vec<Option<Node>> = (0..online).map(|_| None).collect();
+    let mut last: Option<Node> = None;
 
     // Registration, `parallel` at a time.
     let mut i = 0;
@@ -228,12 +248,26 @@ pub async fn run(spec: LoadSpec) -> Result<()> {
             if j < online {
                 progress.online += 1;
                 kept[j] = Some(node);
+            } else if j + 1 == spec.nodes {
+                last = Some(node);
             }
         }
         write_progress(&spec.progress, &progress);
         i = end;
     }
     progress.registered_after_secs = Some(start.elapsed().as_secs_f64());
+    if let Some(n) = last.as_ref().or(kept.iter().flatten().last()) {
+        match first_map_size(&ctx, n, spec.nodes - 1).await {
+            Ok((zstd, json)) => {
+                progress.first_map_zstd_bytes = Some(zstd);
+                progress.first_map_json_bytes = Some(json);
+            }
+            Err(e) => {
+                progress.errors += 1;
+                progress.last_error = Some(format!("{}: first map: {e:#}", n.name));
+            }
+        }
+    }
     write_progress(&spec.progress, &progress);
 
     if spec.churn_per_sec <= 0.0 || online == 0 {
@@ -309,14 +343,18 @@ async fn churn(ctx: &Ctx, n: &mut Node, index: usize, kind: u64) -> Result<Event
 /// `vdc-load` running in a lab host.
 pub struct Load {
     pub progress: PathBuf,
+    /// Its log name on its host (`Lab::stop(host, log)` ends it).
+    pub log: String,
 }
 
 impl Load {
     /// Starts `vdc-load` on lab host `host`: `nodes` nodes of headscale user `user` named
     /// `<prefix>-<i>`, the first `online` with a map stream, churning at `churn_per_sec`.
+    /// Its log is `<prefix>`; loads with different prefixes run side by side.
     pub fn start(
         lab: &crate::Lab,
         host: &str,
+        prefix: &str,
         user: &str,
         nodes: usize,
         online: usize,
@@ -331,7 +369,7 @@ impl Load {
                 ..Default::default()
             },
         )?;
-        let dir = lab.host_dir(host).join("load");
+        let dir = lab.host_dir(host).join(prefix);
         std::fs::create_dir_all(&dir)?;
         crate::headscale::write_private(&dir.join("key"), key.key.as_bytes())?;
         let progress = dir.join("progress.json");
@@ -348,10 +386,14 @@ impl Load {
             .args(["--nodes", &nodes.to_string()])
             .args(["--online", &online.to_string()])
             .args(["--churn-per-sec", &churn_per_sec.to_string()])
+            .args(["--prefix", prefix])
             .arg("--progress")
             .arg(&progress);
-        lab.spawn(host, "load", c)?;
-        Ok(Load { progress })
+        lab.spawn(host, prefix, c)?;
+        Ok(Load {
+            progress,
+            log: prefix.into(),
+        })
     }
 
     /// The load's progress so far.

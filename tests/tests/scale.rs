@@ -26,7 +26,7 @@ fn the_operators_ssh_stays_up_while_50_of_200_nodes_come_and_go() {
     let authorized = start_sshd(&lab, "fw").unwrap();
     wait_banner(&lab.host("op").ns(), (fw_ip, 22).into()).unwrap();
 
-    let load = Load::start(&lab, "load", "load", NODES, CHURNING, CHURN_PER_SEC).unwrap();
+    let load = Load::start(&lab, "load", "load", "load", NODES, CHURNING, CHURN_PER_SEC).unwrap();
     let registered = load
         .wait("every node registered", Duration::from_secs(180), |p| {
             p.registered_after_secs.is_some()

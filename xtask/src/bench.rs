@@ -19,11 +19,17 @@ pub enum Which {
     Subnet,
     /// A large tailnet's first map and patches in the agent, no network.
     Patch,
+    /// vpn-agent against a stock tailscaled in a tailnet of 100 to 5 000 churning nodes, in
+    /// the lab.
+    Scale,
 }
 
-pub fn run(which: Option<Which>, profile: bool) -> Result<()> {
+pub fn run(which: Option<Which>, profile: bool, sizes: Vec<usize>) -> Result<()> {
     if profile && which.is_some_and(|w| w != Which::Dataplane) {
         bail!("--profile profiles the agent: it goes with `cargo xtask bench dataplane`");
+    }
+    if !sizes.is_empty() && which != Some(Which::Scale) {
+        bail!("--sizes sets the tailnet sizes: it goes with `cargo xtask bench scale`");
     }
     if !profile && which.is_none_or(|w| w == Which::UserdataGen) {
         userdata_gen()?;
@@ -39,6 +45,9 @@ pub fn run(which: Option<Which>, profile: bool) -> Result<()> {
     }
     if !profile && which.is_none_or(|w| w == Which::Subnet) {
         subnet()?;
+    }
+    if !profile && which.is_none_or(|w| w == Which::Scale) {
+        scale(sizes)?;
     }
     Ok(())
 }
@@ -245,6 +254,55 @@ fn subnet() -> Result<()> {
             vdc::bench::today(),
             built_from,
             vdc::tools::TAILSCALE.version,
+        ),
+    )
+}
+
+/// vpn-agent (release build) and a stock tailscaled in one tailnet as it grows to thousands of
+/// nodes, some of them churning.
+fn scale(sizes: Vec<usize>) -> Result<()> {
+    println!("==> bench: vpn-agent and tailscaled in a tailnet of 100 to 5 000 churning nodes");
+    let (agent_bin, built_from) = release_agent()?;
+    let status = cargo()
+        .args(["build", "-q", "-p", "vdc", "--bin", "vdc-load"])
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cargo build of vdc-load failed ({status})");
+    }
+    let trial = !sizes.is_empty();
+    let mut opts = vdc::bench::scale::Options::default();
+    if trial {
+        opts = vdc::bench::scale::Options {
+            sizes,
+            churn_secs: 10,
+            iperf_secs: 3,
+            pings: 20,
+        };
+    }
+    let r = vdc::bench::scale::measure(&agent_bin, &opts, &mut |line| println!("  {line}"))?;
+    let table = r.table();
+    print!("{table}");
+    if trial {
+        println!("==> bench: a trial run (--sizes): README.md left as it is");
+        return Ok(());
+    }
+    write_section(
+        &vdc::tools::workspace_root().join("README.md"),
+        "scale",
+        &format!(
+            "Measured by `cargo xtask bench scale` on {}, {} (vpn-agent release build of {}, \
+             tailscale {}, headscale {}; {} of the nodes change {} times a second; CPU over {} s \
+             of churn alone; iperf3 {} s per direction):\n\n{table}",
+            machine(),
+            vdc::bench::today(),
+            built_from,
+            vdc::tools::TAILSCALE.version,
+            vdc::tools::HEADSCALE.version,
+            vdc::bench::scale::CHURNING,
+            vdc::bench::scale::CHURN_PER_SEC,
+            opts.churn_secs,
+            opts.iperf_secs,
         ),
     )
 }

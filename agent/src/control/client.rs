@@ -506,6 +506,14 @@ impl Body {
 
     /// The next length-prefixed (u32 little-endian) map message, zstd-decoded.
     pub async fn next_message(&mut self) -> Result<Option<MapResponse>> {
+        match self.next_raw_message().await? {
+            Some(raw) => decode_map_message(&raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The next map message as it came (zstd-compressed JSON), unparsed.
+    pub async fn next_raw_message(&mut self) -> Result<Option<Vec<u8>>> {
         loop {
             if self.buf.len() >= 4 {
                 let len = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
@@ -516,8 +524,7 @@ impl Body {
                     )));
                 }
                 if self.buf.len() >= 4 + len {
-                    let raw: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
-                    return decode_map_message(&raw).map(Some);
+                    return Ok(Some(self.buf.drain(..4 + len).skip(4).collect()));
                 }
             }
             if !self.fill().await? {

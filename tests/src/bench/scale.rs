@@ -1,0 +1,427 @@
+//! The partition-scale line of `cargo xtask bench scale` (#15): vpn-agent and a stock
+//! tailscaled side by side in one tailnet on one headscale, as that tailnet grows to 100,
+//! 1 000 and 5 000 nodes registered over ts2021 by `vdc-load`, 50 of which keep coming,
+//! going and changing endpoints ten times a second.
+//!
+//! | host | address | runs |
+//! |---|---|---|
+//! | `fw` | 192.0.2.11 | `vpn-agent` (release build), `iperf3 -s` |
+//! | `ts` | 192.0.2.12 | a stock tailscaled, `iperf3 -s` |
+//! | `op` | 192.0.2.13 | the operator's stock tailscaled, the iperf3 and ping clients |
+//! | `load` | 192.0.2.14 | `vdc-load`: the churning nodes, and each step's new nodes |
+//!
+//! At each size both daemons are restarted (the agent without its netmap cache, so both wait
+//! for headscale's first map), and each figure is taken from both in the same window.
+
+use super::{Bench, Iperf, Rtt, Target, clock_ticks, cpu_ticks, parse_ping, peak_rss_kib};
+use crate::firewall::{AGENT_LOG, agent_command_with, agent_status};
+use crate::load::Load;
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+use std::time::{Duration, Instant};
+
+const LOAD_HOST: &str = "load";
+const LOAD_USER: &str = "load";
+/// The nodes that churn, and how often one of them changes.
+pub const CHURNING: usize = 50;
+pub const CHURN_PER_SEC: f64 = 10.0;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Tailnet sizes, in the order they are grown to: peers in each daemon's netmap.
+    pub sizes: Vec<usize>,
+    /// How long CPU time is counted under churn alone.
+    pub churn_secs: u32,
+    /// Length of one iperf3 run; one per direction and daemon.
+    pub iperf_secs: u32,
+    /// Echo requests per daemon.
+    pub pings: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            sizes: vec![100, 1000, 5000],
+            churn_secs: 30,
+            iperf_secs: 10,
+            pings: 100,
+        }
+    }
+}
+
+/// Ping and iperf3 from op to one daemon.
+#[derive(Debug, Clone, Default)]
+pub struct Traffic {
+    pub rtt: Rtt,
+    /// op sends, the daemon receives; and back (bit/s).
+    pub forward: f64,
+    pub reverse: f64,
+}
+
+/// One daemon at one size.
+#[derive(Debug, Clone, Default)]
+pub struct Daemon {
+    /// From its start (no netmap yet) to `Running`.
+    pub to_running: Duration,
+    /// VmHWM after everything at this size.
+    pub peak_rss_kib: u64,
+    /// CPU time (user + system) per 1 000 churn events, measured under churn alone.
+    pub cpu_per_1000: Option<f64>,
+    /// With the churn paused, and while it runs.
+    pub quiet: Traffic,
+    pub churning: Traffic,
+}
+
+/// Both daemons at one size.
+#[derive(Debug, Clone, Default)]
+pub struct Step {
+    /// Peers in each daemon's netmap.
+    pub peers: usize,
+    /// The first message of a new map stream at this size (zstd as sent, JSON).
+    pub map_zstd_bytes: u64,
+    pub map_json_bytes: u64,
+    /// Churn events while CPU time was counted, and over how long.
+    pub churn_events: u64,
+    pub agent: Daemon,
+    pub tailscaled: Daemon,
+}
+
+impl Step {
+    fn get_mut(&mut self, t: Target) -> &mut Daemon {
+        match t {
+            Target::Agent => &mut self.agent,
+            Target::Tailscaled => &mut self.tailscaled,
+        }
+    }
+
+    fn get(&self, t: Target) -> &Daemon {
+        match t {
+            Target::Agent => &self.agent,
+            Target::Tailscaled => &self.tailscaled,
+        }
+    }
+}
+
+/// The baseline (the operator and the other daemon only, no churn), then one step per size.
+#[derive(Debug, Clone, Default)]
+pub struct Results {
+    pub baseline: Step,
+    pub steps: Vec<Step>,
+}
+
+/// Runs the whole benchmark on a lab of its own; `progress` gets a line per step.
+pub fn measure(
+    agent_bin: &std::path::Path,
+    opts: &Options,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Results> {
+    let mut b = Bench::start_with(agent_bin, &[LOAD_HOST])?;
+    progress(&format!(
+        "lab up: vpn-agent {} on fw, tailscaled {} on ts, both direct from op",
+        b.agent_ip, b.ts_ip
+    ));
+    let mut r = Results::default();
+    r.baseline.peers = 2;
+    traffic(&b, &mut r.baseline, opts, false, progress)?;
+    rss(&b, &mut r.baseline, progress)?;
+
+    let churn = Load::start(
+        &b.lab,
+        LOAD_HOST,
+        "churn",
+        LOAD_USER,
+        CHURNING,
+        CHURNING,
+        CHURN_PER_SEC,
+    )?;
+    churn.wait("the churning nodes online", Duration::from_secs(120), |p| {
+        p.registered_after_secs.is_some()
+    })?;
+    // Peers each daemon has besides the load: the operator and the other daemon.
+    let mut peers = 2 + CHURNING;
+    for &size in &opts.sizes {
+        if size <= peers {
+            bail!("size {size}: the tailnet already has {peers} peers");
+        }
+        let mut step = Step {
+            peers: size,
+            ..Step::default()
+        };
+        grow(&b, &mut step, size - peers, progress)?;
+        peers = size;
+        restart(&mut b, &mut step, progress)?;
+        wait_peers(&b, size)?;
+        for t in Target::BOTH {
+            b.wait_direct(t)?;
+        }
+        cpu_under_churn(&b, &churn, &mut step, opts, progress)?;
+        traffic(&b, &mut step, opts, true, progress)?;
+        // The same with the load frozen (SIGSTOP): what the size costs, apart from what the
+        // churn costs the daemons and takes from them (headscale and the load share the
+        // machine's cores).
+        b.lab.signal(LOAD_HOST, &churn.log, Signal::SIGSTOP)?;
+        let quiet = traffic(&b, &mut step, opts, false, progress);
+        b.lab.signal(LOAD_HOST, &churn.log, Signal::SIGCONT)?;
+        quiet?;
+        rss(&b, &mut step, progress)?;
+        r.steps.push(step);
+    }
+    b.lab.stop(LOAD_HOST, &churn.log)?;
+    Ok(r)
+}
+
+/// Registers `count` more nodes (never online) and records the size of the first map.
+fn grow(b: &Bench, step: &mut Step, count: usize, progress: &mut dyn FnMut(&str)) -> Result<()> {
+    let name = format!("reg{}", step.peers);
+    let load = Load::start(&b.lab, LOAD_HOST, &name, LOAD_USER, count, 0, 0.0)?;
+    // Generous: registration slows as the tailnet grows, and headscale shares the machine.
+    let limit = Duration::from_secs(120 + count as u64);
+    let p = load.wait(&format!("{count} nodes registered"), limit, |p| {
+        p.first_map_zstd_bytes.is_some() || p.errors > 0
+    })?;
+    b.lab.stop(LOAD_HOST, &load.log)?;
+    if p.errors > 0 {
+        bail!("registering {count} nodes: {:?}", p.last_error);
+    }
+    step.map_zstd_bytes = p.first_map_zstd_bytes.unwrap_or_default();
+    step.map_json_bytes = p.first_map_json_bytes.unwrap_or_default();
+    progress(&format!(
+        "{} peers: {count} more nodes registered in {:.0} s; a first map is {:.2} MB zstd, {:.2} MB JSON",
+        step.peers,
+        p.registered_after_secs.unwrap_or_default(),
+        step.map_zstd_bytes as f64 / 1e6,
+        step.map_json_bytes as f64 / 1e6
+    ));
+    Ok(())
+}
+
+/// Restarts each daemon with its node key but no netmap, and times it to `Running`.
+fn restart(b: &mut Bench, step: &mut Step, progress: &mut dyn FnMut(&str)) -> Result<()> {
+    let fw = super::AGENT_HOST;
+    b.lab.stop(fw, AGENT_LOG)?;
+    let state = b.agent_root.join("var/lib/vpn-agent");
+    let _ = std::fs::remove_file(vpn_agent::control::cache::path(&state));
+    let start = Instant::now();
+    b.lab.spawn(
+        fw,
+        AGENT_LOG,
+        agent_command_with(&b.lab, fw, &b.agent_root, &b.agent_bin)?,
+    )?;
+    step.agent.to_running = wait_running(start, || {
+        Ok(agent_status(&b.lab, fw)?["backend_state"] == "Running")
+    })
+    .context("vpn-agent after its restart")?;
+
+    let host = super::TS_HOST;
+    b.lab.stop(host, "tailscaled")?;
+    let start = Instant::now();
+    b.ts = b.lab.start_tailscaled(host)?;
+    step.tailscaled.to_running =
+        wait_running(start, || Ok(b.ts.status()?["BackendState"] == "Running"))
+            .context("tailscaled after its restart")?;
+    for t in Target::BOTH {
+        progress(&format!(
+            "{} peers: {t} Running {:.2} s after its start",
+            step.peers,
+            step.get(t).to_running.as_secs_f64()
+        ));
+    }
+    Ok(())
+}
+
+/// Polls `running` until it holds; the time since `start`.
+fn wait_running(start: Instant, mut running: impl FnMut() -> Result<bool>) -> Result<Duration> {
+    loop {
+        // Not running yet, or its socket not up yet: both mean keep polling.
+        if running().unwrap_or(false) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("not Running within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until both daemons list at least `peers` peers.
+fn wait_peers(b: &Bench, peers: usize) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let agent = agent_status(&b.lab, super::AGENT_HOST)?["peers"]
+            .as_array()
+            .map_or(0, |p| p.len());
+        let ts = b.ts.status()?["Peer"].as_object().map_or(0, |p| p.len());
+        if agent >= peers && ts >= peers {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("after 120 s vpn-agent lists {agent} peers, tailscaled {ts}; expected {peers}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Both daemons' CPU time over the same window of churn alone, per 1 000 events.
+fn cpu_under_churn(
+    b: &Bench,
+    churn: &Load,
+    step: &mut Step,
+    opts: &Options,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let tick = clock_ticks()?;
+    let pids = [b.pid(Target::Agent)?, b.pid(Target::Tailscaled)?];
+    let events0 = churn.progress().churn_events();
+    let cpu0 = [cpu_ticks(pids[0])?, cpu_ticks(pids[1])?];
+    std::thread::sleep(Duration::from_secs(opts.churn_secs.into()));
+    let cpu1 = [cpu_ticks(pids[0])?, cpu_ticks(pids[1])?];
+    let p = churn.progress();
+    if p.errors > 0 {
+        bail!("the churning load failed: {:?}", p.last_error);
+    }
+    step.churn_events = p.churn_events() - events0;
+    if step.churn_events == 0 {
+        bail!("no churn in {} s: {p:?}", opts.churn_secs);
+    }
+    for (i, t) in Target::BOTH.into_iter().enumerate() {
+        let cpu = (cpu1[i] - cpu0[i]) as f64 / tick;
+        let per = cpu * 1000.0 / step.churn_events as f64;
+        step.get_mut(t).cpu_per_1000 = Some(per);
+        progress(&format!(
+            "{} peers: {t} used {cpu:.2} s CPU for {} changes ({per:.2} s per 1000)",
+            step.peers, step.churn_events
+        ));
+    }
+    Ok(())
+}
+
+/// Ping, then iperf3 both ways, from op to each daemon; recorded as `churning` or quiet.
+fn traffic(
+    b: &Bench,
+    step: &mut Step,
+    opts: &Options,
+    churning: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
+    for t in Target::BOTH {
+        b.warm_up(b.ip(t))?;
+        let mut c = b.lab.host(super::OP_HOST).ns().command("ping");
+        c.args(["-q", "-i", "0.05", "-W", "2", "-c", &opts.pings.to_string()])
+            .arg(b.ip(t).to_string());
+        let out = crate::cmd::run_quiet(&mut c)?;
+        let rtt = parse_ping(&out).with_context(|| format!("ping printed {out:?}"))?;
+        let Iperf {
+            bits_per_second: forward,
+            ..
+        } = b.iperf(b.ip(t), false, opts.iperf_secs)?;
+        let Iperf {
+            bits_per_second: reverse,
+            ..
+        } = b.iperf(b.ip(t), true, opts.iperf_secs)?;
+        progress(&format!(
+            "{} peers{}: {t}: ping {:.3} ms (loss {}%), op sends {:.2} Gbit/s, {t} sends {:.2} Gbit/s",
+            step.peers,
+            if churning { ", churning" } else { ", quiet" },
+            rtt.avg,
+            rtt.loss_percent,
+            forward / 1e9,
+            reverse / 1e9
+        ));
+        let d = step.get_mut(t);
+        let into = if churning {
+            &mut d.churning
+        } else {
+            &mut d.quiet
+        };
+        *into = Traffic {
+            rtt,
+            forward,
+            reverse,
+        };
+    }
+    Ok(())
+}
+
+fn rss(b: &Bench, step: &mut Step, progress: &mut dyn FnMut(&str)) -> Result<()> {
+    for t in Target::BOTH {
+        let kib = peak_rss_kib(b.pid(t)?)?;
+        progress(&format!(
+            "{} peers: peak RSS of {t}: {:.1} MiB",
+            step.peers,
+            kib as f64 / 1024.0
+        ));
+        step.get_mut(t).peak_rss_kib = kib;
+    }
+    Ok(())
+}
+
+impl Results {
+    /// The README tables: the control side per size and daemon, then the data plane against
+    /// the same daemon with only two peers.
+    pub fn table(&self) -> String {
+        let mut t = String::from(
+            "| peers | first map (zstd / JSON) | daemon | start → Running | peak RSS | CPU per 1000 changes |\n\
+             |---|---|---|---|---|---|\n",
+        );
+        for s in std::iter::once(&self.baseline).chain(&self.steps) {
+            let is_base = std::ptr::eq(s, &self.baseline);
+            for target in Target::BOTH {
+                let d = s.get(target);
+                let (map, running) = if is_base {
+                    ("-".to_string(), "-".to_string())
+                } else {
+                    (
+                        format!(
+                            "{:.2} MB / {:.2} MB",
+                            s.map_zstd_bytes as f64 / 1e6,
+                            s.map_json_bytes as f64 / 1e6
+                        ),
+                        format!("{:.2} s", d.to_running.as_secs_f64()),
+                    )
+                };
+                t.push_str(&format!(
+                    "| {} | {map} | {target} | {running} | {:.1} MiB | {} |\n",
+                    s.peers,
+                    d.peak_rss_kib as f64 / 1024.0,
+                    d.cpu_per_1000.map_or("-".into(), |c| format!("{c:.2} s")),
+                ));
+            }
+        }
+        t.push_str(
+            "\n| peers | daemon | ping avg, quiet / churning | op sends, quiet / churning | daemon sends, quiet / churning |\n\
+             |---|---|---|---|---|\n",
+        );
+        for s in std::iter::once(&self.baseline).chain(&self.steps) {
+            let is_base = std::ptr::eq(s, &self.baseline);
+            for target in Target::BOTH {
+                let (d, base) = (s.get(target), &self.baseline.get(target).quiet);
+                let gbit = |v: f64, b: f64| {
+                    if is_base {
+                        format!("{:.2} Gbit/s", v / 1e9)
+                    } else {
+                        format!("{:.2} Gbit/s ({:.2})", v / 1e9, v / b)
+                    }
+                };
+                let pair = |q: String, c: String| if is_base { q } else { format!("{q} / {c}") };
+                t.push_str(&format!(
+                    "| {} | {target} | {} | {} | {} |\n",
+                    s.peers,
+                    pair(
+                        format!("{:.3} ms", d.quiet.rtt.avg),
+                        format!("{:.3} ms", d.churning.rtt.avg)
+                    ),
+                    pair(
+                        gbit(d.quiet.forward, base.forward),
+                        gbit(d.churning.forward, base.forward)
+                    ),
+                    pair(
+                        gbit(d.quiet.reverse, base.reverse),
+                        gbit(d.churning.reverse, base.reverse)
+                    ),
+                ));
+            }
+        }
+        t
+    }
+}
