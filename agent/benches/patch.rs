@@ -3,7 +3,8 @@
 //! it to the netmap and the data plane), and one `PeersChangedPatch` (a peer's endpoints,
 //! as headscale sends when a node moves or comes and goes) applied the way the agent does
 //! now (only the named peer) and the way it did before (every peer handed to the data plane
-//! again). Prints one JSON object per N on stdout.
+//! again), and one data-plane tick (timers, path discovery) with every peer idle. Prints one
+//! JSON object per N on stdout.
 
 use std::time::{Duration, Instant, SystemTime};
 use vpn_agent::control::client::decode_map_message;
@@ -116,6 +117,12 @@ fn main() {
                 .collect();
             e.update_peers(changed, &[]);
         });
+        let mut out = vec![];
+        let t0 = Instant::now();
+        let tick = median(runs, |i| {
+            out.clear();
+            e.tick(t0 + Duration::from_millis(250 * i as u64), &mut out);
+        });
         let full = median(runs.min(200), |i| {
             netmap.apply(patch(i));
             e.set_peers(all_infos(&netmap, now));
@@ -129,6 +136,7 @@ fn main() {
                 "first_map_ms": first.as_secs_f64() * 1e3,
                 "patch_us": incremental.as_secs_f64() * 1e6,
                 "patch_full_refresh_us": full.as_secs_f64() * 1e6,
+                "tick_us": tick.as_secs_f64() * 1e6,
             })
         );
     }

@@ -85,8 +85,21 @@ pub fn os_rng() -> Rng {
 struct Peer {
     info: PeerInfo,
     path: PeerPath,
-    /// The disco box shared with the peer's disco key, made once (see [`disco::shared`]).
-    disco: Option<crypto_box::SalsaBox>,
+    /// The disco box shared with the peer's disco key, made at first use (see
+    /// [`Peer::disco_box`]).
+    disco: std::cell::OnceCell<crypto_box::SalsaBox>,
+    /// Whether the peer is in `Engine::awake`.
+    awake: bool,
+}
+
+impl Peer {
+    /// The box shared with the peer's disco key. Making it costs an X25519, which most peers
+    /// of a large tailnet never need; once made it is kept, so junk claiming the peer's key
+    /// costs a lookup, not an X25519 each.
+    fn disco_box(&self, ours: &crypto_box::SecretKey) -> Option<&crypto_box::SalsaBox> {
+        let key = self.info.disco_key?;
+        Some(self.disco.get_or_init(|| disco::shared(ours, &key)))
+    }
 }
 
 #[derive(Default)]
@@ -104,6 +117,9 @@ pub struct Engine {
     disco: crypto_box::SecretKey,
     disco_pub: [u8; 32],
     peers: HashMap<[u8; 32], Peer>,
+    /// The peers we sent to lately (their path may want pings): the only ones `tick` visits,
+    /// so an idle peer costs nothing per tick, however many there are.
+    awake: Vec<[u8; 32]>,
     /// Disco key → node key, for the peers in the netmap (only they get answers).
     by_disco: HashMap<[u8; 32], [u8; 32]>,
     /// Node keys by the endpoints control lists for them.
@@ -124,6 +140,7 @@ impl Engine {
             disco_pub: *disco.public_key().as_bytes(),
             disco,
             peers: HashMap::new(),
+            awake: vec![],
             by_disco: HashMap::new(),
             by_endpoint: HashMap::new(),
             regions: vec![],
@@ -164,6 +181,9 @@ impl Engine {
             self.wg.remove(key);
             if let Some(p) = self.peers.remove(key) {
                 self.unindex(&p.info);
+                if p.awake {
+                    self.awake.retain(|k| k != key);
+                }
             }
         }
         for info in changed {
@@ -171,18 +191,18 @@ impl Engine {
                 node_key: info.node_key,
                 allowed: info.allowed.clone(),
             });
-            let (path, disco) = match self.peers.remove(&info.node_key) {
+            let (path, disco, awake) = match self.peers.remove(&info.node_key) {
                 Some(mut p) => {
                     self.unindex(&p.info);
                     if p.info.disco_key == info.disco_key {
                         p.path.home_derp = info.home_derp;
                         p.path.endpoints = info.endpoints.clone();
-                        (p.path, p.disco)
+                        (p.path, p.disco, p.awake)
                     } else {
-                        self.fresh_path(&info)
+                        (self.fresh_path(&info), Default::default(), p.awake)
                     }
                 }
-                None => self.fresh_path(&info),
+                None => (self.fresh_path(&info), Default::default(), false),
             };
             if let Some(d) = info.disco_key {
                 self.by_disco.insert(d, info.node_key);
@@ -190,15 +210,20 @@ impl Engine {
             for e in &info.endpoints {
                 self.by_endpoint.insert(*e, info.node_key);
             }
-            self.peers.insert(info.node_key, Peer { info, path, disco });
+            self.peers.insert(
+                info.node_key,
+                Peer {
+                    info,
+                    path,
+                    disco,
+                    awake,
+                },
+            );
         }
     }
 
-    fn fresh_path(&self, info: &PeerInfo) -> (PeerPath, Option<crypto_box::SalsaBox>) {
-        (
-            PeerPath::new(info.home_derp, info.endpoints.clone()),
-            info.disco_key.map(|k| disco::shared(&self.disco, &k)),
-        )
+    fn fresh_path(&self, info: &PeerInfo) -> PeerPath {
+        PeerPath::new(info.home_derp, info.endpoints.clone())
     }
 
     /// Forgets the disco key and endpoints `info` was indexed under (those still pointing to
@@ -252,7 +277,7 @@ impl Engine {
     /// Seals `msg` for the peer with node key `key`; `None` when it has no disco key.
     fn seal(&mut self, key: &[u8; 32], msg: &Message) -> Option<Vec<u8>> {
         let nonce = self.random();
-        let b = self.peers.get(key)?.disco.as_ref()?;
+        let b = self.peers.get(key)?.disco_box(&self.disco)?;
         Some(disco::seal_with(b, &self.disco_pub, nonce, msg))
     }
 
@@ -329,10 +354,19 @@ impl Engine {
         self.wg.tick(&mut wg_out);
         self.route(&mut wg_out, None, now, out);
         self.wg_out = wg_out;
-        let keys: Vec<[u8; 32]> = self.peers.keys().copied().collect();
-        for key in keys {
-            self.discover(key, now, out);
-        }
+        let mut awake = std::mem::take(&mut self.awake);
+        awake.retain(|key| {
+            let Some(p) = self.peers.get_mut(key) else {
+                return false;
+            };
+            if !p.path.active(now) {
+                p.awake = false;
+                return false;
+            }
+            self.discover(*key, now, out);
+            true
+        });
+        self.awake = awake;
         self.stun_round(now, out);
     }
 
@@ -357,6 +391,10 @@ impl Engine {
                     let Some(peer) = self.peers.get_mut(&key) else {
                         continue;
                     };
+                    if !peer.awake {
+                        peer.awake = true;
+                        self.awake.push(key);
+                    }
                     match peer.path.route(now) {
                         path::Route {
                             udp: Some(u),
@@ -443,7 +481,7 @@ impl Engine {
             );
             return;
         }
-        let opened = match self.peers.get(&key).and_then(|p| p.disco.as_ref()) {
+        let opened = match self.peers.get(&key).and_then(|p| p.disco_box(&self.disco)) {
             Some(b) => disco::open_with(b, p),
             None => return,
         };

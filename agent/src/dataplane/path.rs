@@ -109,7 +109,8 @@ impl PeerPath {
         }
     }
 
-    fn active(&self, now: Instant) -> bool {
+    /// Whether we sent to the peer within [`ACTIVE`].
+    pub fn active(&self, now: Instant) -> bool {
         !older_than(self.last_send, now, ACTIVE)
     }
 

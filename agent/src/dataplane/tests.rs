@@ -420,3 +420,51 @@ fn peers_coming_and_going_leave_the_others_sessions_and_paths_alone() {
     assert_eq!(n.a.e.by_endpoint.len(), 1);
     assert_eq!(n.a.e.by_disco.len(), 1);
 }
+
+#[test]
+fn idle_peers_cost_neither_x25519_nor_ticks() {
+    let (mut a, _, _) = node(1, A);
+    let others: Vec<PeerInfo> = (0..1000)
+        .map(|i| PeerInfo {
+            disco_key: Some([i as u8 ^ 0x5a; 32]),
+            ..bystander(i)
+        })
+        .collect();
+    let target = others[7].clone();
+    a.e.update_peers(others, &[]);
+    // A thousand peers, none talked to: no tunnel, no disco box, nothing to visit.
+    let made = |e: &Engine| e.peers.values().filter(|p| p.disco.get().is_some()).count();
+    assert_eq!((a.e.wg.live(), made(&a.e)), (0, 0));
+    let mut t = Instant::now();
+    let mut out = vec![];
+    a.e.tick(t, &mut out);
+    assert!(a.e.awake.is_empty());
+    assert!(
+        out.iter()
+            .all(|o| matches!(o, Action::SendUdp(to, _) if to.port() == 3478)),
+        "only STUN: {out:?}"
+    );
+
+    // A packet to one of them: that peer alone gets a tunnel (a handshake goes out), a
+    // disco box (pings and call-me-maybe) and a place among the peers a tick visits.
+    let dst = target.allowed[0].0.to_string();
+    a.e.on_tun(&icmp("100.64.0.1", &dst), t, &mut out);
+    for _ in 0..3 {
+        t += Duration::from_secs(1);
+        a.e.tick(t, &mut out);
+    }
+    assert_eq!((a.e.wg.live(), made(&a.e)), (1, 1));
+    assert_eq!(a.e.awake, vec![target.node_key]);
+
+    // It never answers. Once WireGuard gives up its handshakes and nothing was sent for
+    // `ACTIVE`, ticks stop visiting it; the tunnel stays for the next packet.
+    for _ in 0..240 {
+        t += Duration::from_secs(1);
+        a.e.tick(t, &mut out);
+    }
+    assert!(a.e.awake.is_empty());
+    assert_eq!(a.e.wg.live(), 1);
+    // Removed: its tunnel goes too.
+    a.e.update_peers(vec![], &[target.node_key]);
+    assert_eq!(a.e.wg.live(), 0);
+}

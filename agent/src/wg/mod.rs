@@ -7,6 +7,10 @@
 //! checked (one keyed BLAKE2s) before any X25519, and one rate limiter shared by all peers
 //! answers handshakes with cookie replies once more than [`HANDSHAKES_PER_SECOND`] arrive
 //! in a second, as wireguard-go and boringtun's own device do.
+//!
+//! A peer's `Tunn` is made when we first send to it or it sends us a handshake: making one
+//! costs an X25519 (the static-static secret), and of thousands of peers in a large tailnet a
+//! firewall talks to a few. Only peers with a `Tunn` have timers to drive.
 
 mod table;
 
@@ -52,7 +56,30 @@ pub struct PeerSpec {
 
 struct Peer {
     spec: PeerSpec,
-    tunn: Tunn,
+    /// Made at first use (see the module's comment).
+    tunn: Option<Tunn>,
+}
+
+/// `peer`'s tunnel in `slot`, made now if it has none (and `slot` noted in `live`).
+fn tunnel<'a>(
+    peer: &'a mut Peer,
+    slot: usize,
+    our: &StaticSecret,
+    limiter: &Arc<RateLimiter>,
+    live: &mut Vec<usize>,
+) -> &'a mut Tunn {
+    let key = peer.spec.node_key;
+    peer.tunn.get_or_insert_with(|| {
+        live.push(slot);
+        Tunn::new(
+            our.clone(),
+            PublicKey::from(key),
+            None,
+            None,
+            slot as u32,
+            Some(limiter.clone()),
+        )
+    })
 }
 
 pub struct Wg {
@@ -62,6 +89,8 @@ pub struct Wg {
     /// Empty slots, for the next new peer.
     free: Vec<usize>,
     by_key: HashMap<[u8; 32], usize>,
+    /// The slots of peers that have a `Tunn`: the only ones `tick` visits.
+    live: Vec<usize>,
     /// Every peer's allowed prefixes: where packets go, and which sources each may use.
     table: Table,
     limiter: Arc<RateLimiter>,
@@ -107,6 +136,7 @@ impl Wg {
             slots: vec![],
             free: vec![],
             by_key: HashMap::new(),
+            live: vec![],
             table: Table::default(),
             buf: vec![0u8; 65536 + 256],
             filter: crate::filter::Filter::deny_all(),
@@ -169,18 +199,10 @@ impl Wg {
             return;
         }
         let slot = self.free.pop().unwrap_or(self.slots.len());
-        let tunn = Tunn::new(
-            self.our.clone(),
-            PublicKey::from(key),
-            None,
-            None,
-            slot as u32,
-            Some(self.limiter.clone()),
-        );
         for &(ip, len) in &spec.allowed {
             self.table.insert(ip, len, key, slot);
         }
-        let peer = Peer { spec, tunn };
+        let peer = Peer { spec, tunn: None };
         if slot == self.slots.len() {
             self.slots.push(Some(peer));
         } else {
@@ -197,6 +219,11 @@ impl Wg {
         if let Some(p) = self.slots[slot].take() {
             for &(ip, len) in &p.spec.allowed {
                 self.table.remove(ip, len, key);
+            }
+            if p.tunn.is_some()
+                && let Some(i) = self.live.iter().position(|&s| s == slot)
+            {
+                self.live.swap_remove(i);
             }
         }
         self.free.push(slot);
@@ -235,18 +262,25 @@ impl Wg {
             // Not WireGuard, a wrong mac1, or under load via DERP (no address for a cookie).
             Err(_) => return None,
         };
+        let initiation = matches!(packet, Packet::HandshakeInit(_));
         let slot = self.slot_for(packet)?;
         let peer = self.slots.get_mut(slot).and_then(Option::as_mut)?;
         let key = peer.spec.node_key;
+        // Only an initiation may start a tunnel; anything else for a peer without one
+        // answers nothing we sent.
+        let tunn = if initiation {
+            tunnel(peer, slot, &self.our, &self.limiter, &mut self.live)
+        } else {
+            peer.tunn.as_mut()?
+        };
         // `decapsulate` checks the macs once more with the same limiter: boringtun keeps the
         // path that takes a verified packet to itself. That second BLAKE2s is paid only by
         // datagrams that passed the first.
-        match peer.tunn.decapsulate(src_ip, datagram, &mut self.buf) {
+        match tunn.decapsulate(src_ip, datagram, &mut self.buf) {
             TunnResult::WriteToNetwork(p) => {
                 out.push(Action::ToPeer(key, take(&mut self.pool, p)));
                 // Packets queued while the handshake ran go out now.
-                while let TunnResult::WriteToNetwork(p) =
-                    peer.tunn.decapsulate(None, &[], &mut self.buf)
+                while let TunnResult::WriteToNetwork(p) = tunn.decapsulate(None, &[], &mut self.buf)
                 {
                     out.push(Action::ToPeer(key, take(&mut self.pool, p)));
                 }
@@ -278,43 +312,46 @@ impl Wg {
 
     /// An IP packet from the TUN device.
     pub fn from_tun(&mut self, packet: &[u8], out: &mut Vec<Action>) {
-        let Some(peer) = destination(packet)
+        let Some((slot, peer)) = destination(packet)
             .and_then(|dst| self.table.lookup(dst))
-            .and_then(|slot| self.slots.get_mut(slot))
-            .and_then(Option::as_mut)
+            .and_then(|slot| Some((slot, self.slots.get_mut(slot)?.as_mut()?)))
         else {
             return;
         };
         self.filter.note_out(packet);
-        if let TunnResult::WriteToNetwork(p) = peer.tunn.encapsulate(packet, &mut self.buf) {
-            out.push(Action::ToPeer(peer.spec.node_key, take(&mut self.pool, p)));
+        let key = peer.spec.node_key;
+        let tunn = tunnel(peer, slot, &self.our, &self.limiter, &mut self.live);
+        if let TunnResult::WriteToNetwork(p) = tunn.encapsulate(packet, &mut self.buf) {
+            out.push(Action::ToPeer(key, take(&mut self.pool, p)));
         }
     }
 
     /// Starts a handshake with the peer `key` unless one is under way.
     pub fn initiate(&mut self, key: &[u8; 32], out: &mut Vec<Action>) {
-        let Some(peer) = self
+        let Some((slot, peer)) = self
             .by_key
             .get(key)
-            .and_then(|&slot| self.slots.get_mut(slot))
-            .and_then(Option::as_mut)
+            .and_then(|&slot| Some((slot, self.slots.get_mut(slot)?.as_mut()?)))
         else {
             return;
         };
+        let tunn = tunnel(peer, slot, &self.our, &self.limiter, &mut self.live);
         if let TunnResult::WriteToNetwork(p) =
-            peer.tunn.format_handshake_initiation(&mut self.buf, false)
+            tunn.format_handshake_initiation(&mut self.buf, false)
         {
             out.push(Action::ToPeer(*key, take(&mut self.pool, p)));
         }
     }
 
-    /// Per peer, by node key: the path in use, the last handshake's age and the byte counts.
+    /// Per peer with a tunnel, by node key: the last handshake's age and the byte counts
+    /// (a peer without one has neither).
     pub fn stats(&self) -> HashMap<[u8; 32], PeerStats> {
         self.slots
             .iter()
             .flatten()
-            .map(|p| {
-                let (handshake, tx, rx, _, _) = p.tunn.stats();
+            .filter_map(|p| Some((p, p.tunn.as_ref()?)))
+            .map(|(p, tunn)| {
+                let (handshake, tx, rx, _, _) = tunn.stats();
                 let s = PeerStats {
                     last_handshake: handshake,
                     tx_bytes: tx as u64,
@@ -325,15 +362,28 @@ impl Wg {
             .collect()
     }
 
-    /// Drives handshake and keep-alive timers; call every 100-250 ms.
+    /// Drives handshake and keep-alive timers of the peers with a tunnel; call every 100-250
+    /// ms.
     pub fn tick(&mut self, out: &mut Vec<Action>) {
         // The limiter counts handshakes per second; it checks itself that a second passed.
         self.limiter.reset_count();
-        for peer in self.slots.iter_mut().flatten() {
-            if let TunnResult::WriteToNetwork(p) = peer.tunn.update_timers(&mut self.buf) {
-                out.push(Action::ToPeer(peer.spec.node_key, take(&mut self.pool, p)));
+        for &slot in &self.live {
+            let Some(Peer {
+                spec,
+                tunn: Some(tunn),
+            }) = self.slots[slot].as_mut()
+            else {
+                continue;
+            };
+            if let TunnResult::WriteToNetwork(p) = tunn.update_timers(&mut self.buf) {
+                out.push(Action::ToPeer(spec.node_key, take(&mut self.pool, p)));
             }
         }
+    }
+
+    /// How many peers have a tunnel (and so timers).
+    pub fn live(&self) -> usize {
+        self.live.len()
     }
 }
 
@@ -413,6 +463,34 @@ mod tests {
         );
         b.sync(vec![]);
         assert!(b.stats().is_empty());
+    }
+
+    #[test]
+    fn tunnels_are_made_for_the_peers_we_talk_to() {
+        let ours = StaticSecret::from([1; 32]);
+        let mut w = Wg::new(ours.clone());
+        let peers: Vec<StaticSecret> = (0..200u8).map(|i| StaticSecret::from([i; 32])).collect();
+        for (i, k) in peers.iter().enumerate() {
+            w.upsert(spec(k, &format!("100.64.1.{i}")));
+        }
+        assert_eq!(w.live(), 0);
+        assert!(w.stats().is_empty());
+        // Data or a response for a peer without a tunnel makes none.
+        let mut out = vec![];
+        let mut data = vec![4, 0, 0, 0];
+        data.extend_from_slice(&(5u32 << 8).to_le_bytes());
+        data.resize(64, 0);
+        assert_eq!(w.from_network(None, &data, &mut out), None);
+        assert_eq!(w.live(), 0);
+        // A packet to one makes its tunnel (and a handshake), and only its.
+        w.from_tun(&ping([100, 64, 0, 1], [100, 64, 1, 5]), &mut out);
+        assert!(
+            matches!(&out[..], [Action::ToPeer(k, _)] if *k == *PublicKey::from(&peers[5]).as_bytes())
+        );
+        assert_eq!(w.live(), 1);
+        assert_eq!(w.stats().len(), 1);
+        w.remove(PublicKey::from(&peers[5]).as_bytes());
+        assert_eq!(w.live(), 0);
     }
 
     #[test]
