@@ -205,8 +205,8 @@ fn dataplane(profile: bool) -> Result<()> {
 fn release_agent() -> Result<(PathBuf, String)> {
     // What the agent is built from, taken before the build: others may edit meanwhile.
     let built_from = commit();
-    // The release agent under test; debug userdata-gen provisions the firewall and the debug
-    // vpn-agent answers `status`, as in the tests.
+    // The release agent under test; debug userdata-gen provisions the firewall, the debug
+    // vpn-agent answers `status`, and vdc-load makes a tailnet large, as in the tests.
     for args in [
         &[
             "build",
@@ -224,6 +224,8 @@ fn release_agent() -> Result<(PathBuf, String)> {
             "vpn-agent",
             "-p",
             "userdata-gen",
+            "-p",
+            "vdc",
             "--bins",
         ][..],
     ] {
@@ -264,13 +266,6 @@ fn subnet() -> Result<()> {
 fn scale(sizes: Vec<usize>) -> Result<()> {
     println!("==> bench: vpn-agent and tailscaled in a tailnet of 100 to 5 000 churning nodes");
     let (agent_bin, built_from) = release_agent()?;
-    let status = cargo()
-        .args(["build", "-q", "-p", "vdc", "--bin", "vdc-load"])
-        .status()
-        .context("cannot run cargo")?;
-    if !status.success() {
-        bail!("cargo build of vdc-load failed ({status})");
-    }
     let trial = !sizes.is_empty();
     let mut opts = vdc::bench::scale::Options::default();
     if trial {
