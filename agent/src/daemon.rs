@@ -35,6 +35,12 @@ const ENDPOINT_REFRESH: Duration = Duration::from_secs(30);
 /// How long an endpoint update may take before the session is started afresh.
 const LITE_UPDATE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// A stream's first map as it came: its size (zstd) and when its last byte arrived.
+struct FirstMap {
+    bytes: usize,
+    received: tokio::time::Instant,
+}
+
 /// How long the map request may take to bring the first (full) map; the watchdog above
 /// only starts after it.
 const MAP_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -503,8 +509,7 @@ impl Daemon {
         let mut net_rx = self.data().net_info();
         let net = net_rx.borrow_and_update().clone();
         let req = self.map_request(&net, true);
-        let (mut body, mut first) = Self::open_stream(&mut s, &req).await?;
-        info!(server = %self.cfg.server_url, endpoints = ?req.endpoints, home_derp = net.home_derp, "map stream open");
+        let (mut body, mut first, first_map) = Self::open_stream(&mut s, &req).await?;
         self.stream_opened = Some(tokio::time::Instant::now());
         self.set(|s| {
             s.control_connected = true;
@@ -519,6 +524,15 @@ impl Daemon {
         let ping = first.ping_request.take();
         let c = self.netmap.replace_with(first);
         self.apply_changes(c).await?;
+        // After the first map is applied, so the line says what a large map costs us.
+        info!(
+            server = %self.cfg.server_url,
+            endpoints = ?req.endpoints,
+            home_derp = net.home_derp,
+            first_map_bytes = first_map.bytes,
+            first_map_applied_ms = first_map.received.elapsed().as_millis() as u64,
+            "map stream open"
+        );
         self.answer_ping(ping);
         self.save_cache().await;
         let (mut ended, mut pong) = s.liveness();
@@ -588,7 +602,7 @@ impl Daemon {
                     resync = None;
                     last_resync = tokio::time::Instant::now();
                     let net = net_rx.borrow().clone();
-                    let (fresh, first) = Self::open_stream(&mut s, &self.map_request(&net, true)).await?;
+                    let (fresh, first, _) = Self::open_stream(&mut s, &self.map_request(&net, true)).await?;
                     debug!("new map stream for our own node's routes");
                     // The new stream's first map is complete; the old stream ends when dropped.
                     body = fresh;
@@ -604,13 +618,19 @@ impl Daemon {
     }
 
     /// Opens a map stream and reads its first (full) map, within [`MAP_OPEN_TIMEOUT`].
-    async fn open_stream(s: &mut Session, req: &MapRequest) -> Result<(client::Body, MapResponse)> {
+    async fn open_stream(
+        s: &mut Session,
+        req: &MapRequest,
+    ) -> Result<(client::Body, MapResponse, FirstMap)> {
         client::deadline("opening the map stream", MAP_OPEN_TIMEOUT, async {
             let mut body = s.map(req).await?;
-            let first = body.next_message().await?.ok_or_else(|| {
+            let raw = body.next_raw_message().await?.ok_or_else(|| {
                 Error::Control("the map stream ended before the first map".into())
             })?;
-            Ok((body, first))
+            let received = tokio::time::Instant::now();
+            let first = client::decode_map_message(&raw)?;
+            let bytes = raw.len();
+            Ok((body, first, FirstMap { bytes, received }))
         })
         .await
     }

@@ -127,6 +127,9 @@ pub struct Results {
     pub tailscaled: PerTarget,
     /// Plain veth op → fw on the underlay, no tunnel (bit/s).
     pub underlay: Vec<f64>,
+    /// The share of the machine's CPU time left idle during each tunnel run (0 to 1): what
+    /// spreading the agent's work over more cores could use.
+    pub idle: Vec<f64>,
 }
 
 /// The lab with both targets up, joined and on a direct path from op.
@@ -258,8 +261,12 @@ impl Bench {
                 for t in order {
                     let pid = self.pid(t)?;
                     let cpu0 = cpu_ticks(pid)?;
+                    let machine0 = machine_ticks()?;
                     let run = self.iperf(self.ip(t), reverse, opts.seconds)?;
                     let cpu = (cpu_ticks(pid)? - cpu0) as f64 / tick;
+                    let (idle1, total1) = machine_ticks()?;
+                    r.idle
+                        .push((idle1 - machine0.0) as f64 / (total1 - machine0.1).max(1) as f64);
                     let dir = if reverse { "<-" } else { "->" };
                     progress(&format!(
                         "op {dir} {t}: {:.3} Gbit/s ({t} used {cpu:.1} s CPU)",
@@ -556,13 +563,18 @@ impl Results {
         s.push_str(&format!(
             "\nEach run, Gbit/s: op sends to vpn-agent {}; to tailscaled {}; vpn-agent sends {}; \
              tailscaled sends {}.\nFor scale, the underlay without a tunnel (plain veth and \
-             bridge, op → fw, iperf3): {} (runs: {}).\n",
+             bridge, op → fw, iperf3): {} (runs: {}).\n\
+             The machine's cores were idle {:.0} % of the time during the tunnel runs (median; \
+             from {:.0} % to {:.0} %).\n",
             list(&a.forward),
             list(&t.forward),
             list(&a.reverse),
             list(&t.reverse),
             gbit(median(&self.underlay)),
-            list(&self.underlay)
+            list(&self.underlay),
+            median(&self.idle) * 100.0,
+            self.idle.iter().copied().fold(f64::INFINITY, f64::min) * 100.0,
+            self.idle.iter().copied().fold(0.0, f64::max) * 100.0,
         ));
         s
     }
@@ -664,6 +676,24 @@ pub fn parse_vmhwm(status: &str) -> Option<u64> {
 }
 
 /// user + system time from a `/proc/<pid>/stat` line, in clock ticks.
+/// The machine's idle (idle + iowait) and total CPU ticks, from `/proc/stat`'s `cpu` line.
+pub fn parse_machine_ticks(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    let total = f.iter().take(8).sum();
+    Some((f.get(3)? + f.get(4)?, total))
+}
+
+fn machine_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    parse_machine_ticks(&stat).context("cannot read /proc/stat's cpu line")
+}
+
 pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     // The command name (field 2) may hold spaces: count fields after its closing paren.
     let rest = &stat[stat.rfind(')')? + 1..];
@@ -769,6 +799,10 @@ mod tests {
             parse_vmhwm("Name:\tx\nVmPeak:\t 9 kB\nVmHWM:\t   12345 kB\n"),
             Some(12345)
         );
+        assert_eq!(
+            parse_machine_ticks("cpu  100 5 50 800 20 1 4 0 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n"),
+            Some((820, 980))
+        );
         let stat = "42 (a b) S 1 42 42 0 -1 4194560 100 0 0 0 70 30 0 0 20 0 4 0 5 6 7";
         assert_eq!(parse_cpu_ticks(stat), Some(100));
     }
@@ -817,6 +851,7 @@ mod tests {
             agent: p(1e9, 10240),
             tailscaled: p(2e9, 40960),
             underlay: vec![19.6e9],
+            idle: vec![0.02, 0.05, 0.03],
         };
         let t = r.table();
         assert!(
@@ -825,6 +860,7 @@ mod tests {
         );
         assert!(t.contains("| 10.0 MiB | 40.0 MiB | 0.25 |"), "{t}");
         assert!(t.contains("19.60 Gbit/s"), "{t}");
+        assert!(t.contains("idle 3 % of the time"), "{t}");
         assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
     }
 }
