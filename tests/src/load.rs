@@ -19,6 +19,9 @@ use vpn_agent::control::types::{
 use vpn_agent::keys;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+/// Tries per node to register (and come online) before the load gives up.
+const REGISTER_ATTEMPTS: usize = 4;
+
 /// What to do.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
@@ -230,20 +233,38 @@ pub async fn run(spec: LoadSpec) -> Result<()> {
             let (ctx, prefix) = (ctx.clone(), spec.prefix.clone());
             batch.spawn(async move {
                 let mut node = Node::new(&prefix, j);
-                let r = async {
-                    let s = register(&ctx, &node).await?;
-                    if j < online {
-                        go_online(&ctx, &mut node, j, Some(s)).await?;
+                // A busy headscale drops a registration now and then (a broken pipe); a
+                // client tries again, and so does the load, a few times.
+                let mut r = Ok(());
+                for attempt in 0..REGISTER_ATTEMPTS {
+                    if attempt > 0 {
+                        tokio::time::sleep(Duration::from_secs(attempt as u64)).await;
                     }
-                    anyhow::Ok(())
+                    r = async {
+                        let s = register(&ctx, &node).await?;
+                        if j < online {
+                            go_online(&ctx, &mut node, j, Some(s)).await?;
+                        }
+                        anyhow::Ok(())
+                    }
+                    .await;
+                    if r.is_ok() {
+                        break;
+                    }
                 }
-                .await;
                 (j, node, r)
             });
         }
         while let Some(done) = batch.join_next().await {
             let (j, node, r) = done?;
-            r.with_context(|| format!("registering {}", node.name))?;
+            if let Err(e) = r {
+                // Said in the progress too: whoever waits on it learns at once.
+                let e = e.context(format!("registering {}", node.name));
+                progress.errors += 1;
+                progress.last_error = Some(format!("{e:#}"));
+                write_progress(&spec.progress, &progress);
+                return Err(e);
+            }
             progress.registered += 1;
             if j < online {
                 progress.online += 1;

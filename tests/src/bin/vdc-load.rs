@@ -30,7 +30,7 @@ struct Args {
     /// Registrations in flight at once. headscale (v0.28) writes its node store in batches
     /// (up to 100, or what came within 500 ms) and rebuilds its peer map, all pairs of
     /// nodes, once per batch: registrations in flight together share that rebuild.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 64)]
     parallel: usize,
     /// Where progress is written (JSON), about once a second.
     #[arg(long)]
