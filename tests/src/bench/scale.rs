@@ -305,6 +305,18 @@ fn restart(b: &mut Bench, step: &mut Step, progress: &mut dyn FnMut(&str)) -> Re
     }
     step.agent.to_running = agent.unwrap_or_default();
     step.tailscaled.to_running = tailscaled.unwrap_or_default();
+    // The operator's stock tailscaled too, untimed: headscale (v0.28) may have given up on its
+    // stream under the registrations, and without the restarted daemons' new disco keys it
+    // finds no path to them.
+    b.lab.stop(super::OP_HOST, "tailscaled")?;
+    b.op = b.lab.start_tailscaled(super::OP_HOST)?;
+    let start = Instant::now();
+    while !b.op.status().is_ok_and(|s| s["BackendState"] == "Running") {
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("the operator's tailscaled is not Running 120 s after its restart");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     step.agent.first_map_applied = Some(first_map_applied(b)?);
     for t in Target::BOTH {
         progress(&format!(
