@@ -381,6 +381,32 @@ impl Load {
         online: usize,
         churn_per_sec: f64,
     ) -> Result<Load> {
+        Self::spawn(lab, host, prefix, user, nodes, online, churn_per_sec, None)
+    }
+
+    /// Registers `nodes` nodes, `parallel` at a time, none of them online and no churn.
+    pub fn register(
+        lab: &crate::Lab,
+        host: &str,
+        prefix: &str,
+        user: &str,
+        nodes: usize,
+        parallel: usize,
+    ) -> Result<Load> {
+        Self::spawn(lab, host, prefix, user, nodes, 0, 0.0, Some(parallel))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        lab: &crate::Lab,
+        host: &str,
+        prefix: &str,
+        user: &str,
+        nodes: usize,
+        online: usize,
+        churn_per_sec: f64,
+        parallel: Option<usize>,
+    ) -> Result<Load> {
         let hs = lab.headscale();
         let user = hs.user(user).or_else(|_| hs.create_user(user))?;
         let key = hs.create_preauth_key(
@@ -408,6 +434,7 @@ impl Load {
             .args(["--online", &online.to_string()])
             .args(["--churn-per-sec", &churn_per_sec.to_string()])
             .args(["--prefix", prefix])
+            .args(parallel.map(|p| format!("--parallel={p}")))
             .arg("--progress")
             .arg(&progress);
         lab.spawn(host, prefix, c)?;

@@ -31,6 +31,10 @@ const LOAD_USER: &str = "load";
 /// The nodes that churn, and how often one of them changes.
 pub const CHURNING: usize = 50;
 pub const CHURN_PER_SEC: f64 = 10.0;
+/// Registrations in flight while the tailnet grows: headscale (v0.28) writes its node store
+/// in batches (up to 100, or what came within 500 ms) and rebuilds its peer map over all
+/// pairs of nodes once per batch, so registrations in flight together share that rebuild.
+const REGISTER_PARALLEL: usize = 64;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -224,7 +228,14 @@ pub fn measure(
 /// Registers `count` more nodes (never online) and records the size of the first map.
 fn grow(b: &Bench, step: &mut Step, count: usize, progress: &mut dyn FnMut(&str)) -> Result<()> {
     let name = format!("reg{}", step.peers);
-    let load = Load::start(&b.lab, LOAD_HOST, &name, LOAD_USER, count, 0, 0.0)?;
+    let load = Load::register(
+        &b.lab,
+        LOAD_HOST,
+        &name,
+        LOAD_USER,
+        count,
+        REGISTER_PARALLEL,
+    )?;
     renice(b, LOAD_HOST)?;
     // Generous: registration slows as the tailnet grows, and headscale shares the machine.
     let limit = Duration::from_secs(120 + count as u64);
