@@ -230,10 +230,10 @@ impl Bench {
         }
     }
 
-    /// `ping -c count -i 0.02 -q` from op to `to`.
-    pub fn ping(&self, to: IpAddr, count: u32) -> Result<Rtt> {
+    /// `ping -c count -i interval -q` from op to `to` (`interval` in seconds, as ping takes it).
+    pub fn ping(&self, to: IpAddr, count: u32, interval: &str) -> Result<Rtt> {
         let mut c = self.lab.host(OP_HOST).ns().command("ping");
-        c.args(["-q", "-i", "0.02", "-W", "2", "-c", &count.to_string()])
+        c.args(["-q", "-i", interval, "-W", "2", "-c", &count.to_string()])
             .arg(to.to_string());
         let out = cmd::run_quiet(&mut c)?;
         parse_ping(&out).with_context(|| format!("ping printed {out:?}"))
@@ -284,7 +284,7 @@ impl Bench {
             }
         }
         for t in Target::BOTH {
-            let rtt = self.ping(self.ip(t), opts.pings)?;
+            let rtt = self.ping(self.ip(t), opts.pings, "0.02")?;
             progress(&format!(
                 "ping {t}: avg {:.3} ms, mdev {:.3} ms, loss {}%",
                 rtt.avg, rtt.mdev, rtt.loss_percent

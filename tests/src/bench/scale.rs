@@ -19,10 +19,10 @@
 //! gives up on a stream its send to does not leave within 50 ms, and a starved headscale
 //! would give up on streams for its own slowness.
 
-use super::{Bench, Iperf, Rtt, Target, clock_ticks, cpu_ticks, parse_ping, peak_rss_kib};
+use super::{Bench, Iperf, Rtt, Target, clock_ticks, cpu_ticks, peak_rss_kib};
 use crate::firewall::{AGENT_LOG, agent_command_with, agent_status};
 use crate::load::Load;
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use nix::sys::signal::Signal;
 use std::time::{Duration, Instant};
 
@@ -457,11 +457,7 @@ fn traffic(
 ) -> Result<()> {
     for t in Target::BOTH {
         b.warm_up(b.ip(t))?;
-        let mut c = b.lab.host(super::OP_HOST).ns().command("ping");
-        c.args(["-q", "-i", "0.05", "-W", "2", "-c", &opts.pings.to_string()])
-            .arg(b.ip(t).to_string());
-        let out = crate::cmd::run_quiet(&mut c)?;
-        let rtt = parse_ping(&out).with_context(|| format!("ping printed {out:?}"))?;
+        let rtt = b.ping(b.ip(t), opts.pings, "0.05")?;
         let Iperf {
             bits_per_second: forward,
             ..
