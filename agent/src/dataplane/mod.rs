@@ -199,10 +199,18 @@ impl Engine {
                         p.path.endpoints = info.endpoints.clone();
                         (p.path, p.disco, p.awake)
                     } else {
-                        (self.fresh_path(&info), Default::default(), p.awake)
+                        (
+                            PeerPath::new(info.home_derp, info.endpoints.clone()),
+                            Default::default(),
+                            p.awake,
+                        )
                     }
                 }
-                None => (self.fresh_path(&info), Default::default(), false),
+                None => (
+                    PeerPath::new(info.home_derp, info.endpoints.clone()),
+                    Default::default(),
+                    false,
+                ),
             };
             if let Some(d) = info.disco_key {
                 self.by_disco.insert(d, info.node_key);
@@ -220,10 +228,6 @@ impl Engine {
                 },
             );
         }
-    }
-
-    fn fresh_path(&self, info: &PeerInfo) -> PeerPath {
-        PeerPath::new(info.home_derp, info.endpoints.clone())
     }
 
     /// Forgets the disco key and endpoints `info` was indexed under (those still pointing to
