@@ -546,6 +546,9 @@ impl Daemon {
         // When to open a new stream for a full map (see `needs_self_node`).
         let mut resync: Option<tokio::time::Instant> = None;
         let mut last_resync = tokio::time::Instant::now();
+        // The last message that was more than a keep-alive, or the last full map.
+        let mut last_update = tokio::time::Instant::now();
+        let refresh_after = self.refresh_after();
         loop {
             let next_expiry = self.next_expiry;
             tokio::select! {
@@ -556,6 +559,7 @@ impl Daemon {
                     last_message = tokio::time::Instant::now();
                     self.set(|s| s.last_contact = Some(now_secs()));
                     if !msg.keep_alive {
+                        last_update = last_message;
                         if self.needs_self_node(&msg) && resync.is_none() {
                             resync = Some(last_resync + RESYNC_INTERVAL);
                         }
@@ -602,12 +606,26 @@ impl Daemon {
                     resync = None;
                     last_resync = tokio::time::Instant::now();
                     let net = net_rx.borrow().clone();
-                    let (fresh, first, _) = Self::open_stream(&mut s, &self.map_request(&net, true)).await?;
+                    (body, _) = self.replace_stream(&mut s, &net).await?;
                     debug!("new map stream for our own node's routes");
-                    // The new stream's first map is complete; the old stream ends when dropped.
-                    body = fresh;
-                    let c = self.netmap.replace_with(first);
-                    self.apply_changes(c).await?;
+                    last_update = tokio::time::Instant::now();
+                    cache_dirty = true;
+                }
+                _ = tokio::time::sleep_until(last_update + refresh_after) => {
+                    let net = net_rx.borrow().clone();
+                    let missed;
+                    (body, missed) = self.replace_stream(&mut s, &net).await?;
+                    if missed > 0 {
+                        warn!(
+                            quiet_secs = refresh_after.as_secs(),
+                            missed,
+                            "the map stream brought only keep-alives, and a new one shows \
+                             changes it never sent: headscale had stopped updating it"
+                        );
+                    } else {
+                        debug!(quiet_secs = refresh_after.as_secs(), "map stream refreshed; nothing was missed");
+                    }
+                    last_update = tokio::time::Instant::now();
                     cache_dirty = true;
                 }
                 _ = tokio::time::sleep_until(last_message + MAP_WATCHDOG) => {
@@ -633,6 +651,29 @@ impl Daemon {
             Ok((body, first, FirstMap { bytes, received }))
         })
         .await
+    }
+
+    /// Opens a new map stream in session `s` and applies its full map. The old stream ends
+    /// when its body is dropped, after the new one is complete: headscale never sees us
+    /// offline. Returns the new body and how many things the full map changed.
+    async fn replace_stream(
+        &mut self,
+        s: &mut Session,
+        net: &NetInfo,
+    ) -> Result<(client::Body, usize)> {
+        let (body, first, _) = Self::open_stream(s, &self.map_request(net, true)).await?;
+        let c = self.netmap.replace_with(first);
+        let changed = c.changed_peers.len()
+            + c.removed_peers.len()
+            + usize::from(c.self_changed)
+            + usize::from(c.filter_changed)
+            + usize::from(c.derp_changed);
+        self.apply_changes(c).await?;
+        Ok((body, changed))
+    }
+
+    fn refresh_after(&self) -> Duration {
+        refresh_after(self.cfg.map_refresh_after, &self.identity.node_public())
     }
 
     /// Whether `msg` may have changed what headscale approved of our routes without saying
@@ -1112,9 +1153,24 @@ pub fn needs_self_node(advertised: &[(std::net::IpAddr, u8)], msg: &MapResponse)
         && (msg.packet_filter.is_some() || msg.packet_filters.is_some())
 }
 
+/// `base` ([`Config::map_refresh_after`]) stretched by up to a tenth by our node key, so
+/// that agents that connected together (after a headscale restart) do not refresh together.
+fn refresh_after(base: Duration, node_key: &PublicKey) -> Duration {
+    base + base * u32::from(node_key.as_bytes()[0]) / 2550
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refreshes_spread_over_a_tenth_of_the_period() {
+        let base = Duration::from_secs(600);
+        let key = |b: u8| PublicKey::from([b; 32]);
+        assert_eq!(refresh_after(base, &key(0)), base);
+        assert_eq!(refresh_after(base, &key(255)), Duration::from_secs(660));
+        assert_ne!(refresh_after(base, &key(1)), refresh_after(base, &key(2)));
+    }
 
     fn net(text: &str) -> (std::net::IpAddr, u8) {
         vpn_contract::subnet_route(text).unwrap()

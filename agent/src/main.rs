@@ -37,6 +37,11 @@ enum Cmd {
         /// The status socket (root only).
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// Seconds after which a map stream that carried nothing but keep-alives is replaced
+        /// by a new one (headscale up to v0.28 may silently stop updating a stream).
+        #[arg(long, value_name = "SECS", default_value_t = vpn_agent::config::MAP_REFRESH_AFTER.as_secs(),
+              value_parser = clap::value_parser!(u64).range(1..))]
+        map_refresh_after: u64,
     },
     /// The agent's nftables table: SSH only over the mesh, the public ports closed.
     Firewall {
@@ -87,7 +92,14 @@ fn main() {
             settings,
             state_dir,
             socket,
-        } => run(config, settings, state_dir, socket),
+            map_refresh_after,
+        } => run(
+            config,
+            settings,
+            state_dir,
+            socket,
+            std::time::Duration::from_secs(map_refresh_after),
+        ),
         Cmd::Firewall {
             cmd,
             settings,
@@ -115,8 +127,10 @@ fn run(
     settings: PathBuf,
     state_dir: PathBuf,
     socket: PathBuf,
+    map_refresh_after: std::time::Duration,
 ) -> vpn_agent::Result<()> {
-    let cfg = Config::load(&config, &settings)?;
+    let mut cfg = Config::load(&config, &settings)?;
+    cfg.map_refresh_after = map_refresh_after;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -470,18 +470,47 @@ pub fn start_firewall_with(
     bin: &std::path::Path,
 ) -> Result<(Provisioned, std::net::IpAddr)> {
     let fw = provision(lab, host, machine, project, extra)?;
-    lab.spawn(
-        host,
-        AGENT_LOG,
-        agent_command_with(lab, host, &fw.root, bin)?,
-    )?;
-    let node = wait_online(lab, host, machine)?;
+    let node = spawn_agent(lab, host, machine, &fw, bin, &[])?;
+    Ok((fw, mesh_ipv4(&node)?))
+}
+
+/// Like [`start_firewall`], with `agent_args` added to `vpn-agent run`; returns the
+/// firewall's node as headscale lists it.
+pub fn start_firewall_args(
+    lab: &Lab,
+    host: &str,
+    machine: &str,
+    project: &str,
+    agent_args: &[&str],
+) -> Result<(Provisioned, crate::headscale::Node)> {
+    let fw = provision(lab, host, machine, project, &[])?;
+    let bin = tools::project_bin("vpn-agent");
+    let node = spawn_agent(lab, host, machine, &fw, &bin, agent_args)?;
+    Ok((fw, node))
+}
+
+fn spawn_agent(
+    lab: &Lab,
+    host: &str,
+    machine: &str,
+    fw: &Provisioned,
+    bin: &std::path::Path,
+    args: &[&str],
+) -> Result<crate::headscale::Node> {
+    let mut agent = agent_command_with(lab, host, &fw.root, bin)?;
+    agent.args(args);
+    lab.spawn(host, AGENT_LOG, agent)?;
+    wait_online(lab, host, machine)
+}
+
+/// A node's IPv4 mesh address.
+pub fn mesh_ipv4(node: &crate::headscale::Node) -> Result<std::net::IpAddr> {
     let ip = node
         .addresses
         .iter()
         .find_map(|a| a.parse::<std::net::Ipv4Addr>().ok())
-        .with_context(|| format!("{machine} has no IPv4 mesh address: {node:?}"))?;
-    Ok((fw, ip.into()))
+        .with_context(|| format!("{} has no IPv4 mesh address: {node:?}", node.name))?;
+    Ok(ip.into())
 }
 
 /// `python3 -m http.server` on `host`, port `port`, bound to `ip` (`0.0.0.0`: all).

@@ -9,9 +9,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use vdc::firewall::{
     AGENT_LOG, Notify, agent_command, agent_status, connects, join_operator, run_early_unit,
-    serve_http, ssh, start_firewall, start_sshd, time_to_connect, wait_banner, wait_status,
-    wait_status_for,
+    serve_http, ssh, start_firewall, start_firewall_args, start_sshd, time_to_connect, wait_banner,
+    wait_status, wait_status_for,
 };
+use vdc::load::Load;
 use vdc::{Lab, LabOptions, require_lab};
 
 /// The goal for the operator's way in after the agent starts with headscale away.
@@ -447,4 +448,118 @@ fn expired_keys_are_not_used_and_our_own_expiry_is_reported() {
     );
     let log = lab.log("fw", AGENT_LOG);
     assert!(log.contains("this node's key expired"), "{log}");
+}
+
+/// headscale v0.28 gives up on a map stream it could not hand an update to within 50 ms
+/// (`connectionEntry.send`, behind a queue of 30) and never says so: the stream goes on
+/// carrying keep-alives and nothing else. A firewall on such a stream would never learn of
+/// a new operator, nor of one removed. (v0.29 closes such a stream instead.) Here the agent
+/// is the slow reader headscale gives up on: stopped (SIGSTOP) while 100 nodes join, with
+/// socket buffers so small that their updates back up into headscale's queue at once. Then
+/// 20 more join: the agent must learn of them, on a stream of its own making.
+#[test]
+fn a_map_stream_headscale_stopped_updating_is_replaced() {
+    const NODES: usize = 100;
+    const LATE: usize = 20;
+    const REFRESH_SECS: u64 = 20;
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw", "load"])).unwrap();
+    for (host, key) in [("fw", "net.ipv4.tcp_rmem"), ("ctl", "net.ipv4.tcp_wmem")] {
+        let set = format!("{key}=4096 16384 16384");
+        vdc::cmd::run_quiet(lab.host(host).ns().command("sysctl").args(["-qw", &set])).unwrap();
+    }
+    let refresh = REFRESH_SECS.to_string();
+    let (_fw, node) = start_firewall_args(
+        &lab,
+        "fw",
+        "0cfc7e24-aaaa-4bbb-8ccc-00000000005d",
+        "project-r",
+        &["--map-refresh-after", &refresh],
+    )
+    .unwrap();
+    // Not while its first endpoint update is in flight: that would time out during the
+    // stop, and the new session it starts would heal the stream by chance.
+    lab.wait_log("fw", AGENT_LOG, "DERP connected", Duration::from_secs(30))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+
+    lab.signal("fw", AGENT_LOG, Signal::SIGSTOP).unwrap();
+    let load = Load::start(&lab, "load", "load", "load", NODES, NODES, 0.0).unwrap();
+    load.wait("every node online", Duration::from_secs(180), |p| {
+        p.registered_after_secs.is_some() && p.online == NODES
+    })
+    .unwrap();
+    lab.headscale()
+        .wait_nodes("every node online", Duration::from_secs(60), |n| {
+            n.iter().filter(|n| n.online).count() > NODES
+        })
+        .unwrap();
+    let hs_log = lab.headscale().log_path();
+    let gave_up = std::fs::read_to_string(&hs_log)
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            l.contains("timeout sending to channel")
+                && l.split_whitespace()
+                    .any(|w| w == format!("node.id={}", node.id))
+        })
+        .count();
+    lab.signal("fw", AGENT_LOG, Signal::SIGCONT).unwrap();
+    assert!(
+        gave_up > 0,
+        "headscale never gave up on the stopped agent's stream: the test made nothing to heal \
+         (headscale log: {})",
+        hs_log.display()
+    );
+    let resumed = Instant::now();
+    let peers = |s: &serde_json::Value| s["peers"].as_array().map_or(0, Vec::len);
+    std::thread::sleep(Duration::from_secs(3));
+    let stale = peers(&agent_status(&lab, "fw").unwrap());
+    wait_status_for(
+        &lab,
+        "fw",
+        "every node in the netmap",
+        Duration::from_secs(REFRESH_SECS * 3),
+        |s| peers(s) == NODES,
+    )
+    .unwrap();
+    let healed = resumed.elapsed();
+    // The new stream carries what happens next.
+    let late = Load::start(&lab, "load", "late", "load", LATE, 0, 0.0).unwrap();
+    late.wait("the late nodes registered", Duration::from_secs(60), |p| {
+        p.registered_after_secs.is_some()
+    })
+    .unwrap();
+    wait_status(&lab, "fw", "the late nodes in the netmap", |s| {
+        peers(s) == NODES + LATE
+    })
+    .unwrap();
+    println!(
+        "    headscale gave up on the agent's stream ({gave_up} log lines); 3 s after SIGCONT \
+         the agent listed {stale} of {NODES} nodes, all after {healed:.1?}"
+    );
+    // The agent replaced the stream (headscale did not end it), and said why.
+    let missed = "changes it never sent";
+    let log = lab.log("fw", AGENT_LOG);
+    assert!(!log.contains("the map stream ended"), "{log}");
+    assert_eq!(log.matches(missed).count(), 1, "{log}");
+    // A stream that is only quiet is refreshed too, and then nothing is reported missed.
+    let streams = |id: u64| {
+        let hs = std::fs::read_to_string(&hs_log).unwrap_or_default();
+        hs.lines()
+            .filter(|l| l.contains("node has connected") && l.contains(&format!("node.id={id} ")))
+            .count()
+    };
+    let before = streams(node.id);
+    let waiting = Instant::now();
+    while streams(node.id) == before {
+        // headscale's own updates (last seen, online) move the refresh on now and then.
+        assert!(
+            waiting.elapsed() < Duration::from_secs(REFRESH_SECS * 5),
+            "no refresh of a quiet stream"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let log = lab.log("fw", AGENT_LOG);
+    assert_eq!(log.matches(missed).count(), 1, "{log}");
 }

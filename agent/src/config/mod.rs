@@ -21,7 +21,16 @@ pub struct Config {
     /// headscale approves them.
     pub advertise_routes: Vec<(IpAddr, u8)>,
     pub settings: AgentSettings,
+    /// A map stream that brought nothing but keep-alives this long is replaced by a new one
+    /// (`vpn-agent run --map-refresh-after`): headscale up to v0.28 stops updating a stream
+    /// it could not hand an update to within 50 ms, and keeps it alive.
+    pub map_refresh_after: std::time::Duration,
 }
+
+/// The default of [`Config::map_refresh_after`]. A refresh costs headscale one full map and
+/// tells every peer we are online, which in turn resets their clocks: a quiet tailnet sees
+/// about one refresh per period, whatever its size.
+pub const MAP_REFRESH_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Parses a tailscale `alpha0` config file's text (see [`MeshConfig::parse`]); the error
 /// names the file.
@@ -113,6 +122,7 @@ impl Config {
             accept_routes: m.accept_routes,
             advertise_routes: m.advertise_routes,
             settings,
+            map_refresh_after: MAP_REFRESH_AFTER,
         })
     }
 }
