@@ -288,8 +288,9 @@ fn scale(sizes: Vec<usize>) -> Result<()> {
         "scale",
         &format!(
             "Measured by `cargo xtask bench scale` on {}, {} (vpn-agent release build of {}, \
-             tailscale {}, headscale {}; {} of the nodes change {} times a second; CPU over {} s \
-             of churn alone; iperf3 {} s per direction):\n\n{table}",
+             tailscale {}, headscale {}; {} of the nodes change {} times a second, frozen while \
+             nodes register and the daemons restart; CPU over {} s of churn alone; iperf3 {} s \
+             per direction):\n\n{table}",
             machine(),
             vdc::bench::today(),
             built_from,

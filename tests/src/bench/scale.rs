@@ -11,7 +11,10 @@
 //! | `load` | 192.0.2.14 | `vdc-load`: the churning nodes, and each step's new nodes |
 //!
 //! At each size both daemons are restarted (the agent without its netmap cache, so both wait
-//! for headscale's first map), and each figure is taken from both in the same window.
+//! for headscale's first map), and each figure is taken from both in the same window. The
+//! churn is frozen (SIGSTOP) while nodes register and the daemons restart, and runs for the
+//! CPU and traffic windows. A size the run cannot get through ends it, and the table says
+//! why and keeps what that size measured.
 //!
 //! headscale shares the two cores with everything else, and at thousands of nodes it takes
 //! most of them: it rebuilds its peer map over all pairs of nodes at every batch of changes
@@ -35,6 +38,8 @@ pub const CHURN_PER_SEC: f64 = 10.0;
 /// in batches (up to 100, or what came within 500 ms) and rebuilds its peer map over all
 /// pairs of nodes once per batch, so registrations in flight together share that rebuild.
 const REGISTER_PARALLEL: usize = 64;
+/// How long a restarted daemon may take to `Running`.
+const RUNNING_LIMIT: Duration = Duration::from_secs(180);
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -76,8 +81,8 @@ pub struct Daemon {
     /// many it listed last.
     pub caught_up: Option<Duration>,
     pub listed: usize,
-    /// From its start (no netmap yet) to `Running`.
-    pub to_running: Duration,
+    /// From its start (no netmap yet) to `Running`; none within [`RUNNING_LIMIT`].
+    pub to_running: Option<Duration>,
     /// From the first map's last byte to the map applied (the agent logs it).
     pub first_map_applied: Option<Duration>,
     /// VmHWM after everything at this size.
@@ -103,6 +108,10 @@ pub struct Step {
     pub churn_events: u64,
     pub agent: Daemon,
     pub tailscaled: Daemon,
+    /// Whether both daemons were restarted at this size.
+    pub restarted: bool,
+    /// Why the run stopped at this size; what it measured before stays.
+    pub failed: Option<String>,
 }
 
 impl Step {
@@ -175,54 +184,89 @@ pub fn measure(
             peers: size,
             ..Step::default()
         };
-        grow(&b, &mut step, size - peers, progress)?;
+        let res = step_to(&mut b, &churn, &mut step, size - peers, opts, progress);
         peers = size;
-        // How long each takes to learn of the new nodes; then both are restarted, once that
-        // is over, not into headscale's backlog.
-        let seen = wait_peers(&b, size, Duration::from_secs(180))?;
-        for (i, t) in Target::BOTH.into_iter().enumerate() {
-            let (count, after) = seen[i];
-            step.get_mut(t).caught_up = after;
-            step.get_mut(t).listed = count;
-            progress(&format!(
-                "{} peers: {t} {}",
-                step.peers,
-                match after {
-                    Some(d) => format!(
-                        "listed every node {:.0} s after the registrations",
-                        d.as_secs_f64()
-                    ),
-                    None => format!("listed {count} of {} after 180 s", step.peers),
-                }
-            ));
+        if let Err(e) = res {
+            progress(&format!("{size} peers: stopped: {e:#}"));
+            step.failed = Some(format!("{e:#}"));
+            r.steps.push(step);
+            break;
         }
-        restart(&mut b, &mut step, progress)?;
-        let seen = wait_peers(&b, size, Duration::from_secs(300))?;
-        if let Some((t, (count, _))) = Target::BOTH
-            .into_iter()
-            .zip(seen)
-            .find(|(_, s)| s.1.is_none())
-        {
-            bail!("{t} lists {count} of {size} peers 300 s after its restart");
-        }
-        for t in Target::BOTH {
-            b.wait_direct(t)?;
-        }
-        cpu_under_churn(&b, &churn, &mut step, opts, progress)?;
-        traffic(&b, &mut step, opts, true, progress)?;
-        // The same with the load frozen (SIGSTOP): what the size costs, apart from what the
-        // churn costs the daemons and takes from them (headscale and the load share the
-        // machine's cores).
-        b.lab.signal(LOAD_HOST, &churn.log, Signal::SIGSTOP)?;
-        let quiet = cpu_quiet(&b, &mut step, opts, progress)
-            .and_then(|()| traffic(&b, &mut step, opts, false, progress));
-        b.lab.signal(LOAD_HOST, &churn.log, Signal::SIGCONT)?;
-        quiet?;
-        rss(&b, &mut step, progress)?;
         r.steps.push(step);
     }
     b.lab.stop(LOAD_HOST, &churn.log)?;
     Ok(r)
+}
+
+/// Grows the tailnet by `count` and measures both daemons at the new size. The churn is
+/// frozen (SIGSTOP) while nodes register and the daemons restart: on two shared cores
+/// headscale (v0.28, whose cost per batch of changes grows with the square of the nodes)
+/// cannot keep up with both at once from about 1 000 nodes on.
+fn step_to(
+    b: &mut Bench,
+    churn: &Load,
+    step: &mut Step,
+    count: usize,
+    opts: &Options,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
+    b.lab.signal(LOAD_HOST, &churn.log, Signal::SIGSTOP)?;
+    let frozen = grow_and_restart(b, step, count, progress);
+    b.lab.signal(LOAD_HOST, &churn.log, Signal::SIGCONT)?;
+    frozen?;
+    for t in Target::BOTH {
+        b.wait_direct(t)?;
+    }
+    cpu_under_churn(b, churn, step, opts, progress)?;
+    traffic(b, step, opts, true, progress)?;
+    // The same with the load frozen: what the size costs, apart from what the churn costs
+    // the daemons and takes from them (headscale and the load share the machine's cores).
+    b.lab.signal(LOAD_HOST, &churn.log, Signal::SIGSTOP)?;
+    let quiet =
+        cpu_quiet(b, step, opts, progress).and_then(|()| traffic(b, step, opts, false, progress));
+    b.lab.signal(LOAD_HOST, &churn.log, Signal::SIGCONT)?;
+    quiet?;
+    rss(b, step, progress)
+}
+
+/// Registers `count` nodes; waits for both daemons to list them (180 s at most: how far
+/// each got is a result); restarts both and waits until they list every node again.
+fn grow_and_restart(
+    b: &mut Bench,
+    step: &mut Step,
+    count: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let size = step.peers;
+    grow(b, step, count, progress)?;
+    // How long each takes to learn of the new nodes; then both are restarted, once that
+    // is over, not into headscale's backlog.
+    let seen = wait_peers(b, size, Duration::from_secs(180))?;
+    for (i, t) in Target::BOTH.into_iter().enumerate() {
+        let (count, after) = seen[i];
+        step.get_mut(t).caught_up = after;
+        step.get_mut(t).listed = count;
+        progress(&format!(
+            "{size} peers: {t} {}",
+            match after {
+                Some(d) => format!(
+                    "listed every node {:.0} s after the registrations",
+                    d.as_secs_f64()
+                ),
+                None => format!("listed {count} of {size} after 180 s"),
+            }
+        ));
+    }
+    restart(b, step, progress)?;
+    let seen = wait_peers(b, size, Duration::from_secs(300))?;
+    if let Some((t, (count, _))) = Target::BOTH
+        .into_iter()
+        .zip(seen)
+        .find(|(_, s)| s.1.is_none())
+    {
+        bail!("{t} lists {count} of {size} peers 300 s after its restart");
+    }
+    Ok(())
 }
 
 /// Registers `count` more nodes (never online) and records the size of the first map.
@@ -307,15 +351,20 @@ fn restart(b: &mut Bench, step: &mut Step, progress: &mut dyn FnMut(&str)) -> Re
         if tailscaled.is_none() && b.ts.status().is_ok_and(|s| s["BackendState"] == "Running") {
             tailscaled = Some(ts_start.elapsed());
         }
-        if agent_start.elapsed() > Duration::from_secs(120) {
-            bail!(
-                "not Running within 120 s of a restart: vpn-agent {agent:?}, tailscaled {tailscaled:?}"
-            );
+        if agent_start.elapsed() > RUNNING_LIMIT {
+            break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    step.agent.to_running = agent.unwrap_or_default();
-    step.tailscaled.to_running = tailscaled.unwrap_or_default();
+    step.restarted = true;
+    step.agent.to_running = agent;
+    step.tailscaled.to_running = tailscaled;
+    if let Some(t) = Target::BOTH
+        .into_iter()
+        .find(|&t| step.get(t).to_running.is_none())
+    {
+        bail!("{t} not Running within {RUNNING_LIMIT:?} of its restart");
+    }
     // The operator's stock tailscaled too, untimed: headscale (v0.28) may have given up on its
     // stream under the registrations, and without the restarted daemons' new disco keys it
     // finds no path to them.
@@ -323,8 +372,8 @@ fn restart(b: &mut Bench, step: &mut Step, progress: &mut dyn FnMut(&str)) -> Re
     b.op = b.lab.start_tailscaled(super::OP_HOST)?;
     let start = Instant::now();
     while !b.op.status().is_ok_and(|s| s["BackendState"] == "Running") {
-        if start.elapsed() > Duration::from_secs(120) {
-            bail!("the operator's tailscaled is not Running 120 s after its restart");
+        if start.elapsed() > RUNNING_LIMIT {
+            bail!("the operator's tailscaled is not Running {RUNNING_LIMIT:?} after its restart");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -333,7 +382,7 @@ fn restart(b: &mut Bench, step: &mut Step, progress: &mut dyn FnMut(&str)) -> Re
         progress(&format!(
             "{} peers: {t} Running {:.2} s after its start",
             step.peers,
-            step.get(t).to_running.as_secs_f64()
+            step.get(t).to_running.unwrap_or_default().as_secs_f64()
         ));
     }
     Ok(())
@@ -518,9 +567,12 @@ impl Results {
                 let listed = match (is_base, d.caught_up) {
                     (true, _) => "-".to_string(),
                     (false, Some(after)) => format!("all within {:.0} s", after.as_secs_f64()),
-                    (false, None) => format!("{} of {} after 180 s", d.listed, s.peers),
+                    (false, None) if d.listed > 0 => {
+                        format!("{} of {} after 180 s", d.listed, s.peers)
+                    }
+                    (false, None) => "-".to_string(),
                 };
-                let (map, running) = if is_base {
+                let (map, running) = if is_base || !s.restarted {
                     ("-".to_string(), "-".to_string())
                 } else {
                     (
@@ -529,7 +581,10 @@ impl Results {
                             s.map_zstd_bytes as f64 / 1e6,
                             s.map_json_bytes as f64 / 1e6
                         ),
-                        format!("{:.2} s", d.to_running.as_secs_f64()),
+                        d.to_running
+                            .map_or(format!("not within {} s", RUNNING_LIMIT.as_secs()), |r| {
+                                format!("{:.2} s", r.as_secs_f64())
+                            }),
                     )
                 };
                 let (cpu, per) = match s.cpu_per_1000(target) {
@@ -542,10 +597,14 @@ impl Results {
                 let applied = d
                     .first_map_applied
                     .map_or("-".into(), |a| format!("{} ms", a.as_millis()));
+                let rss = if d.peak_rss_kib > 0 {
+                    format!("{:.1} MiB", d.peak_rss_kib as f64 / 1024.0)
+                } else {
+                    "-".into()
+                };
                 t.push_str(&format!(
-                    "| {} | {map} | {target} | {listed} | {running} | {applied} | {:.1} MiB | {cpu} | {per} |\n",
+                    "| {} | {map} | {target} | {listed} | {running} | {applied} | {rss} | {cpu} | {per} |\n",
                     s.peers,
-                    d.peak_rss_kib as f64 / 1024.0,
                 ));
             }
         }
@@ -553,7 +612,11 @@ impl Results {
             "\n| peers | daemon | ping avg, quiet / churning | op sends, quiet / churning | daemon sends, quiet / churning |\n\
              |---|---|---|---|---|\n",
         );
-        for s in std::iter::once(&self.baseline).chain(&self.steps) {
+        let measured = |s: &&Step| s.agent.quiet.forward > 0.0;
+        for s in std::iter::once(&self.baseline)
+            .chain(&self.steps)
+            .filter(measured)
+        {
             let is_base = std::ptr::eq(s, &self.baseline);
             for target in Target::BOTH {
                 let (d, base) = (s.get(target), &self.baseline.get(target).quiet);
@@ -583,6 +646,11 @@ impl Results {
                 ));
             }
         }
+        for s in &self.steps {
+            if let Some(why) = &s.failed {
+                t.push_str(&format!("\nThe run stopped at {} peers: {why}.\n", s.peers));
+            }
+        }
         t
     }
 }
@@ -603,7 +671,7 @@ mod tests {
         Daemon {
             caught_up: Some(Duration::from_secs(3)),
             listed: 0,
-            to_running: Duration::from_secs_f64(running),
+            to_running: Some(Duration::from_secs_f64(running)),
             first_map_applied: None,
             peak_rss_kib: rss,
             cpu_churning: 1.5,
@@ -629,9 +697,40 @@ mod tests {
                 churn_events: 250,
                 agent: daemon(1.25, 40960, 1.9),
                 tailscaled: daemon(3.5, 409600, 1.0),
+                restarted: true,
+                failed: None,
             }],
         };
+        let mut stopped = Step {
+            peers: 10000,
+            restarted: true,
+            failed: Some("tailscaled not Running within 180s of its restart".into()),
+            ..Step::default()
+        };
+        stopped.agent.to_running = Some(Duration::from_secs(2));
+        stopped.agent.caught_up = Some(Duration::from_secs(9));
+        stopped.tailscaled.listed = 4000;
+        let mut r = r;
+        r.steps.push(stopped);
         let t = r.table();
+        assert!(
+            t.contains("| 10000 | 0.00 MB / 0.00 MB | tailscaled | 4000 of 10000 after 180 s | not within 180 s | - | - | - | - |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| 10000 | 0.00 MB / 0.00 MB | vpn-agent | all within 9 s | 2.00 s |"),
+            "{t}"
+        );
+        assert!(
+            !t.contains("| 10000 | vpn-agent |"),
+            "no traffic measured: {t}"
+        );
+        assert!(
+            t.contains(
+                "The run stopped at 10000 peers: tailscaled not Running within 180s of its restart."
+            ),
+            "{t}"
+        );
         assert!(
             t.contains("| 5000 | 0.70 MB / 3.75 MB | vpn-agent | all within 3 s | 1.25 s | - | 40.0 MiB | 0.50 s / 1.50 s | 4.00 s |"),
             "{t}"
