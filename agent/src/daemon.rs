@@ -1,7 +1,7 @@
 //! `vpn-agent run`: keep a control session up, registered, and the netmap current.
 
 use crate::backoff::{Backoff, jitter};
-use crate::config::{AuthKey, Config};
+use crate::config::{AuthKey, Config, MAP_MAX_AGE_FACTOR};
 use crate::control::cache;
 use crate::control::client::{self, ServerUrl, Session};
 use crate::control::netmap::{Changes, Netmap, format_time, is_expired, key_expiry};
@@ -546,8 +546,10 @@ impl Daemon {
         // When to open a new stream for a full map (see `needs_self_node`).
         let mut resync: Option<tokio::time::Instant> = None;
         let mut last_resync = tokio::time::Instant::now();
-        // The last message that was more than a keep-alive, or the last full map.
+        // The last message that was more than a keep-alive, or the last full map; and the
+        // last full map.
         let mut last_update = tokio::time::Instant::now();
+        let mut last_full = last_update;
         let refresh_after = self.refresh_after();
         loop {
             let next_expiry = self.next_expiry;
@@ -609,23 +611,35 @@ impl Daemon {
                     (body, _) = self.replace_stream(&mut s, &net).await?;
                     debug!("new map stream for our own node's routes");
                     last_update = tokio::time::Instant::now();
+                    last_full = last_update;
                     cache_dirty = true;
                 }
-                _ = tokio::time::sleep_until(last_update + refresh_after) => {
+                _ = tokio::time::sleep_until(next_refresh(last_update, last_full, refresh_after)) => {
+                    let quiet = last_update + refresh_after <= tokio::time::Instant::now();
                     let net = net_rx.borrow().clone();
                     let missed;
                     (body, missed) = self.replace_stream(&mut s, &net).await?;
-                    if missed > 0 {
+                    if missed > 0 && quiet {
                         warn!(
                             quiet_secs = refresh_after.as_secs(),
                             missed,
                             "the map stream brought only keep-alives, and a new one shows \
                              changes it never sent: headscale had stopped updating it"
                         );
+                    } else if missed > 0 {
+                        // A busy stream: what differs may be news of the last moment as well
+                        // as an update headscale lost, so this says no more than it knows.
+                        info!(
+                            age_secs = (refresh_after * MAP_MAX_AGE_FACTOR).as_secs(),
+                            changed = missed,
+                            "map stream renewed at its age limit; its full map changed what \
+                             the old one had brought"
+                        );
                     } else {
-                        debug!(quiet_secs = refresh_after.as_secs(), "map stream refreshed; nothing was missed");
+                        debug!(quiet, "map stream refreshed; nothing was missed");
                     }
                     last_update = tokio::time::Instant::now();
+                    last_full = last_update;
                     cache_dirty = true;
                 }
                 _ = tokio::time::sleep_until(last_message + MAP_WATCHDOG) => {
@@ -1153,6 +1167,16 @@ pub fn needs_self_node(advertised: &[(std::net::IpAddr, u8)], msg: &MapResponse)
         && (msg.packet_filter.is_some() || msg.packet_filters.is_some())
 }
 
+/// When to replace the map stream: once it brought only keep-alives for `refresh_after`, or
+/// once its full map is [`MAP_MAX_AGE_FACTOR`] times that old, however busy it is.
+fn next_refresh(
+    last_update: tokio::time::Instant,
+    last_full: tokio::time::Instant,
+    refresh_after: Duration,
+) -> tokio::time::Instant {
+    (last_update + refresh_after).min(last_full + refresh_after * MAP_MAX_AGE_FACTOR)
+}
+
 /// `base` ([`Config::map_refresh_after`]) stretched by up to a tenth by our node key, so
 /// that agents that connected together (after a headscale restart) do not refresh together.
 fn refresh_after(base: Duration, node_key: &PublicKey) -> Duration {
@@ -1170,6 +1194,23 @@ mod tests {
         assert_eq!(refresh_after(base, &key(0)), base);
         assert_eq!(refresh_after(base, &key(255)), Duration::from_secs(660));
         assert_ne!(refresh_after(base, &key(1)), refresh_after(base, &key(2)));
+    }
+
+    #[test]
+    fn a_busy_stream_is_replaced_at_its_age_limit() {
+        let t0 = tokio::time::Instant::now();
+        let every = Duration::from_secs(120);
+        // Quiet since its full map: due after one period.
+        assert_eq!(next_refresh(t0, t0, every), t0 + every);
+        // An update pushes the quiet deadline on.
+        let busy = t0 + Duration::from_secs(300);
+        assert_eq!(next_refresh(busy, t0, every), busy + every);
+        // Updates all the time: due at five periods, not later.
+        let busier = t0 + Duration::from_secs(590);
+        assert_eq!(
+            next_refresh(busier, t0, every),
+            t0 + Duration::from_secs(600)
+        );
     }
 
     fn net(text: &str) -> (std::net::IpAddr, u8) {

@@ -21,9 +21,11 @@ pub struct Config {
     /// headscale approves them.
     pub advertise_routes: Vec<(IpAddr, u8)>,
     pub settings: AgentSettings,
-    /// A map stream that brought nothing but keep-alives this long is replaced by a new one
-    /// (`vpn-agent run --map-refresh-after`): headscale up to v0.28 stops updating a stream
-    /// it could not hand an update to within 50 ms, and keeps it alive.
+    /// A map stream that brought nothing but keep-alives this long, or that is
+    /// [`MAP_MAX_AGE_FACTOR`] times as old, is replaced by a new one (`vpn-agent run
+    /// --map-refresh-after`): headscale up to v0.28 stops updating a stream it could not hand
+    /// an update to within 50 ms, and keeps it alive; and it loses an update now and then
+    /// when changes come in concurrently, which a busy stream never shows.
     pub map_refresh_after: std::time::Duration,
 }
 
@@ -33,6 +35,14 @@ pub struct Config {
 /// online, which in turn resets their clocks: a quiet tailnet sees about one refresh per
 /// period, whatever its size. headscale sends a keep-alive every 50 to 59 s.
 pub const MAP_REFRESH_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A map stream, however busy, is replaced once its full map is this many times
+/// [`Config::map_refresh_after`] old. headscale v0.28 keeps a node's pending changes in a map
+/// that concurrent registrations and its batch ticker update without a lock, and so drops
+/// one now and then (fixed upstream in 57070680, v0.29); the stream goes on with the next
+/// change and nothing says one is missing. A full map every ten minutes (by default) bounds
+/// how long a firewall may miss a new operator that way, at a fifth of a quiet stream's cost.
+pub const MAP_MAX_AGE_FACTOR: u32 = 5;
 
 /// Parses a tailscale `alpha0` config file's text (see [`MeshConfig::parse`]); the error
 /// names the file.
