@@ -270,12 +270,21 @@ pub fn start_sshd(lab: &Lab, host: &str) -> Result<PathBuf> {
 
 /// Like [`banner`], retried for up to five seconds: for a server that is still starting.
 pub fn wait_banner(ns: &crate::netns::Netns, addr: std::net::SocketAddr) -> Result<String> {
+    wait_banner_for(ns, addr, std::time::Duration::from_secs(5))
+}
+
+/// [`wait_banner`] up to `limit`.
+pub fn wait_banner_for(
+    ns: &crate::netns::Netns,
+    addr: std::net::SocketAddr,
+    limit: std::time::Duration,
+) -> Result<String> {
     let start = std::time::Instant::now();
     loop {
         match banner(ns, addr, std::time::Duration::from_secs(1)) {
             Ok(b) => return Ok(b),
-            Err(e) if start.elapsed() > std::time::Duration::from_secs(5) => {
-                return Err(e.context(format!("nothing answered on {addr} within 5 s")));
+            Err(e) if start.elapsed() > limit => {
+                return Err(e.context(format!("nothing answered on {addr} within {limit:?}")));
             }
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
         }
@@ -474,16 +483,17 @@ pub fn start_firewall_with(
     Ok((fw, mesh_ipv4(&node)?))
 }
 
-/// Like [`start_firewall`], with `agent_args` added to `vpn-agent run`; returns the
-/// firewall's node as headscale lists it.
+/// Like [`start_firewall`] (`extra` goes to `userdata-gen`), with `agent_args` added to
+/// `vpn-agent run`; returns the firewall's node as headscale lists it.
 pub fn start_firewall_args(
     lab: &Lab,
     host: &str,
     machine: &str,
     project: &str,
+    extra: &[&str],
     agent_args: &[&str],
 ) -> Result<(Provisioned, crate::headscale::Node)> {
-    let fw = provision(lab, host, machine, project, &[])?;
+    let fw = provision(lab, host, machine, project, extra)?;
     let bin = tools::project_bin("vpn-agent");
     let node = spawn_agent(lab, host, machine, &fw, &bin, agent_args)?;
     Ok((fw, node))

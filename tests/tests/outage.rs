@@ -474,6 +474,7 @@ fn a_map_stream_headscale_stopped_updating_is_replaced() {
         "fw",
         "0cfc7e24-aaaa-4bbb-8ccc-00000000005d",
         "project-r",
+        &[],
         &["--map-refresh-after", &refresh],
     )
     .unwrap();

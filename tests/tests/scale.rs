@@ -35,6 +35,7 @@ fn the_operators_ssh_stays_up_while_50_of_200_nodes_come_and_go() {
         "fw",
         MACHINE,
         "project-s",
+        &[],
         &["--map-refresh-after", &refresh],
     )
     .unwrap();
@@ -154,6 +155,7 @@ fn updates_headscale_lost_on_a_busy_stream_come_with_the_next_full_map() {
         "fw",
         "0cfc7e24-aaaa-4bbb-8ccc-0000000005cb",
         "project-s",
+        &[],
         &["--map-refresh-after", &refresh],
     )
     .unwrap();
