@@ -205,6 +205,67 @@ impl Headscale {
         self.dir.join("headscale.log")
     }
 
+    /// headscale's SQLite database (touch it only while headscale is stopped).
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("db.sqlite")
+    }
+
+    /// Adds `count` nodes named `<prefix>-<i>` straight into the database of a stopped
+    /// headscale, each a copy of the newest node named like `like` (an SQL `LIKE` pattern)
+    /// with keys, addresses and names of its own; an error if none is named like that.
+    /// For the scale benchmark: headscale v0.28 registers ever more slowly as the tailnet
+    /// grows (its peer map is rebuilt over all pairs of nodes at every batch of writes), but
+    /// reads a database of thousands at start-up in one go. The copies never connect, like
+    /// the nodes the benchmark registers; their IPv4 addresses come from 100.96.0.0/11,
+    /// which headscale's sequential allocation reaches only after 2 million nodes.
+    pub fn seed_nodes(&self, like: &str, prefix: &str, count: usize) -> Result<()> {
+        let db = self.db_path();
+        let sqlite = |sql: &str| -> Result<String> {
+            crate::cmd::run_quiet(
+                std::process::Command::new("sqlite3")
+                    .arg("-batch")
+                    .arg(&db)
+                    .arg(sql),
+            )
+        };
+        let columns = sqlite("SELECT name FROM pragma_table_info('nodes');")?;
+        let fresh = |c: &str| -> Option<String> {
+            let key = |kind: &str| format!("'{kind}:' || lower(hex(randomblob(32)))");
+            Some(match c {
+                "id" => return None,
+                "machine_key" => key("mkey"),
+                "node_key" => key("nodekey"),
+                "disco_key" => key("discokey"),
+                "ipv4" => {
+                    "'100.' || (96 + i / 65536) || '.' || (i / 256 % 256) || '.' || (i % 256)"
+                        .into()
+                }
+                "ipv6" => "'fd7a:115c:a1e0::2:' || printf('%x', i)".into(),
+                "hostname" | "given_name" => format!("'{prefix}-' || (i - 1)"),
+                other => format!("t.{other}"),
+            })
+        };
+        let (names, values): (Vec<&str>, Vec<String>) =
+            columns.lines().filter_map(|c| Some((c, fresh(c)?))).unzip();
+        let sql = format!(
+            "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < {count}) \
+             INSERT INTO nodes ({}) SELECT {} FROM k, \
+             (SELECT * FROM nodes WHERE hostname LIKE '{like}' ORDER BY id DESC LIMIT 1) t; \
+             SELECT changes();",
+            names.join(", "),
+            values.join(", ")
+        );
+        let added = sqlite(&sql)?;
+        if added.trim() != count.to_string() {
+            bail!(
+                "{}: {} nodes written, not {count}: is there a node named like {like:?} to copy?",
+                db.display(),
+                added.trim()
+            );
+        }
+        Ok(())
+    }
+
     pub fn netns(&self) -> &Netns {
         &self.ns
     }

@@ -121,6 +121,8 @@ pub struct Lab {
     headscale: Headscale,
     children: Mutex<Vec<(String, Child)>>,
     persistent: bool,
+    /// Keep the lab directory (its logs) when the lab goes down.
+    keep_logs: std::sync::atomic::AtomicBool,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -247,6 +249,7 @@ impl Lab {
             headscale,
             children: Mutex::new(vec![("headscale@ctl".into(), hs_child)]),
             persistent: opts.persistent_id.is_some(),
+            keep_logs: false.into(),
         };
         lab.save()?;
         Ok(lab)
@@ -267,6 +270,7 @@ impl Lab {
             headscale,
             children: Mutex::new(vec![]),
             persistent: true,
+            keep_logs: false.into(),
         })
     }
 
@@ -653,6 +657,13 @@ impl Lab {
         std::mem::forget(self);
     }
 
+    /// Keeps the lab directory, and so its logs, once the lab is down: for a benchmark
+    /// that records a failure and goes on.
+    pub fn keep_logs(&self) {
+        self.keep_logs
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Prints the tail of every log in the lab directory (for a failed test).
     pub fn dump_logs(&self) {
         let dir = self.dir();
@@ -680,7 +691,8 @@ impl Drop for Lab {
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
-        teardown(&st.id, &st.dir, failed);
+        let keep = failed || self.keep_logs.load(std::sync::atomic::Ordering::Relaxed);
+        teardown(&st.id, &st.dir, keep);
         for (_, child) in self.children.lock().unwrap().iter_mut() {
             let _ = child.kill();
             let _ = child.wait();

@@ -351,6 +351,15 @@ enum Event {
 /// One churn event of `kind` (0 offline, 1 online, 2 new endpoint) for node `n`; an offline
 /// node comes online whatever the kind.
 async fn churn(ctx: &Ctx, n: &mut Node, index: usize, kind: u64) -> Result<Event> {
+    // A stream that ended (headscale restarted, as the scale benchmark does) left the node
+    // offline: this event counts it so, and its next one brings it back.
+    if n.online
+        .as_ref()
+        .is_some_and(|(_, reader)| reader.is_finished())
+    {
+        go_offline(n);
+        return Ok(Event::Offline);
+    }
     match (kind, n.online.is_some()) {
         (0, true) => {
             go_offline(n);

@@ -167,6 +167,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "ignition",
     "iputils-ping",
     "procps",
+    // The scale benchmark writes nodes into headscale's database.
+    "sqlite3",
     // cloud-init's own schema check and its YAML 1.1 parser judge generated cloud-config.
     "cloud-init",
     "python3-yaml",
