@@ -25,20 +25,27 @@ const REFRESH_SECS: u64 = 10;
 /// How long a change headscale lost may take to reach the agent: two age limits.
 const HEAL_SECS: u64 = REFRESH_SECS * 5 * 2 + 10;
 
-#[test]
-fn the_operators_ssh_stays_up_while_50_of_200_nodes_come_and_go() {
-    require_lab!();
-    let lab = Lab::start(LabOptions::hosts(&["fw", "op", "load"])).unwrap();
+/// The firewall `fw` of `machine`, its agent run with `--map-refresh-after REFRESH_SECS`;
+/// its node as headscale lists it.
+fn start_agent(lab: &Lab, machine: &str) -> vdc::headscale::Node {
     let refresh = REFRESH_SECS.to_string();
-    let (_fw, fw) = start_firewall_args(
-        &lab,
+    let (_, node) = start_firewall_args(
+        lab,
         "fw",
-        MACHINE,
+        machine,
         "project-s",
         &[],
         &["--map-refresh-after", &refresh],
     )
     .unwrap();
+    node
+}
+
+#[test]
+fn the_operators_ssh_stays_up_while_50_of_200_nodes_come_and_go() {
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw", "op", "load"])).unwrap();
+    let fw = start_agent(&lab, MACHINE);
     let fw_ip = mesh_ipv4(&fw).unwrap();
     let (_op, _) = join_operator(&lab, "op", "fw").unwrap();
     let authorized = start_sshd(&lab, "fw").unwrap();
@@ -149,16 +156,7 @@ fn updates_headscale_lost_on_a_busy_stream_come_with_the_next_full_map() {
     const REGISTERING: usize = 300;
     require_lab!();
     let lab = Lab::start(LabOptions::hosts(&["fw", "op", "load"])).unwrap();
-    let refresh = REFRESH_SECS.to_string();
-    let (_fw, fw) = start_firewall_args(
-        &lab,
-        "fw",
-        "0cfc7e24-aaaa-4bbb-8ccc-0000000005cb",
-        "project-s",
-        &[],
-        &["--map-refresh-after", &refresh],
-    )
-    .unwrap();
+    let fw = start_agent(&lab, "0cfc7e24-aaaa-4bbb-8ccc-0000000005cb");
     let (op, _) = join_operator(&lab, "op", "fw").unwrap();
     let churn = Load::start(&lab, "load", "churn", "load", CHURNING, CHURNING, 20.0).unwrap();
     churn
