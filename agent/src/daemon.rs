@@ -64,6 +64,15 @@ pub const IPN_VERSION: &str = concat!(
     env!("VPN_BUILD_COMMIT")
 );
 
+/// A map stream opened this soon after the agent's start or its last stream's end is
+/// replaced once, this long after it opened (stretched by up to a third by our node key, so
+/// that agents back together after a headscale restart do not ask for full maps together). headscale v0.28 gives a node whose stream ended 10 s to come back, looking once a
+/// second, then marks it offline without a last look (fixed upstream in b09af384, v0.29): a
+/// stream that opened in that last second is live while every peer lists us offline. The
+/// replacement opens before the old stream ends, so it is never marked so itself, and marks
+/// us online again. Long enough for the old session's 10 s on a slow headscale.
+const RECONNECT_SETTLE: Duration = Duration::from_secs(30);
+
 /// At most this often a subnet router opens a new map stream to learn its approved routes.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -81,6 +90,10 @@ pub struct Daemon {
     data: Option<Shell>,
     /// When the current session's map stream opened.
     stream_opened: Option<tokio::time::Instant>,
+    /// When the agent started, and when its last map stream ended: a stream opened soon
+    /// after either is replaced once ([`RECONNECT_SETTLE`]).
+    started: tokio::time::Instant,
+    stream_ended: Option<tokio::time::Instant>,
     /// The last `STATUS=` line sent to systemd, without its figures.
     status_line: Mutex<String>,
     /// The URL of the last ping request answered: control repeats it.
@@ -127,6 +140,8 @@ impl Daemon {
             tunnel: None,
             data: None,
             stream_opened: None,
+            started: tokio::time::Instant::now(),
+            stream_ended: None,
             status_line: Mutex::new(String::new()),
             last_ping_url: None,
             forgotten: false,
@@ -351,11 +366,11 @@ impl Daemon {
                 Ok(never) => match never {},
                 Err(e) => e,
             };
-            if self
-                .stream_opened
-                .take()
-                .is_some_and(|t| t.elapsed() >= HEALTHY_SESSION)
-            {
+            let opened = self.stream_opened.take();
+            if opened.is_some() {
+                self.stream_ended = Some(tokio::time::Instant::now());
+            }
+            if opened.is_some_and(|t| t.elapsed() >= HEALTHY_SESSION) {
                 unreachable.reset();
                 failing.reset();
                 refused.reset();
@@ -510,7 +525,13 @@ impl Daemon {
         let net = net_rx.borrow_and_update().clone();
         let req = self.map_request(&net, true);
         let (mut body, mut first, first_map) = Self::open_stream(&mut s, &req).await?;
-        self.stream_opened = Some(tokio::time::Instant::now());
+        let opened = tokio::time::Instant::now();
+        self.stream_opened = Some(opened);
+        let mut settle = settle_at(
+            opened,
+            self.stream_ended.unwrap_or(self.started),
+            &self.identity.node_public(),
+        );
         self.set(|s| {
             s.control_connected = true;
             s.control_lost_since = None;
@@ -610,6 +631,16 @@ impl Daemon {
                     let net = net_rx.borrow().clone();
                     (body, _) = self.replace_stream(&mut s, &net).await?;
                     debug!("new map stream for our own node's routes");
+                    last_update = tokio::time::Instant::now();
+                    last_full = last_update;
+                    cache_dirty = true;
+                }
+                _ = tokio::time::sleep_until(settle.unwrap_or(opened)), if settle.is_some() => {
+                    settle = None;
+                    let net = net_rx.borrow().clone();
+                    let changed;
+                    (body, changed) = self.replace_stream(&mut s, &net).await?;
+                    info!(changed, "map stream replaced once after the reconnect");
                     last_update = tokio::time::Instant::now();
                     last_full = last_update;
                     cache_dirty = true;
@@ -1177,6 +1208,18 @@ fn next_refresh(
     (last_update + refresh_after).min(last_full + refresh_after * MAP_MAX_AGE_FACTOR)
 }
 
+/// When to replace a stream opened at `opened`, the agent having started or its last stream
+/// having ended at `since` ([`RECONNECT_SETTLE`]); none if that was long enough before.
+fn settle_at(
+    opened: tokio::time::Instant,
+    since: tokio::time::Instant,
+    node_key: &PublicKey,
+) -> Option<tokio::time::Instant> {
+    (opened.duration_since(since) < RECONNECT_SETTLE).then(|| {
+        opened + RECONNECT_SETTLE + RECONNECT_SETTLE * u32::from(node_key.as_bytes()[1]) / 765
+    })
+}
+
 /// `base` ([`Config::map_refresh_after`]) stretched by up to a tenth by our node key, so
 /// that agents that connected together (after a headscale restart) do not refresh together.
 fn refresh_after(base: Duration, node_key: &PublicKey) -> Duration {
@@ -1194,6 +1237,19 @@ mod tests {
         assert_eq!(refresh_after(base, &key(0)), base);
         assert_eq!(refresh_after(base, &key(255)), Duration::from_secs(660));
         assert_ne!(refresh_after(base, &key(1)), refresh_after(base, &key(2)));
+    }
+
+    #[test]
+    fn a_stream_opened_soon_after_the_last_one_ended_is_replaced_once_later() {
+        let t0 = tokio::time::Instant::now();
+        let key = |b: u8| PublicKey::from([b; 32]);
+        let s = Duration::from_secs;
+        // Back within seconds (a crash, a restart, a blip): replaced after 30 to 40 s.
+        assert_eq!(settle_at(t0 + s(2), t0, &key(0)), Some(t0 + s(32)));
+        assert_eq!(settle_at(t0 + s(2), t0, &key(255)), Some(t0 + s(42)));
+        // headscale's 10 s for the old stream are long over: nothing to put right.
+        assert_eq!(settle_at(t0 + s(30), t0, &key(0)), None);
+        assert_eq!(settle_at(t0 + s(600), t0, &key(9)), None);
     }
 
     #[test]

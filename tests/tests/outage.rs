@@ -478,10 +478,20 @@ fn a_map_stream_headscale_stopped_updating_is_replaced() {
         &["--map-refresh-after", &refresh],
     )
     .unwrap();
+    let hs_log = lab.headscale().log_path();
+    let streams = |id: u64| stream_events(&hs_log, 0, id).matches('C').count();
     // Not while its first endpoint update is in flight: that would time out during the
-    // stop, and the new session it starts would heal the stream by chance.
+    // stop, and the new session it starts would heal the stream by chance. Nor before the
+    // stream it replaces once after its start (RECONNECT_SETTLE), for the same reason.
     lab.wait_log("fw", AGENT_LOG, "DERP connected", Duration::from_secs(30))
         .unwrap();
+    lab.wait_log(
+        "fw",
+        AGENT_LOG,
+        "map stream replaced once after the reconnect",
+        Duration::from_secs(90),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_secs(2));
 
     lab.signal("fw", AGENT_LOG, Signal::SIGSTOP).unwrap();
@@ -495,7 +505,6 @@ fn a_map_stream_headscale_stopped_updating_is_replaced() {
             n.iter().filter(|n| n.online).count() > NODES
         })
         .unwrap();
-    let hs_log = lab.headscale().log_path();
     let gave_up = std::fs::read_to_string(&hs_log)
         .unwrap()
         .lines()
@@ -545,12 +554,6 @@ fn a_map_stream_headscale_stopped_updating_is_replaced() {
     assert!(!log.contains("the map stream ended"), "{log}");
     assert_eq!(log.matches(missed).count(), 1, "{log}");
     // A stream that is only quiet is refreshed too, and then nothing is reported missed.
-    let streams = |id: u64| {
-        let hs = std::fs::read_to_string(&hs_log).unwrap_or_default();
-        hs.lines()
-            .filter(|l| l.contains("node has connected") && l.contains(&format!("node.id={id} ")))
-            .count()
-    };
     let before = streams(node.id);
     let waiting = Instant::now();
     while streams(node.id) == before {
@@ -563,4 +566,120 @@ fn a_map_stream_headscale_stopped_updating_is_replaced() {
     }
     let log = lab.log("fw", AGENT_LOG);
     assert_eq!(log.matches(missed).count(), 1, "{log}");
+}
+
+/// What headscale logged about node `id` after byte `from` of its log, in order: `C` for a
+/// stream that connected, `D` for the node marked offline.
+fn stream_events(log: &Path, from: u64, id: u64) -> String {
+    let text = std::fs::read(log).unwrap_or_default();
+    let node = format!("node.id={id}");
+    String::from_utf8_lossy(&text[(from as usize).min(text.len())..])
+        .lines()
+        .filter(|l| l.split_whitespace().any(|w| w == node))
+        .filter_map(|l| {
+            if l.contains("node has connected") {
+                Some('C')
+            } else if l.contains("Node disconnected") {
+                Some('D')
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// headscale v0.28 waits up to 10 s for a node whose stream ended to come back before it
+/// marks the node offline, looking once a second, and then marks it offline without a last
+/// look (fixed in v0.29 by b09af384). A stream that opens in that last second is live while
+/// every peer lists the node offline, until its next stream: after a quiet 2 minutes, in a
+/// busy tailnet up to 10. The agent crashes (SIGKILL) and restarts so that its new stream
+/// opens in that second (a search over the restart delay, guided by headscale's log); then
+/// the operator must list the firewall online again within a minute.
+#[test]
+fn a_stream_headscale_marks_offline_on_reconnect_is_put_right() {
+    const LIMIT: Duration = Duration::from_secs(60);
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw", "op"])).unwrap();
+    let (fw, node) = start_firewall_args(
+        &lab,
+        "fw",
+        "0cfc7e24-aaaa-4bbb-8ccc-0000000000e9",
+        "project-e",
+        &[],
+        &[],
+    )
+    .unwrap();
+    let fw_ip = vdc::firewall::mesh_ipv4(&node).unwrap();
+    let (op, _) = join_operator(&lab, "op", "fw").unwrap();
+    op.wait_peer(fw_ip, Duration::from_secs(30)).unwrap();
+    let online = || op.peer(fw_ip).is_ok_and(|p| p["Online"] == true);
+    let hs_log = lab.headscale().log_path();
+
+    // Seconds from the kill to the new stream: below the window, nothing is marked
+    // offline; above it, the old session's offline mark comes before the new stream.
+    let (mut early, mut late) = (8.0_f64, 11.5_f64);
+    let mut startup = 0.3;
+    let mut tried = vec![];
+    let mut hit = false;
+    for _ in 0..8 {
+        let target = (early + late) / 2.0;
+        let from = std::fs::metadata(&hs_log).unwrap().len();
+        lab.kill9("fw", AGENT_LOG).unwrap();
+        let killed = Instant::now();
+        std::thread::sleep(Duration::from_secs_f64((target - startup).max(0.0)));
+        let spawned = killed.elapsed();
+        lab.spawn(
+            "fw",
+            AGENT_LOG,
+            agent_command(&lab, "fw", &fw.root).unwrap(),
+        )
+        .unwrap();
+        while !stream_events(&hs_log, from, node.id).contains('C') {
+            assert!(killed.elapsed() < Duration::from_secs(40), "no new stream");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let landed = killed.elapsed();
+        startup = (landed - spawned).as_secs_f64();
+        // The old session has had its 10 s, and its news has reached the operator.
+        std::thread::sleep(Duration::from_secs(14).saturating_sub(killed.elapsed()));
+        let events = stream_events(&hs_log, from, node.id);
+        tried.push(format!("{:.2} s: {events}", landed.as_secs_f64()));
+        match events.find('D').map(|d| events[d..].contains('C')) {
+            None => early = target,
+            Some(true) => late = target,
+            Some(false) => {
+                hit = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        hit,
+        "headscale never marked the reconnected agent offline (new stream after the kill, and \
+         what headscale logged: {tried:?}); this test expects headscale v0.28"
+    );
+    let marked = Instant::now();
+    assert!(
+        connected(&agent_status(&lab, "fw").unwrap()),
+        "the agent's stream should be live"
+    );
+    let offline_seen = !online();
+    while !online() {
+        assert!(
+            marked.elapsed() < LIMIT,
+            "the operator still lists the firewall offline {LIMIT:?} after headscale marked it \
+             so, while its stream is live (tries: {tried:?})"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    println!(
+        "    headscale marked the reconnected agent offline (tries: {tried:?}); the operator \
+         {} it offline, and online again {:.1?} later",
+        if offline_seen {
+            "listed"
+        } else {
+            "never listed"
+        },
+        marked.elapsed()
+    );
 }
