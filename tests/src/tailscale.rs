@@ -271,6 +271,12 @@ impl Tailscaled {
     /// does by default; otherwise it sends 3 pings, whatever the path.
     pub fn ping(&self, ip: IpAddr, until_direct: bool) -> Result<String> {
         self.wait_peer(ip, Duration::from_secs(30))?;
+        self.disco_ping(ip, until_direct)
+    }
+
+    /// [`Self::ping`] whether or not control lists the peer online: tailscaled pings a peer
+    /// control calls offline all the same.
+    pub fn disco_ping(&self, ip: IpAddr, until_direct: bool) -> Result<String> {
         let out = cmd::output(self.cli().args([
             "ping",
             "-c",

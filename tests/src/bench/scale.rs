@@ -234,6 +234,13 @@ fn step_to(
     frozen?;
     for t in Target::BOTH {
         b.wait_direct(t)?;
+        if b.op.peer(b.ip(t)).is_ok_and(|p| p["Online"] != true) {
+            progress(&format!(
+                "{} peers: the operator lists {t} offline while its path is direct \
+                 (headscale v0.28 marked it so when it reconnected)",
+                step.peers
+            ));
+        }
     }
     cpu_under_churn(b, churn, step, opts, progress)?;
     traffic(b, step, opts, true, progress)?;
