@@ -127,6 +127,12 @@ impl Headscale {
     /// Starts the server process on the prepared config (again, for a restart: same keys,
     /// database and certificate), waiting for its health check when `wait`.
     pub fn spawn(&self, wait: bool) -> Result<Child> {
+        self.spawn_within(wait.then_some(Duration::from_secs(30)))
+    }
+
+    /// [`Self::spawn`], waiting up to `healthy_within` for its health check if given: with
+    /// thousands of nodes in its database, headscale (v0.28) takes minutes to start.
+    pub fn spawn_within(&self, healthy_within: Option<Duration>) -> Result<Child> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -142,8 +148,8 @@ impl Headscale {
             .stderr(log)
             .spawn()
             .context("cannot start headscale")?;
-        if wait {
-            self.wait_healthy(Duration::from_secs(30))?;
+        if let Some(limit) = healthy_within {
+            self.wait_healthy(limit)?;
         }
         Ok(child)
     }

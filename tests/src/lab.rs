@@ -382,7 +382,13 @@ impl Lab {
 
     /// Starts headscale on the lab's state; returns once it answers.
     pub fn start_headscale(&self) -> Result<()> {
-        self.push_child(format!("headscale@{CTL}"), self.headscale.spawn(true)?);
+        self.start_headscale_within(std::time::Duration::from_secs(30))
+    }
+
+    /// [`Self::start_headscale`], giving it `limit` to become healthy.
+    pub fn start_headscale_within(&self, limit: std::time::Duration) -> Result<()> {
+        let child = self.headscale.spawn_within(Some(limit))?;
+        self.push_child(format!("headscale@{CTL}"), child);
         Ok(())
     }
 

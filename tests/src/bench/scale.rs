@@ -49,6 +49,9 @@ const REGISTER_LIMIT: Duration = Duration::from_secs(900);
 /// The daemons see the same tailnet either way: the benchmark's new nodes never connect.
 const REGISTER_AT_MOST: usize = 1000;
 const REGISTER_AFTER_SEED: usize = 64;
+/// How long headscale may take to start on a seeded database (v0.28 was not up within 30 s
+/// with 5 000 nodes).
+const HEADSCALE_START_LIMIT: Duration = Duration::from_secs(600);
 /// How long a restarted daemon may take to `Running`.
 const RUNNING_LIMIT: Duration = Duration::from_secs(180);
 
@@ -349,7 +352,7 @@ fn seed(b: &Bench, step: &Step, progress: &mut dyn FnMut(&str)) -> Result<()> {
     b.lab.stop_headscale()?;
     // Copies of a node an earlier step registered.
     let seeded = hs.seed_nodes("reg%", &format!("seed{}", step.peers), step.seeded);
-    b.lab.start_headscale()?;
+    b.lab.start_headscale_within(HEADSCALE_START_LIMIT)?;
     seeded?;
     progress(&format!(
         "{} peers: {} nodes written into headscale's database, headscale back up after {:.0} s",
@@ -390,6 +393,12 @@ fn restart(b: &mut Bench, step: &mut Step, progress: &mut dyn FnMut(&str)) -> Re
     b.lab.stop(ts, "tailscaled")?;
     let state = b.agent_root.join("var/lib/vpn-agent");
     let _ = std::fs::remove_file(vpn_agent::control::cache::path(&state));
+    // The new agent's log starts afresh; the old one stays beside it.
+    let dir = b.lab.host_dir(fw);
+    let _ = std::fs::rename(
+        dir.join(format!("{AGENT_LOG}.log")),
+        dir.join(format!("{AGENT_LOG}-before-{}.log", step.peers)),
+    );
     let agent_start = Instant::now();
     b.lab.spawn(
         fw,
@@ -713,6 +722,8 @@ impl Results {
         }
         for s in &self.steps {
             if let Some(why) = &s.failed {
+                // The first line: an error may carry a log's tail after it.
+                let why = why.lines().next().unwrap_or_default();
                 t.push_str(&format!("\nThe run stopped at {} peers: {why}.\n", s.peers));
             }
         }
