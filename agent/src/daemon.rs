@@ -4,7 +4,7 @@ use crate::backoff::{Backoff, jitter};
 use crate::config::{AuthKey, Config, MAP_MAX_AGE_FACTOR};
 use crate::control::cache;
 use crate::control::client::{self, ServerUrl, Session};
-use crate::control::netmap::{Changes, Netmap, format_time, is_expired, key_expiry};
+use crate::control::netmap::{Changes, Netmap, format_time, is_expired, is_full_map, key_expiry};
 use crate::control::types::{
     AuthInfo, CAPABILITY_VERSION, Hostinfo, MapRequest, MapResponse, NetInfo as TsNetInfo, Node,
     PingRequest, RegisterRequest, ZERO_TIME,
@@ -680,20 +680,33 @@ impl Daemon {
         }
     }
 
-    /// Opens a map stream and reads its first (full) map, within [`MAP_OPEN_TIMEOUT`].
+    /// Opens a map stream and reads up to its full map, within [`MAP_OPEN_TIMEOUT`].
+    /// headscale (v0.28) hands a new stream the changes of the moment before its full map
+    /// at times (it joins the stream to its batcher before it makes the full map); applied
+    /// as a full map, such a change would empty our addresses, DERP map and filter until
+    /// the next message. The full map is newer than what came before it, so those go unread.
     async fn open_stream(
         s: &mut Session,
         req: &MapRequest,
     ) -> Result<(client::Body, MapResponse, FirstMap)> {
         client::deadline("opening the map stream", MAP_OPEN_TIMEOUT, async {
             let mut body = s.map(req).await?;
-            let raw = body.next_raw_message().await?.ok_or_else(|| {
-                Error::Control("the map stream ended before the first map".into())
-            })?;
-            let received = tokio::time::Instant::now();
-            let first = client::decode_map_message(&raw)?;
-            let bytes = raw.len();
-            Ok((body, first, FirstMap { bytes, received }))
+            let mut skipped = 0;
+            loop {
+                let raw = body.next_raw_message().await?.ok_or_else(|| {
+                    Error::Control("the map stream ended before the full map".into())
+                })?;
+                let received = tokio::time::Instant::now();
+                let first = client::decode_map_message(&raw)?;
+                if is_full_map(&first) {
+                    if skipped > 0 {
+                        debug!(skipped, "messages before the full map of a new stream");
+                    }
+                    let bytes = raw.len();
+                    return Ok((body, first, FirstMap { bytes, received }));
+                }
+                skipped += 1;
+            }
         })
         .await
     }

@@ -167,7 +167,7 @@ impl Netmap {
         c
     }
 
-    /// The first message of a new map stream is a full map: it replaces what we held (from
+    /// The full map of a new map stream (see [`is_full_map`]) replaces what we held (from
     /// an earlier stream or the cache) outright, so that nothing of the old map, a filter
     /// set headscale no longer sends for instance, outlives it. The changes are those
     /// between the old map and the new one.
@@ -219,6 +219,17 @@ impl Netmap {
 
 /// When `node`'s key expires, if it does: absent, Go's zero time, or unparsable (logged by
 /// the caller through [`expiry_error`]) mean never. `Expired` from control wins.
+/// Whether `r` is a full map: it carries our own node and the DERP map, as every full map
+/// does, and no delta of peers. The peer list itself is no sign: a full map of a node with
+/// no peers has none (Go's `omitempty`).
+pub fn is_full_map(r: &MapResponse) -> bool {
+    r.node.is_some()
+        && r.derp_map.is_some()
+        && r.peers_changed.is_empty()
+        && r.peers_changed_patch.is_empty()
+        && r.peers_removed.is_empty()
+}
+
 pub fn key_expiry(node: &Node) -> Option<SystemTime> {
     if node.expired {
         return Some(SystemTime::UNIX_EPOCH);
@@ -281,6 +292,28 @@ mod tests {
 
     fn resp(json: &str) -> MapResponse {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn only_a_full_map_is_taken_for_one() {
+        let derp = r#""DERPMap":{"Regions":{}}"#;
+        // What headscale v0.28 sent first on a new stream under churn (bench scale, 1 000
+        // nodes): taken for a full map, it emptied our addresses, DERP map and filter.
+        assert!(!is_full_map(&resp(
+            r#"{"PeersChangedPatch":[{"NodeID":7,"Online":false}]}"#
+        )));
+        assert!(!is_full_map(&resp(r#"{"PeersChanged":[{"ID":7}]}"#)));
+        assert!(!is_full_map(&resp(r#"{"Node":{"ID":1}}"#)));
+        assert!(!is_full_map(&resp(&format!(
+            r#"{{"Node":{{"ID":1}},{derp},"PeersRemoved":[7]}}"#
+        ))));
+        assert!(is_full_map(&resp(&format!(
+            r#"{{"Node":{{"ID":1}},{derp},"Peers":[{{"ID":7}}]}}"#
+        ))));
+        // No peers: Go leaves the list out.
+        assert!(is_full_map(&resp(&format!(
+            r#"{{"Node":{{"ID":1}},{derp}}}"#
+        ))));
     }
 
     #[test]
