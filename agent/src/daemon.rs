@@ -66,9 +66,10 @@ pub const IPN_VERSION: &str = concat!(
 
 /// A map stream opened this soon after the agent's start or its last stream's end is
 /// replaced once, this long after it opened (stretched by up to a third by our node key, so
-/// that agents back together after a headscale restart do not ask for full maps together). headscale v0.28 gives a node whose stream ended 10 s to come back, looking once a
-/// second, then marks it offline without a last look (fixed upstream in b09af384, v0.29): a
-/// stream that opened in that last second is live while every peer lists us offline. The
+/// that agents back together after a headscale restart do not ask for full maps together).
+/// headscale v0.28 gives a node whose stream ended 10 s to come back, looking once a second,
+/// then marks it offline without a last look (fixed upstream in b09af384, v0.29): a stream
+/// that opened in that last second is live while every peer lists us offline. The
 /// replacement opens before the old stream ends, so it is never marked so itself, and marks
 /// us online again. Long enough for the old session's 10 s on a slow headscale.
 const RECONNECT_SETTLE: Duration = Duration::from_secs(30);

@@ -190,16 +190,23 @@ async fn change_endpoint(n: &mut Node, index: usize) -> Result<()> {
     Ok(())
 }
 
-/// The size of the first message of a new map stream for `n` (zstd, JSON).
+/// The size of the full map of a new map stream for `n` (zstd, JSON): the first message
+/// that is one, as the agent takes it (headscale may send a change before it).
 async fn first_map_size(ctx: &Ctx, n: &Node, index: usize) -> Result<(u64, u64)> {
     let mut s = client::connect(&ctx.url, &ctx.tls, &n.machine).await?;
     let mut body = s.map(&n.map_request(index, true)).await?;
-    let raw = body
-        .next_raw_message()
-        .await?
-        .context("the map stream ended before its first message")?;
-    let json = zstd::stream::decode_all(&raw[..]).context("the first map is not zstd")?;
-    Ok((raw.len() as u64, json.len() as u64))
+    loop {
+        let raw = body
+            .next_raw_message()
+            .await?
+            .context("the map stream ended before its full map")?;
+        let json = zstd::stream::decode_all(&raw[..]).context("a map message is not zstd")?;
+        let msg: vpn_agent::control::types::MapResponse =
+            serde_json::from_slice(&json).context("a map message is not a MapResponse")?;
+        if vpn_agent::control::netmap::is_full_map(&msg) {
+            return Ok((raw.len() as u64, json.len() as u64));
+        }
+    }
 }
 
 fn write_progress(path: &PathBuf, p: &Progress) {

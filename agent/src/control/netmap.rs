@@ -217,8 +217,6 @@ impl Netmap {
     }
 }
 
-/// When `node`'s key expires, if it does: absent, Go's zero time, or unparsable (logged by
-/// the caller through [`expiry_error`]) mean never. `Expired` from control wins.
 /// Whether `r` is a full map: it carries our own node and the DERP map, as every full map
 /// does, and no delta of peers. The peer list itself is no sign: a full map of a node with
 /// no peers has none (Go's `omitempty`).
@@ -230,6 +228,8 @@ pub fn is_full_map(r: &MapResponse) -> bool {
         && r.peers_removed.is_empty()
 }
 
+/// When `node`'s key expires, if it does: absent, Go's zero time, or unparsable (logged by
+/// the caller through [`expiry_error`]) mean never. `Expired` from control wins.
 pub fn key_expiry(node: &Node) -> Option<SystemTime> {
     if node.expired {
         return Some(SystemTime::UNIX_EPOCH);
