@@ -84,6 +84,9 @@ pub struct Node {
     pub tags: Vec<String>,
 }
 
+/// How long a started headscale may take to answer its health check, unless told otherwise.
+pub const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
+
 impl Headscale {
     /// Writes config, TLS material and state dir under `dir`, starts headscale in `ns`
     /// listening on `addr`, and waits until it answers its health check over TLS.
@@ -127,7 +130,7 @@ impl Headscale {
     /// Starts the server process on the prepared config (again, for a restart: same keys,
     /// database and certificate), waiting for its health check when `wait`.
     pub fn spawn(&self, wait: bool) -> Result<Child> {
-        self.spawn_within(wait.then_some(Duration::from_secs(30)))
+        self.spawn_within(wait.then_some(HEALTHY_WITHIN))
     }
 
     /// [`Self::spawn`], waiting up to `healthy_within` for its health check if given: with

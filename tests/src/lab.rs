@@ -382,7 +382,7 @@ impl Lab {
 
     /// Starts headscale on the lab's state; returns once it answers.
     pub fn start_headscale(&self) -> Result<()> {
-        self.start_headscale_within(std::time::Duration::from_secs(30))
+        self.start_headscale_within(crate::headscale::HEALTHY_WITHIN)
     }
 
     /// [`Self::start_headscale`], giving it `limit` to become healthy.
