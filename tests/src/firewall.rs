@@ -180,6 +180,18 @@ pub fn wait_status(
     wait_status_for(lab, host, what, std::time::Duration::from_secs(30), pred)
 }
 
+/// The last `field=N` of a "map stream open" line in the agent's log.
+pub fn map_open_field(log: &str, field: &str) -> Option<u64> {
+    let key = format!(" {field}=");
+    log.lines()
+        .rev()
+        .filter(|l| l.contains("map stream open"))
+        .find_map(|l| {
+            let v = l.split(&key).nth(1)?;
+            v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        })
+}
+
 /// [`wait_status`] up to `limit`.
 pub fn wait_status_for(
     lab: &Lab,

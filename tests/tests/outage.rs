@@ -8,9 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vdc::firewall::{
-    AGENT_LOG, Notify, agent_command, agent_status, connects, join_operator, run_early_unit,
-    serve_http, ssh, start_firewall, start_firewall_args, start_sshd, time_to_connect, wait_banner,
-    wait_status, wait_status_for,
+    AGENT_LOG, Notify, agent_command, agent_status, connects, join_operator, map_open_field,
+    run_early_unit, serve_http, ssh, start_firewall, start_firewall_args, start_sshd,
+    time_to_connect, wait_banner, wait_status, wait_status_for,
 };
 use vdc::load::Load;
 use vdc::{Lab, LabOptions, require_lab};
@@ -681,5 +681,77 @@ fn a_stream_headscale_marks_offline_on_reconnect_is_put_right() {
             "never listed"
         },
         marked.elapsed()
+    );
+}
+
+/// A full map that takes longer than 30 s to come while headscale is alive: a slow control
+/// link here; headscale v0.28 busy with 5 000 nodes in `bench scale`. The agent waits for it,
+/// as tailscaled does, instead of giving up and asking for another that takes as long.
+#[test]
+fn a_first_map_slower_than_30_s_is_waited_for() {
+    const MAP_TAKES: Duration = Duration::from_secs(45);
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw"])).unwrap();
+    let (fw, _) = start_firewall(
+        &lab,
+        "fw",
+        "0cfc7e24-aaaa-4bbb-8ccc-0000000000ea",
+        "project-s",
+        &[],
+    )
+    .unwrap();
+    let restart_agent = || {
+        lab.stop("fw", AGENT_LOG).unwrap();
+        lab.spawn(
+            "fw",
+            AGENT_LOG,
+            agent_command(&lab, "fw", &fw.root).unwrap(),
+        )
+        .unwrap();
+    };
+    // 1 000 other nodes make a map large enough to time on a throttled link.
+    lab.stop_headscale().unwrap();
+    lab.headscale().seed_nodes("%", "seed", 1000).unwrap();
+    lab.start_headscale().unwrap();
+    restart_agent();
+    // The status file may still be the last agent's: the log is the new one's.
+    let open = |limit| lab.wait_log("fw", AGENT_LOG, "map stream open", limit);
+    let log = open(Duration::from_secs(60)).unwrap();
+    let bytes = map_open_field(&log, "first_map_bytes").unwrap();
+
+    // headscale's host sends at a rate that brings that map in MAP_TAKES.
+    let rate = format!("{}bit", bytes * 8 / MAP_TAKES.as_secs());
+    let ctl = lab.headscale().netns().clone();
+    let tc = |args: &[&str]| vdc::cmd::run_quiet(ctl.command("tc").args(args)).unwrap();
+    // A queue that holds the whole map: what is slow is the link, not lost packets.
+    let limit = (bytes * 2).to_string();
+    tc(&[
+        "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", &rate, "burst", "1600", "limit",
+        &limit,
+    ]);
+    let restarted = Instant::now();
+    restart_agent();
+    let got = open(Duration::from_secs(150))
+        .ok()
+        .map(|_| restarted.elapsed());
+    tc(&["qdisc", "del", "dev", "eth0", "root"]);
+    let log = lab.log("fw", AGENT_LOG);
+    let gave_up = log
+        .lines()
+        .filter(|l| l.contains("control connection failed"))
+        .collect::<Vec<_>>();
+    println!(
+        "    a full map of {bytes} bytes at {rate}: the agent had it after {got:.1?}, gave up \
+         {} times",
+        gave_up.len()
+    );
+    assert!(
+        gave_up.is_empty(),
+        "the agent gave up on a live control connection: {gave_up:#?}"
+    );
+    let got = got.unwrap_or_else(|| panic!("no full map:\n{}", lab.log_tail("fw", AGENT_LOG)));
+    assert!(
+        got > Duration::from_secs(30),
+        "the map took {got:?}: not the slow map this test is about"
     );
 }

@@ -27,8 +27,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Registration may make headscale check a key and write its database.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
-/// HTTP/2 PINGs on an idle control connection: a server that stopped answering is noticed
-/// within `PING_EVERY + PING_TIMEOUT`, long before the map stream's own watchdog.
+/// HTTP/2 PINGs on the control connection: a server that stopped answering is noticed
+/// within `PING_EVERY + PING_TIMEOUT`, long before the map stream's own watchdog. An answer
+/// may queue behind a large map on a slow link; while bytes keep coming, it is waited for.
 const PING_EVERY: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -341,6 +342,7 @@ pub async fn connect(
         upgrade(url, io, machine, &server),
     )
     .await?;
+    let received = stream.received();
     let (h2, mut conn) = deadline("the HTTP/2 handshake", STEP_TIMEOUT, async {
         h2::client::Builder::new()
             .initial_window_size(4 << 20)
@@ -355,14 +357,17 @@ pub async fn connect(
     let ping_pong = conn.ping_pong();
     let conn = tokio::spawn(async move {
         let reason = tokio::select! {
-            r = conn => match r {
+            r = &mut conn => match r {
                 Ok(()) => "the server closed the control connection".to_string(),
                 Err(e) => format!("control connection failed: {e}"),
             },
-            r = keep_pinging(ping_pong, pong_tx) => r,
+            r = keep_pinging(ping_pong, pong_tx, received) => r,
         };
         tracing::debug!(reason, "control HTTP/2 connection ended");
         let _ = ended_tx.send(Some(reason));
+        // Only now do the streams fail (h2 ends them as the connection drops): they find
+        // the reason set.
+        drop(conn);
     });
     Ok(Session {
         h2,
@@ -373,19 +378,35 @@ pub async fn connect(
     })
 }
 
-/// PINGs the server every [`PING_EVERY`]; returns why it stopped answering.
-async fn keep_pinging(ping_pong: Option<h2::PingPong>, pong: watch::Sender<u64>) -> String {
+/// PINGs the server every [`PING_EVERY`]; returns why it stopped answering: no answer to a
+/// PING within [`PING_TIMEOUT`] and no bytes from it over that time either.
+async fn keep_pinging(
+    ping_pong: Option<h2::PingPong>,
+    pong: watch::Sender<u64>,
+    received: watch::Receiver<tokio::time::Instant>,
+) -> String {
     let Some(mut pp) = ping_pong else {
         return std::future::pending().await;
     };
     loop {
         tokio::time::sleep(PING_EVERY).await;
-        match tokio::time::timeout(PING_TIMEOUT, pp.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {
-                let _ = pong.send(crate::status::now_secs());
+        let ping = pp.ping(h2::Ping::opaque());
+        tokio::pin!(ping);
+        loop {
+            match tokio::time::timeout(PING_TIMEOUT, &mut ping).await {
+                Ok(Ok(_)) => {
+                    let _ = pong.send(crate::status::now_secs());
+                    break;
+                }
+                Ok(Err(e)) => return format!("HTTP/2 PING failed: {e}"),
+                Err(_) if received.borrow().elapsed() < PING_TIMEOUT => {}
+                Err(_) => {
+                    return format!(
+                        "no answer to an HTTP/2 PING and no bytes from the server within \
+                         {PING_TIMEOUT:?}"
+                    );
+                }
             }
-            Ok(Err(e)) => return format!("HTTP/2 PING failed: {e}"),
-            Err(_) => return format!("no answer to an HTTP/2 PING within {PING_TIMEOUT:?}"),
         }
     }
 }
@@ -479,6 +500,8 @@ async fn skip_early_payload<S: AsyncRead + AsyncWrite + Unpin>(
 pub struct Body {
     recv: h2::RecvStream,
     buf: Vec<u8>,
+    /// The session's end, with why: a stream cut by it reports that reason.
+    ended: watch::Receiver<Option<String>>,
 }
 
 impl Body {
@@ -490,7 +513,10 @@ impl Body {
                 self.buf.extend_from_slice(&chunk);
                 Ok(true)
             }
-            Some(Err(e)) => Err(Error::Control(format!("control stream failed: {e}"))),
+            Some(Err(e)) => Err(Error::Control(match self.ended.borrow().clone() {
+                Some(why) => why,
+                None => format!("control stream failed: {e}"),
+            })),
             None => Ok(false),
         }
     }
@@ -615,6 +641,7 @@ impl Session {
             Body {
                 recv: resp.into_body(),
                 buf: vec![],
+                ended: self.ended.clone(),
             },
         ))
     }

@@ -6,6 +6,8 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// Plaintext over controlbase records on top of `S` (TLS or TCP).
 pub struct NoiseStream<S> {
@@ -18,6 +20,8 @@ pub struct NoiseStream<S> {
     /// Sealed bytes not yet written to `inner`.
     out: Vec<u8>,
     out_pos: usize,
+    /// When bytes last came from the server.
+    received: watch::Sender<Instant>,
 }
 
 impl<S> NoiseStream<S> {
@@ -33,7 +37,14 @@ impl<S> NoiseStream<S> {
             plain_pos: 0,
             out: vec![],
             out_pos: 0,
+            received: watch::Sender::new(Instant::now()),
         }
+    }
+
+    /// When bytes last came from the server: a liveness sign that does not wait for an
+    /// answer queued behind a large response.
+    pub fn received(&self) -> watch::Receiver<Instant> {
+        self.received.subscribe()
     }
 
     /// Puts plaintext back in front of the stream (after peeking at the early payload).
@@ -74,6 +85,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for NoiseStream<S> {
             if rb.filled().is_empty() {
                 return Poll::Ready(Ok(()));
             }
+            this.received.send_replace(Instant::now());
             this.reader.push(rb.filled());
         }
     }

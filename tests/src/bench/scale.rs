@@ -23,7 +23,7 @@
 //! would give up on streams for its own slowness.
 
 use super::{Bench, Iperf, Rtt, Target, clock_ticks, cpu_ticks, peak_rss_kib};
-use crate::firewall::{AGENT_LOG, agent_command_with, agent_status};
+use crate::firewall::{AGENT_LOG, agent_command_with, agent_status, map_open_field};
 use crate::load::Load;
 use anyhow::{Result, bail};
 use nix::sys::signal::Signal;
@@ -473,18 +473,6 @@ fn first_map(b: &Bench) -> Result<(Duration, u64)> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// The last `field=N` of a "map stream open" line in the agent's log.
-pub fn map_open_field(log: &str, field: &str) -> Option<u64> {
-    let key = format!(" {field}=");
-    log.lines()
-        .rev()
-        .filter(|l| l.contains("map stream open"))
-        .find_map(|l| {
-            let v = l.split(&key).nth(1)?;
-            v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-        })
 }
 
 /// Waits until both daemons list at least `peers` peers, for up to `limit`: per daemon, how
