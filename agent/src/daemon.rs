@@ -34,8 +34,15 @@ const MAP_WATCHDOG: Duration = Duration::from_secs(120);
 /// How often local addresses are re-read for our endpoints (DHCP, a new uplink).
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(30);
 
-/// How long an endpoint update may take before the session is started afresh.
+/// How long one endpoint update may take; a failed one is tried again after a backoff
+/// ([`LITE_RETRY`]), the map stream going on meanwhile, as tailscaled does.
 const LITE_UPDATE_TIMEOUT: Duration = Duration::from_secs(15);
+/// The first and the longest wait before a failed endpoint update is tried again
+/// (tailscaled backs off up to 30 s).
+const LITE_RETRY: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(30));
+
+/// An endpoint update under way beside the map stream.
+type LiteUpdate = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
 
 /// A stream's first map as it came: its size (zstd) and when its last byte arrived.
 struct FirstMap {
@@ -571,7 +578,21 @@ impl Daemon {
         let mut last_update = tokio::time::Instant::now();
         let mut last_full = last_update;
         let refresh_after = self.refresh_after();
+        // Endpoint updates run beside the stream, one at a time: one asked for meanwhile
+        // (`lite_wanted`) starts when it ends; a failed one is retried after a backoff. Only
+        // headscale's "node not found" ends the session: a busy or broken headscale that
+        // cannot store our endpoints still feeds the stream, and a new session would cost
+        // it a full map on top.
+        let mut lite: Option<LiteUpdate> = None;
+        let mut lite_wanted = false;
+        let mut lite_retry: Option<tokio::time::Instant> = None;
+        let mut lite_failures = 0u32;
+        let mut lite_backoff = Backoff::new(LITE_RETRY.0, LITE_RETRY.1);
         loop {
+            if lite.is_none() && lite_wanted && lite_retry.is_none() {
+                lite_wanted = false;
+                lite = Some(self.lite_update(s.requests(), &net_rx.borrow()));
+            }
             let next_expiry = self.next_expiry;
             tokio::select! {
                 msg = body.next_message() => {
@@ -604,15 +625,35 @@ impl Daemon {
                     if changed.is_err() {
                         return Err(Error::Control("the data plane stopped".into()));
                     }
-                    let net = net_rx.borrow_and_update().clone();
+                    let net = net_rx.borrow_and_update();
                     info!(home_derp = net.home_derp, endpoints = ?net.endpoints, "telling control our new endpoints");
-                    self.lite_update(&mut s, &net).await?;
+                    lite_wanted = true;
                 }
-                _ = check.tick() => {
-                    // headscale keeps a deleted node's stream alive with keep-alives; only
-                    // a request of ours finds out (HTTP 404).
-                    let net = net_rx.borrow().clone();
-                    self.lite_update(&mut s, &net).await?;
+                // headscale keeps a deleted node's stream alive with keep-alives; only a
+                // request of ours finds out (HTTP 404).
+                _ = check.tick() => lite_wanted = true,
+                r = async { lite.as_mut().expect("guarded").await }, if lite.is_some() => {
+                    lite = None;
+                    match r {
+                        Ok(()) => {
+                            if lite_failures > 0 {
+                                info!(failures = lite_failures, "control took our endpoint update");
+                            }
+                            lite_failures = 0;
+                            lite_backoff.reset();
+                        }
+                        Err(e @ Error::NodeGone(_)) => return Err(e),
+                        Err(e) => {
+                            lite_failures += 1;
+                            let wait = lite_backoff.next(crate::backoff::jitter());
+                            warn!(error = %e, retry_in = ?wait, "endpoint update failed; the map stream goes on");
+                            lite_wanted = true;
+                            lite_retry = Some(tokio::time::Instant::now() + wait);
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(lite_retry.unwrap_or(last_message)), if lite_retry.is_some() => {
+                    lite_retry = None;
                 }
                 _ = refresh.tick() => self.refresh_endpoints().await,
                 _ = status_refresh.tick(), if self.peer_status_dirty => self.publish_peer_status(),
@@ -741,13 +782,15 @@ impl Daemon {
         needs_self_node(&self.cfg.advertise_routes, msg)
     }
 
-    /// A non-streaming map request (endpoints, home DERP). The stream is not read meanwhile:
-    /// a stuck answer must not stall it.
-    async fn lite_update(&self, s: &mut Session, net: &NetInfo) -> Result<()> {
-        let lite = async { s.map(&self.map_request(net, false)).await?.read_all().await };
-        client::deadline("the endpoint update", LITE_UPDATE_TIMEOUT, lite)
-            .await
-            .map(|_| ())
+    /// A non-streaming map request (endpoints, home DERP), to run beside the map stream.
+    fn lite_update(&self, requests: client::Requests, net: &NetInfo) -> LiteUpdate {
+        let req = self.map_request(net, false);
+        Box::pin(async move {
+            let lite = async { requests.map(&req).await?.read_all().await };
+            client::deadline("the endpoint update", LITE_UPDATE_TIMEOUT, lite)
+                .await
+                .map(|_| ())
+        })
     }
 
     /// Answers control's ping as tailscaled does: a HEAD request to the URL it gave (headscale

@@ -755,3 +755,110 @@ fn a_first_map_slower_than_30_s_is_waited_for() {
         "the map took {got:?}: not the slow map this test is about"
     );
 }
+
+/// Holds headscale's database write lock (as a stalled disk or a long migration would) while
+/// headscale itself keeps running: its map streams and HTTP/2 PINGs are served from memory,
+/// but every request that writes the node (an endpoint update, a new map stream) waits its
+/// 10 s busy timeout and fails with HTTP 500 (headscale v0.28).
+struct DbLock(std::process::Child);
+
+impl DbLock {
+    fn take(db: &Path) -> DbLock {
+        use std::io::{BufRead, Write};
+        let mut child = std::process::Command::new("sqlite3")
+            .arg("-batch")
+            .arg(db)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.as_mut().unwrap();
+        writeln!(stdin, ".timeout 30000\nBEGIN IMMEDIATE;\nSELECT 'locked';").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "locked", "no write lock on {}", db.display());
+        DbLock(child)
+    }
+}
+
+impl Drop for DbLock {
+    fn drop(&mut self) {
+        use std::io::Write;
+        if let Some(stdin) = self.0.stdin.as_mut() {
+            let _ = writeln!(stdin, "COMMIT;\n.quit");
+        }
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_endpoint_update_headscale_cannot_store_keeps_the_map_stream() {
+    const LOCKED: Duration = Duration::from_secs(60);
+    require_lab!();
+    let Mesh {
+        lab, op_ns, ssh22, ..
+    } = mesh(
+        Lab::start(LabOptions::hosts(&["fw", "op"])).unwrap(),
+        "0cfc7e24-aaaa-4bbb-8ccc-0000000000eb",
+        "project-u",
+    );
+    // After the stream that replaces the first one (RECONNECT_SETTLE), so that the lock
+    // meets the agent's minutely endpoint update (CONTROL_CHECK) on a settled stream.
+    lab.wait_log(
+        "fw",
+        AGENT_LOG,
+        "map stream replaced once after the reconnect",
+        Duration::from_secs(90),
+    )
+    .unwrap();
+    let lock = DbLock::take(&lab.headscale().db_path());
+    let locked = Instant::now();
+    let (mut ok, mut tries) = (0, 0);
+    while locked.elapsed() < LOCKED {
+        tries += 1;
+        ok += connects(&op_ns, ssh22) as u32;
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    let during = lab.log("fw", AGENT_LOG);
+    drop(lock);
+    let retried = lab
+        .wait_log(
+            "fw",
+            AGENT_LOG,
+            "control took our endpoint update",
+            Duration::from_secs(60),
+        )
+        .is_ok();
+    let log = lab.log("fw", AGENT_LOG);
+    let lines = |text: &str| log.lines().filter(|l| l.contains(text)).count();
+    let (failed, gave_up) = (
+        lines("endpoint update failed"),
+        lines("control connection failed"),
+    );
+    println!(
+        "    headscale's database locked {LOCKED:?}: ssh port {ok}/{tries}, endpoint update \
+         failed {failed} times, session given up {gave_up} times, update through after: \
+         {retried}"
+    );
+    assert!(
+        during.contains("endpoint update") || gave_up > 0,
+        "no endpoint update met the lock: the test showed nothing\n{}",
+        lab.log_tail("fw", AGENT_LOG)
+    );
+    assert_eq!(ok, tries, "the operator's ssh port failed during the lock");
+    assert_eq!(
+        gave_up,
+        0,
+        "the agent dropped its live map stream for a failed endpoint update:\n{}",
+        lab.log_tail("fw", AGENT_LOG)
+    );
+    assert!(failed > 0, "{}", lab.log_tail("fw", AGENT_LOG));
+    assert!(
+        retried,
+        "the endpoint update did not go through after the lock:\n{}",
+        lab.log_tail("fw", AGENT_LOG)
+    );
+}

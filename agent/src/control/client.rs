@@ -304,13 +304,20 @@ fn split_url(url: &str) -> Result<(&str, &str)> {
 
 /// An established control session: HTTP/2 over Noise.
 pub struct Session {
-    h2: h2::client::SendRequest<Bytes>,
-    authority: String,
+    requests: Requests,
     conn: tokio::task::JoinHandle<()>,
-    /// Set once the connection is gone, with why.
-    ended: watch::Receiver<Option<String>>,
     /// Unix seconds of the last PONG: the server was alive then.
     last_pong: watch::Receiver<u64>,
+}
+
+/// A handle that sends requests on a session's connection, for a request that runs beside
+/// the map stream (an endpoint update). Requests fail once the session is dropped.
+#[derive(Clone)]
+pub struct Requests {
+    h2: h2::client::SendRequest<Bytes>,
+    authority: String,
+    /// Set once the connection is gone, with why.
+    ended: watch::Receiver<Option<String>>,
 }
 
 impl Drop for Session {
@@ -323,7 +330,22 @@ impl Session {
     /// Watches on the connection: why it ended (set once it did), and the Unix seconds of
     /// the last answered PING.
     pub fn liveness(&self) -> (watch::Receiver<Option<String>>, watch::Receiver<u64>) {
-        (self.ended.clone(), self.last_pong.clone())
+        (self.requests.ended.clone(), self.last_pong.clone())
+    }
+
+    pub fn requests(&self) -> Requests {
+        self.requests.clone()
+    }
+
+    /// `POST /machine/register`. headscale reports refusals as HTTP 200 with `Error` set.
+    pub async fn register(&mut self, req: &RegisterRequest) -> Result<RegisterResponse> {
+        self.requests.register(req).await
+    }
+
+    /// `POST /machine/map`: with `Stream: true`, a body of map messages that lasts as long as
+    /// the session.
+    pub async fn map(&mut self, req: &MapRequest) -> Result<Body> {
+        self.requests.map(req).await
     }
 }
 
@@ -370,10 +392,12 @@ pub async fn connect(
         drop(conn);
     });
     Ok(Session {
-        h2,
-        authority: url.host_header(),
+        requests: Requests {
+            h2,
+            authority: url.host_header(),
+            ended,
+        },
         conn,
-        ended,
         last_pong,
     })
 }
@@ -613,8 +637,8 @@ impl<R: Read> Read for Capped<R> {
     }
 }
 
-impl Session {
-    async fn post(&mut self, path: &str, body: Vec<u8>) -> Result<(u16, Body)> {
+impl Requests {
+    async fn post(&self, path: &str, body: Vec<u8>) -> Result<(u16, Body)> {
         let req = http::Request::builder()
             .method("POST")
             .uri(format!("https://{}{path}", self.authority))
@@ -646,8 +670,7 @@ impl Session {
         ))
     }
 
-    /// `POST /machine/register`. headscale reports refusals as HTTP 200 with `Error` set.
-    pub async fn register(&mut self, req: &RegisterRequest) -> Result<RegisterResponse> {
+    async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse> {
         let body = serde_json::to_vec(req).expect("serializes");
         let (status, bytes) = deadline("POST /machine/register", REGISTER_TIMEOUT, async {
             let (status, body) = self.post("/machine/register", body).await?;
@@ -667,9 +690,8 @@ impl Session {
         })
     }
 
-    /// `POST /machine/map`: with `Stream: true`, a body of map messages that lasts as long as
-    /// the session.
-    pub async fn map(&mut self, req: &MapRequest) -> Result<Body> {
+    /// `POST /machine/map` (see [`Session::map`]).
+    pub async fn map(&self, req: &MapRequest) -> Result<Body> {
         let (status, body) = self
             .post("/machine/map", serde_json::to_vec(req).expect("serializes"))
             .await?;
