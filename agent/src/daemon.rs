@@ -1,7 +1,7 @@
 //! `vpn-agent run`: keep a control session up, registered, and the netmap current.
 
 use crate::backoff::{Backoff, jitter};
-use crate::config::{AuthKey, Config, MAP_MAX_AGE_FACTOR};
+use crate::config::{AuthKey, Config, FIRST_MAP_WAIT_FACTOR, MAP_MAX_AGE_FACTOR};
 use crate::control::cache;
 use crate::control::client::{self, ServerUrl, Session};
 use crate::control::netmap::{Changes, Netmap, format_time, is_expired, is_full_map, key_expiry};
@@ -26,11 +26,6 @@ use x25519_dalek::PublicKey;
 /// nftables announces: a backstop should the announcements ever fail.
 const FIREWALL_POLL: Duration = Duration::from_secs(10);
 
-/// tailscaled's watchdog: no message (keep-alives included) for this long means a dead stream.
-/// It bounds the wait for a new stream's full map too: headscale v0.28 took over 30 s for one
-/// of 5 000 peers, and a dead server is noticed sooner by the session's HTTP/2 PINGs.
-const MAP_WATCHDOG: Duration = Duration::from_secs(120);
-
 /// How often local addresses are re-read for our endpoints (DHCP, a new uplink).
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(30);
 
@@ -43,6 +38,43 @@ const LITE_RETRY: (Duration, Duration) = (Duration::from_secs(2), Duration::from
 
 /// An endpoint update under way beside the map stream.
 type LiteUpdate = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+
+/// How long a new map stream may take to bring its full map: the watchdog at first, twice as
+/// long after each stream that brought none in time, and twice as long as the last full map
+/// took once one came; never less than the watchdog nor more than
+/// [`FIRST_MAP_WAIT_FACTOR`] times it. A headscale that needs longer than the watchdog for a
+/// large tailnet's map would otherwise be asked for it again and again, starting over each
+/// time; a stalled one is still given up on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FirstMapWait {
+    watchdog: Duration,
+    limit: Duration,
+}
+
+impl FirstMapWait {
+    fn new(watchdog: Duration) -> Self {
+        FirstMapWait {
+            watchdog,
+            limit: watchdog,
+        }
+    }
+
+    fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    fn timed_out(&mut self) {
+        self.limit = self.bounded(self.limit * 2);
+    }
+
+    fn got_map(&mut self, took: Duration) {
+        self.limit = self.bounded(took * 2);
+    }
+
+    fn bounded(&self, d: Duration) -> Duration {
+        d.clamp(self.watchdog, self.watchdog * FIRST_MAP_WAIT_FACTOR)
+    }
+}
 
 /// A stream's first map as it came: its size (zstd) and when its last byte arrived.
 struct FirstMap {
@@ -100,6 +132,7 @@ pub struct Daemon {
     /// after either is replaced once ([`RECONNECT_SETTLE`]).
     started: tokio::time::Instant,
     stream_ended: Option<tokio::time::Instant>,
+    first_map_wait: FirstMapWait,
     /// The last `STATUS=` line sent to systemd, without its figures.
     status_line: Mutex<String>,
     /// The URL of the last ping request answered: control repeats it.
@@ -148,6 +181,7 @@ impl Daemon {
             stream_opened: None,
             started: tokio::time::Instant::now(),
             stream_ended: None,
+            first_map_wait: FirstMapWait::new(cfg.map_watchdog),
             status_line: Mutex::new(String::new()),
             last_ping_url: None,
             forgotten: false,
@@ -530,7 +564,7 @@ impl Daemon {
         let mut net_rx = self.data().net_info();
         let net = net_rx.borrow_and_update().clone();
         let req = self.map_request(&net, true);
-        let (mut body, mut first, first_map) = Self::open_stream(&mut s, &req).await?;
+        let (mut body, mut first, first_map) = self.open_stream(&mut s, &req).await?;
         let opened = tokio::time::Instant::now();
         self.stream_opened = Some(opened);
         let mut settle = settle_at(
@@ -713,42 +747,64 @@ impl Daemon {
                     last_full = last_update;
                     cache_dirty = true;
                 }
-                _ = tokio::time::sleep_until(last_message + MAP_WATCHDOG) => {
-                    return Err(Error::Control(format!("no map message for {MAP_WATCHDOG:?}")));
+                _ = tokio::time::sleep_until(last_message + self.cfg.map_watchdog) => {
+                    return Err(Error::Control(format!("no map message for {:?}", self.cfg.map_watchdog)));
                 }
             }
         }
     }
 
-    /// Opens a map stream and reads up to its full map, within [`MAP_WATCHDOG`].
+    /// Opens a map stream and reads up to its full map, within [`FirstMapWait`].
     /// headscale (v0.28) hands a new stream the changes of the moment before its full map
     /// at times (it joins the stream to its batcher before it makes the full map); applied
     /// as a full map, such a change would empty our addresses, DERP map and filter until
     /// the next message. The full map is newer than what came before it, so those go unread.
     async fn open_stream(
+        &mut self,
         s: &mut Session,
         req: &MapRequest,
     ) -> Result<(client::Body, MapResponse, FirstMap)> {
-        client::deadline("opening the map stream", MAP_WATCHDOG, async {
-            let mut body = s.map(req).await?;
-            let mut skipped = 0;
-            loop {
-                let raw = body.next_raw_message().await?.ok_or_else(|| {
-                    Error::Control("the map stream ended before the full map".into())
-                })?;
-                let received = tokio::time::Instant::now();
-                let first = client::decode_map_message(&raw)?;
-                if is_full_map(&first) {
-                    if skipped > 0 {
-                        debug!(skipped, "messages before the full map of a new stream");
-                    }
-                    let bytes = raw.len();
-                    return Ok((body, first, FirstMap { bytes, received }));
-                }
-                skipped += 1;
+        let limit = self.first_map_wait.limit();
+        let asked = tokio::time::Instant::now();
+        match tokio::time::timeout(limit, Self::read_full_map(s, req)).await {
+            Ok(Ok(opened)) => {
+                self.first_map_wait.got_map(opened.2.received - asked);
+                Ok(opened)
             }
-        })
-        .await
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                self.first_map_wait.timed_out();
+                Err(Error::Unreachable(format!(
+                    "opening the map stream: no full map within {limit:?} (the next stream \
+                     gets {:?})",
+                    self.first_map_wait.limit()
+                )))
+            }
+        }
+    }
+
+    async fn read_full_map(
+        s: &mut Session,
+        req: &MapRequest,
+    ) -> Result<(client::Body, MapResponse, FirstMap)> {
+        let mut body = s.map(req).await?;
+        let mut skipped = 0;
+        loop {
+            let raw = body
+                .next_raw_message()
+                .await?
+                .ok_or_else(|| Error::Control("the map stream ended before the full map".into()))?;
+            let received = tokio::time::Instant::now();
+            let first = client::decode_map_message(&raw)?;
+            if is_full_map(&first) {
+                if skipped > 0 {
+                    debug!(skipped, "messages before the full map of a new stream");
+                }
+                let bytes = raw.len();
+                return Ok((body, first, FirstMap { bytes, received }));
+            }
+            skipped += 1;
+        }
     }
 
     /// Opens a new map stream in session `s` and applies its full map. The old stream ends
@@ -759,7 +815,8 @@ impl Daemon {
         s: &mut Session,
         net: &NetInfo,
     ) -> Result<(client::Body, usize)> {
-        let (body, first, _) = Self::open_stream(s, &self.map_request(net, true)).await?;
+        let req = self.map_request(net, true);
+        let (body, first, _) = self.open_stream(s, &req).await?;
         let c = self.netmap.replace_with(first);
         let changed = c.changed_peers.len()
             + c.removed_peers.len()
@@ -1292,6 +1349,23 @@ mod tests {
         assert_eq!(refresh_after(base, &key(0)), base);
         assert_eq!(refresh_after(base, &key(255)), Duration::from_secs(660));
         assert_ne!(refresh_after(base, &key(1)), refresh_after(base, &key(2)));
+    }
+
+    #[test]
+    fn the_wait_for_a_first_map_grows_after_a_timeout_and_follows_what_a_map_took() {
+        let s = Duration::from_secs;
+        let mut w = FirstMapWait::new(s(120));
+        assert_eq!(w.limit(), s(120));
+        w.timed_out();
+        assert_eq!(w.limit(), s(240));
+        w.timed_out();
+        w.timed_out();
+        assert_eq!(w.limit(), s(480), "never more than four times the watchdog");
+        // A slow map keeps the next stream's wait long: its refreshes cost as much.
+        w.got_map(s(150));
+        assert_eq!(w.limit(), s(300));
+        w.got_map(Duration::from_millis(80));
+        assert_eq!(w.limit(), s(120), "never less than the watchdog");
     }
 
     #[test]

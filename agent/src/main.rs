@@ -44,6 +44,13 @@ enum Cmd {
         #[arg(long, value_name = "SECS", default_value_t = vpn_agent::config::MAP_REFRESH_AFTER.as_secs(),
               value_parser = clap::value_parser!(u64).range(5..=86_400))]
         map_refresh_after: u64,
+        /// Seconds without any map message (keep-alives included) after which the map stream
+        /// counts as dead. A new stream's full map gets as long, and twice as long after each
+        /// stream that brought none, up to four times: a control server busy with a large
+        /// tailnet may take longer. 10 to 3600.
+        #[arg(long, value_name = "SECS", default_value_t = vpn_agent::config::MAP_WATCHDOG.as_secs(),
+              value_parser = clap::value_parser!(u64).range(10..=3_600))]
+        map_watchdog: u64,
     },
     /// The agent's nftables table: SSH only over the mesh, the public ports closed.
     Firewall {
@@ -95,12 +102,14 @@ fn main() {
             state_dir,
             socket,
             map_refresh_after,
+            map_watchdog,
         } => run(
             config,
             settings,
             state_dir,
             socket,
             std::time::Duration::from_secs(map_refresh_after),
+            std::time::Duration::from_secs(map_watchdog),
         ),
         Cmd::Firewall {
             cmd,
@@ -130,9 +139,11 @@ fn run(
     state_dir: PathBuf,
     socket: PathBuf,
     map_refresh_after: std::time::Duration,
+    map_watchdog: std::time::Duration,
 ) -> vpn_agent::Result<()> {
     let mut cfg = Config::load(&config, &settings)?;
     cfg.map_refresh_after = map_refresh_after;
+    cfg.map_watchdog = map_watchdog;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -27,6 +27,10 @@ pub struct Config {
     /// an update to within 50 ms, and keeps it alive; and it loses an update now and then
     /// when changes come in concurrently, which a busy stream never shows.
     pub map_refresh_after: std::time::Duration,
+    /// No map message (keep-alives included) for this long means a dead stream (`vpn-agent
+    /// run --map-watchdog`); a new stream's full map gets as long at first, and twice as long
+    /// after each stream that brought none ([`FIRST_MAP_WAIT_FACTOR`]).
+    pub map_watchdog: std::time::Duration,
 }
 
 /// The default of [`Config::map_refresh_after`]: how long a firewall may miss a new operator
@@ -35,6 +39,16 @@ pub struct Config {
 /// online, which in turn resets their clocks: a quiet tailnet sees about one refresh per
 /// period, whatever its size. headscale sends a keep-alive every 50 to 59 s.
 pub const MAP_REFRESH_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The default of [`Config::map_watchdog`]: tailscaled's. headscale sends a keep-alive every
+/// 50 to 59 s, and a dead server is noticed sooner by the session's HTTP/2 PINGs.
+pub const MAP_WATCHDOG: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A new stream's full map may take up to this many times [`Config::map_watchdog`]: the wait
+/// doubles after each stream that brought none within it. headscale v0.28 on two busy cores
+/// needs about that long for a map of 5 000 nodes; asked again after each timeout, it starts
+/// over each time, and the node would never get one.
+pub const FIRST_MAP_WAIT_FACTOR: u32 = 4;
 
 /// A map stream, however busy, is replaced once its full map is this many times
 /// [`Config::map_refresh_after`] old. headscale v0.28 keeps a node's pending changes in a map
@@ -135,6 +149,7 @@ impl Config {
             advertise_routes: m.advertise_routes,
             settings,
             map_refresh_after: MAP_REFRESH_AFTER,
+            map_watchdog: MAP_WATCHDOG,
         })
     }
 }
