@@ -679,7 +679,7 @@ impl Daemon {
                         Err(e @ Error::NodeGone(_)) => return Err(e),
                         Err(e) => {
                             lite_failures += 1;
-                            let wait = lite_backoff.next(crate::backoff::jitter());
+                            let wait = lite_backoff.next(jitter());
                             warn!(error = %e, retry_in = ?wait, "endpoint update failed; the map stream goes on");
                             lite_wanted = true;
                             lite_retry = Some(tokio::time::Instant::now() + wait);

@@ -786,7 +786,8 @@ impl SlowFirstMap {
             .collect::<Vec<_>>();
         println!(
             "    a full map of {bytes} bytes at {rate}, agent run with {args:?}: had it after \
-             {got:.1?}, gave up {} times",
+             {}, gave up {} times",
+            got.map_or("never".into(), |d| format!("{d:.1?}")),
             gave_up.len()
         );
         let got = got.unwrap_or_else(|| {
