@@ -689,6 +689,7 @@ fn a_stream_headscale_marks_offline_on_reconnect_is_put_right() {
 /// as tailscaled does, instead of giving up and asking for another that takes as long.
 #[test]
 fn a_first_map_slower_than_30_s_is_waited_for() {
+    require_lab!();
     let slow = SlowFirstMap::run("0cfc7e24-aaaa-4bbb-8ccc-0000000000ea", "project-s", &[]);
     assert!(
         slow.gave_up.is_empty(),
@@ -708,6 +709,7 @@ fn a_first_map_slower_than_30_s_is_waited_for() {
 /// again for a map that never comes in time.
 #[test]
 fn a_first_map_slower_than_the_watchdog_comes_on_a_later_stream() {
+    require_lab!();
     let slow = SlowFirstMap::run(
         "0cfc7e24-aaaa-4bbb-8ccc-0000000000eb",
         "project-s2",
