@@ -3,9 +3,12 @@
 //! it to the netmap and the data plane), and one `PeersChangedPatch` (a peer's endpoints,
 //! as headscale sends when a node moves or comes and goes) applied the way the agent does
 //! now (only the named peer) and the way it did before (every peer handed to the data plane
-//! again), and one data-plane tick (timers, path discovery) with every peer idle. Prints one
-//! JSON object per N on stdout.
+//! again), and one data-plane tick (timers, path discovery) with every peer idle; and the
+//! heap the netmap and the data plane hold for the N peers, and their peak while the first
+//! map is decoded and applied. Prints one JSON object per N on stdout.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime};
 use vpn_agent::control::client::decode_map_message;
 use vpn_agent::control::netmap::Netmap;
@@ -13,6 +16,39 @@ use vpn_agent::control::types::MapResponse;
 use vpn_agent::daemon::peer_info;
 use vpn_agent::dataplane::Engine;
 use x25519_dalek::{PublicKey, StaticSecret};
+
+/// The system allocator, counting the bytes in use and their peak.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(by: usize) {
+    PEAK.fetch_max(LIVE.fetch_add(by, Relaxed) + by, Relaxed);
+}
+
+// SAFETY: every call goes to `System` unchanged; only the counters are added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        grew(l.size());
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size(), Relaxed);
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, size: usize) -> *mut u8 {
+        if size > l.size() {
+            grew(size - l.size());
+        } else {
+            LIVE.fetch_sub(l.size() - size, Relaxed);
+        }
+        unsafe { System.realloc(p, l, size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 /// A node as headscale v0.28 describes a peer, with realistic field sizes.
 fn peer_json(i: usize) -> serde_json::Value {
@@ -89,14 +125,21 @@ fn main() {
         let compressed = zstd::encode_all(json.as_slice(), 3).unwrap();
 
         // The first map: decode, replace the netmap, hand every peer to the data plane.
-        let mut netmap = Netmap::default();
-        let mut e = engine();
-        let first = median(5, |_| {
+        let apply_first = || {
             let msg: MapResponse = decode_map_message(&compressed).unwrap();
-            netmap = Netmap::default();
+            let mut netmap = Netmap::default();
             netmap.replace_with(msg);
-            e = engine();
+            let mut e = engine();
             e.set_peers(all_infos(&netmap, now));
+            (netmap, e)
+        };
+        let before = LIVE.load(Relaxed);
+        PEAK.store(before, Relaxed);
+        let (mut netmap, mut e) = apply_first();
+        let held = LIVE.load(Relaxed) - before;
+        let peak = PEAK.load(Relaxed) - before;
+        let first = median(5, |_| {
+            (netmap, e) = apply_first();
         });
 
         // One patch: a peer's new endpoints.
@@ -137,6 +180,8 @@ fn main() {
                 "patch_us": incremental.as_secs_f64() * 1e6,
                 "patch_full_refresh_us": full.as_secs_f64() * 1e6,
                 "tick_us": tick.as_secs_f64() * 1e6,
+                "heap_held_bytes": held,
+                "heap_peak_bytes": peak,
             })
         );
     }

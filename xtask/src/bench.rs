@@ -99,6 +99,8 @@ fn flood() -> Result<()> {
     )
 }
 
+const MIB: f64 = 1024.0 * 1024.0;
+
 /// The first map and one patch for tailnets of 100 to 5 000 peers (release build, no
 /// network).
 fn patch() -> Result<()> {
@@ -106,12 +108,12 @@ fn patch() -> Result<()> {
     println!("==> bench: a large tailnet's first map and patches in the agent (release build)");
     let built_from = commit();
     let mut table = String::from(
-        "| peers | first map (JSON / zstd) | first map decoded and applied | a patch, as now (the named peer) | a patch, as before (every peer again) | a data-plane tick, every peer idle |\n|---|---|---|---|---|---|\n",
+        "| peers | first map (JSON / zstd) | first map decoded and applied | a patch, as now (the named peer) | a patch, as before (every peer again) | a data-plane tick, every peer idle | heap held for the peers (peak while applying the first map) |\n|---|---|---|---|---|---|---|\n",
     );
     for v in cargo_bench("vpn-agent", "patch")? {
         let f = |k: &str| v[k].as_f64().unwrap_or_default();
         table.push_str(&format!(
-            "| {} | {:.2} MB / {:.2} MB | {:.0} ms | {:.1} µs | {:.0} µs | {:.1} µs |\n",
+            "| {} | {:.2} MB / {:.2} MB | {:.0} ms | {:.1} µs | {:.0} µs | {:.1} µs | {:.1} MiB ({:.1} MiB) |\n",
             v["peers"],
             f("first_map_bytes") / 1e6,
             f("first_map_zstd_bytes") / 1e6,
@@ -119,6 +121,8 @@ fn patch() -> Result<()> {
             f("patch_us"),
             f("patch_full_refresh_us"),
             f("tick_us"),
+            f("heap_held_bytes") / MIB,
+            f("heap_peak_bytes") / MIB,
         ));
     }
     print!("{table}");
