@@ -44,19 +44,34 @@ type LiteUpdate = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>
 /// took once one came; never less than the watchdog nor more than
 /// [`FIRST_MAP_WAIT_FACTOR`] times it. A headscale that needs longer than the watchdog for a
 /// large tailnet's map would otherwise be asked for it again and again, starting over each
-/// time; a stalled one is still given up on.
+/// time; a stalled one is still given up on. The wait is kept in the state directory
+/// ([`FIRST_MAP_WAIT_FILE`]): an agent restarted in that tailnet (a crash, an update, a
+/// reboot) would otherwise give up on its first map as the last one did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FirstMapWait {
     watchdog: Duration,
     limit: Duration,
 }
 
+/// Where [`FirstMapWait`] is kept: its limit in whole seconds.
+const FIRST_MAP_WAIT_FILE: &str = "first-map-wait";
+
 impl FirstMapWait {
-    fn new(watchdog: Duration) -> Self {
-        FirstMapWait {
+    /// Starts at what an earlier run learned (`kept`, the file's text), if anything.
+    fn new(watchdog: Duration, kept: Option<&str>) -> Self {
+        let mut w = FirstMapWait {
             watchdog,
             limit: watchdog,
+        };
+        if let Some(secs) = kept.and_then(|t| t.trim().parse::<u64>().ok()) {
+            w.limit = w.bounded(Duration::from_secs(secs));
         }
+        w
+    }
+
+    /// What [`FirstMapWait::new`] reads back.
+    fn kept(&self) -> String {
+        format!("{}\n", self.limit.as_secs())
     }
 
     fn limit(&self) -> Duration {
@@ -181,7 +196,12 @@ impl Daemon {
             stream_opened: None,
             started: tokio::time::Instant::now(),
             stream_ended: None,
-            first_map_wait: FirstMapWait::new(cfg.map_watchdog),
+            first_map_wait: FirstMapWait::new(
+                cfg.map_watchdog,
+                std::fs::read_to_string(state_dir.join(FIRST_MAP_WAIT_FILE))
+                    .ok()
+                    .as_deref(),
+            ),
             status_line: Mutex::new(String::new()),
             last_ping_url: None,
             forgotten: false,
@@ -766,7 +786,7 @@ impl Daemon {
     ) -> Result<(client::Body, MapResponse, FirstMap)> {
         let limit = self.first_map_wait.limit();
         let asked = tokio::time::Instant::now();
-        match tokio::time::timeout(limit, Self::read_full_map(s, req)).await {
+        let r = match tokio::time::timeout(limit, Self::read_full_map(s, req)).await {
             Ok(Ok(opened)) => {
                 self.first_map_wait.got_map(opened.2.received - asked);
                 Ok(opened)
@@ -780,6 +800,19 @@ impl Daemon {
                     self.first_map_wait.limit()
                 )))
             }
+        };
+        if self.first_map_wait.limit() != limit {
+            self.keep_first_map_wait();
+        }
+        r
+    }
+
+    fn keep_first_map_wait(&self) {
+        let path = self.state_dir.join(FIRST_MAP_WAIT_FILE);
+        let text = self.first_map_wait.kept();
+        if let Err(e) = crate::fsutil::write_private_atomic(&path, text.as_bytes()) {
+            // Only the next start's first wait depends on it.
+            warn!(error = %e, "could not keep the wait for a first map");
         }
     }
 
@@ -1354,7 +1387,7 @@ mod tests {
     #[test]
     fn the_wait_for_a_first_map_grows_after_a_timeout_and_follows_what_a_map_took() {
         let s = Duration::from_secs;
-        let mut w = FirstMapWait::new(s(120));
+        let mut w = FirstMapWait::new(s(120), None);
         assert_eq!(w.limit(), s(120));
         w.timed_out();
         assert_eq!(w.limit(), s(240));
@@ -1366,6 +1399,21 @@ mod tests {
         assert_eq!(w.limit(), s(300));
         w.got_map(Duration::from_millis(80));
         assert_eq!(w.limit(), s(120), "never less than the watchdog");
+    }
+
+    #[test]
+    fn a_restart_starts_from_the_wait_the_last_run_learned() {
+        let s = Duration::from_secs;
+        let mut w = FirstMapWait::new(s(120), None);
+        w.timed_out();
+        let kept = w.kept();
+        assert_eq!(FirstMapWait::new(s(120), Some(&kept)).limit(), s(240));
+        // Within the same bounds, whatever the file says; junk is the watchdog.
+        assert_eq!(FirstMapWait::new(s(120), Some("99999")).limit(), s(480));
+        assert_eq!(FirstMapWait::new(s(120), Some("3\n")).limit(), s(120));
+        assert_eq!(FirstMapWait::new(s(120), Some("soon")).limit(), s(120));
+        // A shorter watchdog now bounds what a run with a longer one kept.
+        assert_eq!(FirstMapWait::new(s(35), Some(&kept)).limit(), s(140));
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //!
 //! `vdc-load` (`src/bin/vdc-load.rs`) runs it inside a lab host; its progress is a JSON file
 //! the tests read ([`Progress`]).
+//!
+//! SIGUSR1 turns the churn into endpoint changes only, sent without a map stream: each is one
+//! lite map request, which headscale passes on to every streaming node as a patch. The
+//! churn of nodes coming online costs headscale a full map per event, which at thousands of
+//! nodes it cannot make several times a second.
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -55,6 +60,9 @@ pub struct Progress {
     /// Errors talking to headscale (each retried at the next turn).
     pub errors: u64,
     pub last_error: Option<String>,
+    /// Whether the churn is endpoint changes only (after SIGUSR1).
+    #[serde(default)]
+    pub endpoints_only: bool,
     /// Seconds from the start until every node was registered.
     pub registered_after_secs: Option<f64>,
     /// The first message of a map stream opened once all were registered: its size as
@@ -77,6 +85,8 @@ struct Node {
     disco: StaticSecret,
     /// Its session and the task that reads its map stream, while online.
     online: Option<(Session, tokio::task::JoinHandle<()>)>,
+    /// A session without a map stream, for endpoint changes while offline.
+    lite: Option<Session>,
     /// Bumped at each endpoint change, so each change is a new endpoint.
     generation: u32,
 }
@@ -89,6 +99,7 @@ impl Node {
             node: keys::generate(),
             disco: keys::generate(),
             online: None,
+            lite: None,
             generation: 0,
         }
     }
@@ -181,12 +192,21 @@ fn go_offline(n: &mut Node) {
     }
 }
 
-/// A new endpoint for an online node, as tailscaled reports one: a non-streaming map request.
-async fn change_endpoint(n: &mut Node, index: usize) -> Result<()> {
+/// A new endpoint, as tailscaled reports one: a non-streaming map request, on the map
+/// stream's session or, offline, a session of its own (made again if it broke).
+async fn change_endpoint(ctx: &Ctx, n: &mut Node, index: usize) -> Result<()> {
     n.generation += 1;
     let req = n.map_request(index, false);
-    let (s, _) = n.online.as_mut().context("not online")?;
-    s.map(&req).await?.read_all().await?;
+    let s = match (&mut n.online, &mut n.lite) {
+        (Some((s, _)), _) => s,
+        (None, Some(s)) => s,
+        (None, lite @ None) => lite.insert(client::connect(&ctx.url, &ctx.tls, &n.machine).await?),
+    };
+    let r = async { s.map(&req).await?.read_all().await }.await;
+    if r.is_err() && n.online.is_none() {
+        n.lite = None;
+    }
+    r?;
     Ok(())
 }
 
@@ -218,6 +238,8 @@ fn write_progress(path: &PathBuf, p: &Progress) {
 
 /// Registers the nodes, brings the first `online` of them online, then churns until killed.
 pub async fn run(spec: LoadSpec) -> Result<()> {
+    // Installed first: until then SIGUSR1 would end the process.
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
     let ctx = Arc::new(Ctx {
         url: ServerUrl::parse(&spec.server)?,
         tls: client::tls_config(spec.ca_file.as_deref())?,
@@ -310,9 +332,14 @@ pub async fn run(spec: LoadSpec) -> Result<()> {
     let progress = Arc::new(std::sync::Mutex::new(progress));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / spec.churn_per_sec));
     let mut report = tokio::time::interval(Duration::from_secs(1));
+    let mut endpoints_only = false;
     let mut turn: u64 = 0;
     loop {
         tokio::select! {
+            _ = usr1.recv() => {
+                endpoints_only = true;
+                progress.lock().expect("progress lock").endpoints_only = true;
+            }
             _ = tick.tick() => {
                 // Node by node, each event of three kinds in turn: offline, online again,
                 // then a new endpoint.
@@ -322,7 +349,7 @@ pub async fn run(spec: LoadSpec) -> Result<()> {
                 let (node, ctx, progress) = (nodes[index].clone(), ctx.clone(), progress.clone());
                 tokio::spawn(async move {
                     let mut n = node.lock().await;
-                    let r = churn(&ctx, &mut n, index, kind).await;
+                    let r = churn(&ctx, &mut n, index, kind, endpoints_only).await;
                     let mut p = progress.lock().expect("progress lock");
                     match r {
                         Ok(Event::Offline) => {
@@ -356,8 +383,16 @@ enum Event {
 }
 
 /// One churn event of `kind` (0 offline, 1 online, 2 new endpoint) for node `n`; an offline
-/// node comes online whatever the kind.
-async fn churn(ctx: &Ctx, n: &mut Node, index: usize, kind: u64) -> Result<Event> {
+/// node comes online whatever the kind. With `endpoints_only`, whatever the kind, an online
+/// node goes offline (after a headscale restart its stream would cost a full map) and an
+/// offline one changes endpoints.
+async fn churn(
+    ctx: &Ctx,
+    n: &mut Node,
+    index: usize,
+    kind: u64,
+    endpoints_only: bool,
+) -> Result<Event> {
     // A stream that ended (headscale restarted, as the scale benchmark does) left the node
     // offline: this event counts it so, and its next one brings it back.
     if n.online
@@ -367,13 +402,15 @@ async fn churn(ctx: &Ctx, n: &mut Node, index: usize, kind: u64) -> Result<Event
         go_offline(n);
         return Ok(Event::Offline);
     }
-    match (kind, n.online.is_some()) {
-        (0, true) => {
+    match (kind, n.online.is_some(), endpoints_only) {
+        (0, true, _) | (_, true, true) => {
             go_offline(n);
             Ok(Event::Offline)
         }
-        (_, false) => go_online(ctx, n, index, None).await.map(|()| Event::Online),
-        (_, true) => change_endpoint(n, index).await.map(|()| Event::Endpoint),
+        (_, false, false) => go_online(ctx, n, index, None).await.map(|()| Event::Online),
+        _ => change_endpoint(ctx, n, index)
+            .await
+            .map(|()| Event::Endpoint),
     }
 }
 

@@ -274,6 +274,7 @@ fn scale(sizes: Vec<usize>) -> Result<()> {
     let mut opts = vdc::bench::scale::Options::default();
     if trial {
         opts = vdc::bench::scale::Options {
+            coming_and_going_up_to: sizes[0].min(opts.coming_and_going_up_to),
             sizes,
             churn_secs: 10,
             iperf_secs: 3,
