@@ -331,6 +331,9 @@ pub async fn run(spec: LoadSpec) -> Result<()> {
         .collect();
     let progress = Arc::new(std::sync::Mutex::new(progress));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / spec.churn_per_sec));
+    // Not the default burst: after a SIGSTOP (the scale benchmark freezes the load) it would
+    // make up for every tick missed while frozen, several times the rate asked for.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut report = tokio::time::interval(Duration::from_secs(1));
     let mut endpoints_only = false;
     let mut turn: u64 = 0;
