@@ -275,6 +275,21 @@ impl Headscale {
         Ok(())
     }
 
+    /// The value of the Prometheus metric `name` (a counter, a gauge, or a histogram's
+    /// `_sum` or `_count`) on headscale's metrics listener; none if it is not there.
+    pub fn metric(&self, name: &str) -> Result<Option<f64>> {
+        let text = self.ns.enter(|| {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect("127.0.0.1:9090")?;
+            c.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+            c.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+            let mut text = String::new();
+            c.read_to_string(&mut text)?;
+            Ok(text)
+        })?;
+        Ok(metric_value(&text, name))
+    }
+
     pub fn netns(&self) -> &Netns {
         &self.ns
     }
@@ -688,4 +703,30 @@ logtail:
   enabled: false
 {randomize}"#
     )
+}
+
+/// `name`'s value in a Prometheus text exposition (a metric without labels).
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_metric_is_read_by_its_whole_name() {
+        let text = "# HELP x_sum y\nheadscale_a_seconds_sum 37.8\nheadscale_a_seconds_count 1\n\
+                    headscale_a{op=\"get\"} 3\n";
+        assert_eq!(
+            super::metric_value(text, "headscale_a_seconds_sum"),
+            Some(37.8)
+        );
+        assert_eq!(
+            super::metric_value(text, "headscale_a_seconds_count"),
+            Some(1.0)
+        );
+        assert_eq!(super::metric_value(text, "headscale_a_seconds"), None);
+        assert_eq!(super::metric_value(text, "headscale_a"), None);
+    }
 }

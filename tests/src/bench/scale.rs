@@ -53,6 +53,13 @@ const REGISTER_AT_MOST: usize = 1000;
 /// How long headscale may take to start on a seeded database (v0.28 was not up within 30 s
 /// with 5 000 nodes).
 const HEADSCALE_START_LIMIT: Duration = Duration::from_secs(600);
+/// How long each CPU window lasts where the churn is endpoint changes only: headscale
+/// (v0.28) takes 38 s to rebuild its peer map at 5 000 nodes here, and an endpoint change
+/// goes through only with a rebuild; a 30 s window saw none.
+const ENDPOINTS_ONLY_WINDOW_SECS: u32 = 120;
+/// headscale's time rebuilding its peer map (`peersByNode` over every pair of nodes, at every
+/// batch of node changes): a histogram's sum and count.
+const PEER_MAP_METRIC: &str = "headscale_nodestore_peers_calculation_duration_seconds";
 /// How long a restarted daemon may take to `Running`: at 5 000 nodes headscale (v0.28) took
 /// 110 to 170 s for a first map here, and the agent waits up to twice what it learned a map
 /// takes (tailscaled gives up at 120 s and asks again).
@@ -138,6 +145,9 @@ pub struct Step {
     pub churn_error: Option<String>,
     pub agent: Daemon,
     pub tailscaled: Daemon,
+    /// headscale's peer-map rebuilds while the CPU and traffic windows ran: how many, and
+    /// their time in all (see [`PEER_MAP_METRIC`]).
+    pub peer_map_rebuilds: Option<(u64, f64)>,
     /// Whether both daemons were restarted at this size.
     pub restarted: bool,
     /// New nodes of this step written into headscale's database rather than registered
@@ -150,6 +160,15 @@ pub struct Step {
 impl Step {
     /// What 1 000 changes cost `t` in CPU time beyond its quiet background (timers,
     /// keep-alives, the firewall check), which both windows hold alike.
+    /// How long each CPU window lasts.
+    pub fn window_secs(&self, opts: &Options) -> u32 {
+        if self.endpoints_only {
+            opts.churn_secs.max(ENDPOINTS_ONLY_WINDOW_SECS)
+        } else {
+            opts.churn_secs
+        }
+    }
+
     pub fn cpu_per_1000(&self, t: Target) -> Option<f64> {
         let d = self.get(t);
         let events = self.churn_events.filter(|&n| n > 0)?;
@@ -275,6 +294,7 @@ fn step_to(
             |p| p.endpoints_only && p.online == 0,
         )?;
     }
+    let rebuilds = peer_map_rebuilds(b);
     cpu_under_churn(b, churn, step, opts, progress)?;
     traffic(b, step, opts, true, progress)?;
     // The same with the load frozen: what the size costs, apart from what the churn costs
@@ -284,7 +304,24 @@ fn step_to(
         cpu_quiet(b, step, opts, progress).and_then(|()| traffic(b, step, opts, false, progress));
     b.lab.signal(LOAD_HOST, &churn.log, Signal::SIGCONT)?;
     quiet?;
+    if let (Some(before), Some(after)) = (rebuilds, peer_map_rebuilds(b)) {
+        let (n, secs) = (after.0.saturating_sub(before.0), after.1 - before.1);
+        step.peer_map_rebuilds = Some((n, secs));
+        progress(&format!(
+            "{} peers: headscale rebuilt its peer map {n} times meanwhile, {:.2} s each",
+            step.peers,
+            secs / n.max(1) as f64
+        ));
+    }
     rss(b, step, progress)
+}
+
+/// headscale's peer-map rebuilds since it started: how many, and their time in all.
+fn peer_map_rebuilds(b: &Bench) -> Option<(u64, f64)> {
+    let hs = b.lab.headscale();
+    let count = hs.metric(&format!("{PEER_MAP_METRIC}_count")).ok()??;
+    let sum = hs.metric(&format!("{PEER_MAP_METRIC}_sum")).ok()??;
+    Some((count as u64, sum))
 }
 
 /// Registers `count` nodes; waits for both daemons to list them (180 s at most: how far
@@ -547,20 +584,29 @@ fn cpu_under_churn(
     progress: &mut dyn FnMut(&str),
 ) -> Result<()> {
     let p0 = churn.progress();
-    let cpu = cpu_window(b, opts.churn_secs)?;
+    let cpu = cpu_window(b, step.window_secs(opts))?;
     let p = churn.progress();
     // What headscale fails is reported, not fatal: the daemons are measured under the
     // churn that did happen.
     step.churn_errors = p.errors - p0.errors;
     step.churn_error = p.last_error.clone().filter(|_| step.churn_errors > 0);
     step.churn_events = Some(p.churn_events() - p0.churn_events());
+    if step.churn_events == Some(0) {
+        // Unexpected, and only headscale's log says why.
+        b.lab.keep_logs();
+        progress(&format!(
+            "{} peers: no churn went through (the load: {p:?}); the lab's logs stay in {}",
+            step.peers,
+            b.lab.dir().display()
+        ));
+    }
     for (i, t) in Target::BOTH.into_iter().enumerate() {
         step.get_mut(t).cpu_churning = cpu[i];
         progress(&format!(
             "{} peers: {t} used {:.2} s CPU in {} s of churn ({} changes)",
             step.peers,
             cpu[i],
-            opts.churn_secs,
+            step.window_secs(opts),
             step.churn_events.unwrap_or_default()
         ));
     }
@@ -574,14 +620,14 @@ fn cpu_quiet(
     opts: &Options,
     progress: &mut dyn FnMut(&str),
 ) -> Result<()> {
-    let cpu = cpu_window(b, opts.churn_secs)?;
+    let cpu = cpu_window(b, step.window_secs(opts))?;
     for (i, t) in Target::BOTH.into_iter().enumerate() {
         step.get_mut(t).cpu_quiet = cpu[i];
         progress(&format!(
             "{} peers: {t} used {:.2} s CPU in {} s quiet; {:.2} s per 1000 changes beyond that",
             step.peers,
             cpu[i],
-            opts.churn_secs,
+            step.window_secs(opts),
             step.cpu_per_1000(t).unwrap_or_default()
         ));
     }
@@ -756,8 +802,29 @@ impl Results {
                  request each, which headscale passes on as a patch), offline: a node coming \
                  online costs headscale a full map of every node, which it does not make several \
                  times a second at this size (with nodes coming and going, no churn at all went \
-                 through at 5 000).\n",
+                 through at 5 000). Each CPU window lasted {ENDPOINTS_ONLY_WINDOW_SECS} s: \
+                 headscale passes a change on only once it has rebuilt its peer map.\n",
                 s.peers
+            ));
+        }
+        let rebuilds: Vec<String> = self
+            .steps
+            .iter()
+            .filter_map(|s| {
+                let (n, secs) = s.peer_map_rebuilds?;
+                Some(if n == 0 {
+                    format!("{}: none", s.peers)
+                } else {
+                    format!("{}: {n} × {:.2} s", s.peers, secs / n as f64)
+                })
+            })
+            .collect();
+        if !rebuilds.is_empty() {
+            t.push_str(&format!(
+                "\nheadscale rebuilt its peer map (every pair of nodes, at each batch of node \
+                 changes; its `{PEER_MAP_METRIC}`) while the CPU and traffic windows ran, by \
+                 size: {}.\n",
+                rebuilds.join("; ")
             ));
         }
         for s in self.steps.iter().filter(|s| s.churn_events == Some(0)) {
@@ -832,6 +899,7 @@ mod tests {
                 map_json_bytes: 3_750_000,
                 churn_events: Some(250),
                 endpoints_only: true,
+                peer_map_rebuilds: Some((3, 114.0)),
                 churn_errors: 3,
                 churn_error: Some("churn-7: control: no answer within 30s".into()),
                 agent: daemon(1.25, 40960, 1.9),
@@ -855,6 +923,7 @@ mod tests {
         assert!(
             r.table()
                 .contains("At 5000 peers, the 50 churning nodes only changed endpoints")
+                && r.table().contains("by size: 5000: 3 × 38.00 s.")
                 && !r.table().contains("At 10000 peers, the 50"),
             "{}",
             r.table()
