@@ -169,10 +169,13 @@ impl Step {
         }
     }
 
+    /// None where no change went through, or where the frozen window cost more than the
+    /// churning one: changes that headscale held up (behind a peer-map rebuild) reached the
+    /// daemons after the load was frozen, and the two windows no longer separate them.
     pub fn cpu_per_1000(&self, t: Target) -> Option<f64> {
         let d = self.get(t);
         let events = self.churn_events.filter(|&n| n > 0)?;
-        Some((d.cpu_churning - d.cpu_quiet) * 1000.0 / events as f64)
+        Some((d.cpu_churning - d.cpu_quiet) * 1000.0 / events as f64).filter(|&c| c >= 0.0)
     }
 
     fn get_mut(&mut self, t: Target) -> &mut Daemon {
@@ -729,13 +732,14 @@ impl Results {
                             }),
                     )
                 };
-                let (cpu, per) = match s.cpu_per_1000(target) {
-                    Some(per) => (
-                        format!("{:.2} s / {:.2} s", d.cpu_quiet, d.cpu_churning),
-                        format!("{per:.2} s"),
-                    ),
-                    None => ("-".into(), "-".into()),
+                let cpu = if s.churn_events.is_some_and(|n| n > 0) {
+                    format!("{:.2} s / {:.2} s", d.cpu_quiet, d.cpu_churning)
+                } else {
+                    "-".into()
                 };
+                let per = s
+                    .cpu_per_1000(target)
+                    .map_or("-".into(), |per| format!("{per:.2} s"));
                 let applied = d
                     .first_map_applied
                     .map_or("-".into(), |a| format!("{} ms", a.as_millis()));
@@ -861,6 +865,20 @@ impl Results {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frozen_window_that_cost_more_than_the_churn_gives_no_cost_per_change() {
+        let mut s = Step {
+            churn_events: Some(95),
+            agent: daemon(1.0, 1, 1.0),
+            ..Step::default()
+        };
+        s.agent.cpu_churning = 0.37;
+        s.agent.cpu_quiet = 0.59;
+        assert_eq!(s.cpu_per_1000(Target::Agent), None);
+        s.agent.cpu_quiet = 0.18;
+        assert!((s.cpu_per_1000(Target::Agent).unwrap() - 2.0).abs() < 1e-9);
+    }
 
     fn daemon(running: f64, rss: u64, gbit: f64) -> Daemon {
         let t = |g: f64| Traffic {
