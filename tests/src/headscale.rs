@@ -275,10 +275,10 @@ impl Headscale {
         Ok(())
     }
 
-    /// The value of the Prometheus metric `name` (a counter, a gauge, or a histogram's
-    /// `_sum` or `_count`) on headscale's metrics listener; none if it is not there.
-    pub fn metric(&self, name: &str) -> Result<Option<f64>> {
-        let text = self.ns.enter(|| {
+    /// headscale's Prometheus metrics as text, from its metrics listener (read one with
+    /// [`metric_value`]).
+    pub fn metrics(&self) -> Result<String> {
+        self.ns.enter(|| {
             use std::io::{Read, Write};
             let mut c = std::net::TcpStream::connect("127.0.0.1:9090")?;
             c.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
@@ -286,8 +286,7 @@ impl Headscale {
             let mut text = String::new();
             c.read_to_string(&mut text)?;
             Ok(text)
-        })?;
-        Ok(metric_value(&text, name))
+        })
     }
 
     pub fn netns(&self) -> &Netns {
@@ -705,7 +704,8 @@ logtail:
     )
 }
 
-/// `name`'s value in a Prometheus text exposition (a metric without labels).
+/// `name`'s value in a Prometheus text exposition: a counter, a gauge, or a histogram's
+/// `_sum` or `_count`, without labels; none if it is not there.
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))

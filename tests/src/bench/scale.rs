@@ -25,6 +25,7 @@
 
 use super::{Bench, Iperf, Rtt, Target, clock_ticks, cpu_ticks, peak_rss_kib};
 use crate::firewall::{AGENT_LOG, agent_command_with, agent_status, map_open_field};
+use crate::headscale::metric_value;
 use crate::load::Load;
 use anyhow::{Result, bail};
 use nix::sys::signal::Signal;
@@ -158,8 +159,6 @@ pub struct Step {
 }
 
 impl Step {
-    /// What 1 000 changes cost `t` in CPU time beyond its quiet background (timers,
-    /// keep-alives, the firewall check), which both windows hold alike.
     /// How long each CPU window lasts.
     pub fn window_secs(&self, opts: &Options) -> u32 {
         if self.endpoints_only {
@@ -169,9 +168,11 @@ impl Step {
         }
     }
 
-    /// None where no change went through, or where the frozen window cost more than the
-    /// churning one: changes that headscale held up (behind a peer-map rebuild) reached the
-    /// daemons after the load was frozen, and the two windows no longer separate them.
+    /// What 1 000 changes cost `t` in CPU time beyond its quiet background (timers,
+    /// keep-alives, the firewall check), which both windows hold alike. None where no change
+    /// went through, or where the frozen window cost more than the churning one: changes
+    /// that headscale held up (behind a peer-map rebuild) reached the daemons after the load
+    /// was frozen, and the two windows no longer separate them.
     pub fn cpu_per_1000(&self, t: Target) -> Option<f64> {
         let d = self.get(t);
         let events = self.churn_events.filter(|&n| n > 0)?;
@@ -321,9 +322,9 @@ fn step_to(
 
 /// headscale's peer-map rebuilds since it started: how many, and their time in all.
 fn peer_map_rebuilds(b: &Bench) -> Option<(u64, f64)> {
-    let hs = b.lab.headscale();
-    let count = hs.metric(&format!("{PEER_MAP_METRIC}_count")).ok()??;
-    let sum = hs.metric(&format!("{PEER_MAP_METRIC}_sum")).ok()??;
+    let text = b.lab.headscale().metrics().ok()?;
+    let count = metric_value(&text, &format!("{PEER_MAP_METRIC}_count"))?;
+    let sum = metric_value(&text, &format!("{PEER_MAP_METRIC}_sum"))?;
     Some((count as u64, sum))
 }
 
