@@ -14,7 +14,7 @@ use crate::dataplane::{Engine, NetInfo, PeerInfo};
 use crate::error::{Error, Result};
 use crate::keys::{self, Identity};
 use crate::netlink::Tunnel;
-use crate::status::{PeerStatus, Status, now_secs};
+use crate::status::{PeerListAsk, PeerListStale, PeerStatus, Status, now_secs};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -129,9 +129,6 @@ const RECONNECT_SETTLE: Duration = Duration::from_secs(30);
 /// At most this often a subnet router opens a new map stream to learn its approved routes.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
 
-/// At most this often the peer list of `vpn-agent status` is rebuilt while peers change.
-const STATUS_REFRESH: Duration = Duration::from_secs(1);
-
 /// How often the pre-auth key file is looked at while a key is wanted.
 const KEY_FILE_POLL: Duration = Duration::from_secs(1);
 
@@ -163,11 +160,11 @@ pub struct Daemon {
     /// The next key expiry in the netmap, kept up to date as expiries change (a patch of
     /// endpoints or online state does not look at every peer for it).
     next_expiry: Option<std::time::SystemTime>,
-    /// Peers changed since `vpn-agent status` last got their list: it is rebuilt at most once
-    /// per [`STATUS_REFRESH`], not for every patch.
-    peer_status_dirty: bool,
-    /// When that list was last rebuilt.
-    peer_status_at: Option<tokio::time::Instant>,
+    /// Whether the peer list of `vpn-agent status` is behind the netmap: it is rebuilt when a
+    /// client asks, not for every patch (see [`crate::status::peer_list`]).
+    peer_list: PeerListStale,
+    /// The server's side of it, until the status socket is served.
+    peer_list_ask: Option<PeerListAsk>,
 }
 
 impl Daemon {
@@ -176,6 +173,7 @@ impl Daemon {
         let tls = client::tls_config(cfg.settings.ca_file.as_deref().map(Path::new))?;
         std::fs::create_dir_all(&state_dir).map_err(|e| Error::io(&state_dir, e))?;
         let identity = Identity::load_or_create(&state_dir)?;
+        let (peer_list_ask, peer_list) = crate::status::peer_list();
         let status = Status {
             backend_state: if identity.registered {
                 "Starting"
@@ -212,8 +210,8 @@ impl Daemon {
             identity,
             netmap: Netmap::default(),
             next_expiry: None,
-            peer_status_dirty: false,
-            peer_status_at: None,
+            peer_list,
+            peer_list_ask: Some(peer_list_ask),
         })
     }
 
@@ -295,7 +293,11 @@ impl Daemon {
         self.data = Some(data.clone());
         self.refresh_endpoints().await;
         let status = self.status.clone();
-        crate::status::serve(&self.socket, move || {
+        let ask = self
+            .peer_list_ask
+            .take()
+            .expect("the status socket is served once");
+        crate::status::serve(&self.socket, ask, move || {
             let mut s = status.lock().expect("status lock").clone();
             let stats = data.stats();
             for p in &mut s.peers {
@@ -426,6 +428,9 @@ impl Daemon {
                 Ok(never) => match never {},
                 Err(e) => e,
             };
+            // Patches of the session that ended are in the list before the next one begins:
+            // only a session answers clients that ask for it.
+            self.publish_peer_status_if_stale();
             let opened = self.stream_opened.take();
             if opened.is_some() {
                 self.stream_ended = Some(tokio::time::Instant::now());
@@ -622,7 +627,7 @@ impl Daemon {
         let mut check =
             tokio::time::interval_at(tokio::time::Instant::now() + CONTROL_CHECK, CONTROL_CHECK);
         let mut flush = tokio::time::interval(CACHE_FLUSH);
-        let mut status_refresh = tokio::time::interval(STATUS_REFRESH);
+        let mut peer_list_asked = self.peer_list.asked();
         let mut cache_dirty = false;
         // When to open a new stream for a full map (see `needs_self_node`).
         let mut resync: Option<tokio::time::Instant> = None;
@@ -661,8 +666,12 @@ impl Daemon {
                             resync = Some(last_resync + RESYNC_INTERVAL);
                         }
                         let ping = msg.ping_request.take();
+                        let applying = std::time::Instant::now();
                         let c = self.netmap.apply(msg);
+                        let named = c.changed_peers.len() + c.removed_peers.len();
                         self.apply_changes(c).await?;
+                        let took = applying.elapsed();
+                        self.set(|s| s.map_updates.record(named, took));
                         self.answer_ping(ping);
                         cache_dirty = true;
                     }
@@ -710,7 +719,7 @@ impl Daemon {
                     lite_retry = None;
                 }
                 _ = refresh.tick() => self.refresh_endpoints().await,
-                _ = status_refresh.tick(), if self.peer_status_dirty => self.publish_peer_status(),
+                Ok(()) = peer_list_asked.changed() => self.publish_peer_status_if_stale(),
                 _ = flush.tick(), if cache_dirty => {
                     cache_dirty = false;
                     self.save_cache().await;
@@ -828,7 +837,7 @@ impl Daemon {
                 .await?
                 .ok_or_else(|| Error::Control("the map stream ended before the full map".into()))?;
             let received = tokio::time::Instant::now();
-            let first = client::decode_map_message(&raw)?;
+            let first = body.decode(&raw)?;
             if is_full_map(&first) {
                 if skipped > 0 {
                     debug!(skipped, "messages before the full map of a new stream");
@@ -985,24 +994,28 @@ impl Daemon {
                 t.set_routes(&routes).await;
             }
         }
-        // Now if the list is older than STATUS_REFRESH, else at the session's next refresh
-        // tick: a stream of patches neither rebuilds it each time nor leaves it stale.
-        if self
-            .peer_status_at
-            .is_none_or(|at| at.elapsed() >= STATUS_REFRESH)
-        {
+        // A peer that came or went changes the count systemd's status line shows: rebuilt
+        // now (rare). A patch only marks the list for the next client that asks.
+        if self.status.lock().expect("status lock").peers.len() != self.netmap.peers.len() {
             self.publish_peer_status();
         } else {
-            self.peer_status_dirty = true;
+            self.peer_list.mark();
         }
     }
 
     /// The peer list of `vpn-agent status`, from the netmap as it is now.
     fn publish_peer_status(&mut self) {
-        self.peer_status_dirty = false;
-        self.peer_status_at = Some(tokio::time::Instant::now());
         let peers = self.peer_status(std::time::SystemTime::now());
         self.set(|s| s.peers = peers);
+        self.peer_list.rebuilt();
+    }
+
+    fn publish_peer_status_if_stale(&mut self) {
+        if self.peer_list.is_stale() {
+            self.publish_peer_status();
+        } else {
+            self.peer_list.rebuilt();
+        }
     }
 
     /// Hands the data plane the peers, the kernel the accepted routes, and status both;

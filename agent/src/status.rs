@@ -2,7 +2,10 @@
 //! that only root can open, and rendered like `tailscale status`.
 
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PeerStatus {
@@ -61,7 +64,33 @@ pub struct Status {
     /// When our node key expires (RFC 3339), if it does.
     #[serde(default)]
     pub key_expiry: Option<String>,
+    /// The map updates applied since the agent started.
+    #[serde(default)]
+    pub map_updates: MapUpdates,
     pub peers: Vec<PeerStatus>,
+}
+
+/// Map messages after a stream's first (keep-alives aside), and what applying them cost:
+/// what a benchmark reads to tell the agent's cost per update from the load's events.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct MapUpdates {
+    pub count: u64,
+    /// Peers they named (changed, patched or removed).
+    pub peers: u64,
+    /// From the message decoded to every change applied (netmap, data plane, routes, filter):
+    /// in all, and the longest.
+    pub apply_micros: u64,
+    pub apply_max_micros: u64,
+}
+
+impl MapUpdates {
+    pub fn record(&mut self, peers: usize, took: std::time::Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.count += 1;
+        self.peers += peers as u64;
+        self.apply_micros = self.apply_micros.saturating_add(micros);
+        self.apply_max_micros = self.apply_max_micros.max(micros);
+    }
 }
 
 impl Status {
@@ -95,9 +124,88 @@ fn at(secs: u64) -> SystemTime {
     UNIX_EPOCH + std::time::Duration::from_secs(secs)
 }
 
-/// Serves `snapshot()` as JSON to every client of the Unix socket at `path` (mode 0600).
+/// How long a client of the status socket waits for the daemon to bring its peer list up to
+/// date before it gets the list as it stands.
+const FRESH_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The peer list of the status is rebuilt from the netmap only when a client asks for the
+/// status and peers changed since the last time: at 1 000 peers under endpoint churn,
+/// rebuilding it once a second took a third of the agent's CPU time (`bench scale`, perf),
+/// and a tailnet of thousands changes all day while nobody looks.
+pub fn peer_list() -> (PeerListAsk, PeerListStale) {
+    let stale = Arc::new(AtomicBool::new(false));
+    let (ask, asked) = watch::channel(0);
+    let (done_tx, done) = watch::channel(0);
+    (
+        PeerListAsk {
+            stale: stale.clone(),
+            ask,
+            done,
+        },
+        PeerListStale {
+            stale,
+            asked,
+            done: done_tx,
+        },
+    )
+}
+
+/// The status server's side: a fresh list before the answer.
+pub struct PeerListAsk {
+    stale: Arc<AtomicBool>,
+    ask: watch::Sender<u64>,
+    done: watch::Receiver<u64>,
+}
+
+impl PeerListAsk {
+    /// Returns once the daemon has rebuilt a stale list, or after [`FRESH_WITHIN`].
+    async fn fresh(&mut self) {
+        if !self.stale.load(Ordering::Acquire) {
+            return;
+        }
+        let mut asked = 0;
+        self.ask.send_modify(|n| {
+            *n += 1;
+            asked = *n;
+        });
+        let _ = tokio::time::timeout(FRESH_WITHIN, self.done.wait_for(|&d| d >= asked)).await;
+    }
+}
+
+/// The daemon's side: marks the list stale as peers change, and rebuilds it when asked.
+pub struct PeerListStale {
+    stale: Arc<AtomicBool>,
+    asked: watch::Receiver<u64>,
+    done: watch::Sender<u64>,
+}
+
+impl PeerListStale {
+    pub fn mark(&self) {
+        self.stale.store(true, Ordering::Release);
+    }
+
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Acquire)
+    }
+
+    /// What a session waits on: changes when a client wants the list (never, once the
+    /// server is gone).
+    pub fn asked(&self) -> watch::Receiver<u64> {
+        self.asked.clone()
+    }
+
+    /// The list was rebuilt: clients waiting for it go on.
+    pub fn rebuilt(&self) {
+        self.stale.store(false, Ordering::Release);
+        self.done.send_replace(*self.asked.borrow());
+    }
+}
+
+/// Serves `snapshot()` as JSON to every client of the Unix socket at `path` (mode 0600),
+/// once `peers` says the peer list is fresh.
 pub fn serve(
     path: &std::path::Path,
+    mut peers: PeerListAsk,
     snapshot: impl Fn() -> Status + Send + 'static,
 ) -> crate::Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -111,6 +219,7 @@ pub fn serve(
         .map_err(|e| crate::Error::io(path, e))?;
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
+            peers.fresh().await;
             let body = serde_json::to_vec(&snapshot()).unwrap_or_default();
             tokio::spawn(async move {
                 let _ = conn.write_all(&body).await;
@@ -224,6 +333,74 @@ pub fn render(s: &Status, now: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_client_gets_the_peer_list_rebuilt_for_it_or_after_a_second_the_old_one() {
+        use std::sync::Mutex;
+        let dir = std::env::temp_dir().join(format!("vpn-agent-status-{}", std::process::id()));
+        let socket = dir.join("status.sock");
+        let (ask, stale) = peer_list();
+        let status = Arc::new(Mutex::new(Status {
+            peers: vec![PeerStatus::default()],
+            ..Status::default()
+        }));
+        let shared = status.clone();
+        serve(&socket, ask, move || shared.lock().unwrap().clone()).unwrap();
+        let fetch = |socket: std::path::PathBuf| {
+            tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                (fetch(&socket).unwrap(), started.elapsed())
+            })
+        };
+        let named = |name: &str| PeerStatus {
+            name: name.into(),
+            ..PeerStatus::default()
+        };
+
+        // Not stale: served as it is, nobody asked to rebuild.
+        let (s, _) = fetch(socket.clone()).await.unwrap();
+        assert_eq!(s.peers, vec![PeerStatus::default()]);
+
+        // Stale: the daemon rebuilds the list when asked, and the client gets that one.
+        stale.mark();
+        let mut asked = stale.asked();
+        let client = fetch(socket.clone());
+        asked.changed().await.unwrap();
+        status.lock().unwrap().peers = vec![named("rebuilt")];
+        stale.rebuilt();
+        let (s, _) = client.await.unwrap();
+        assert_eq!(s.peers, vec![named("rebuilt")]);
+        assert!(!stale.is_stale());
+
+        // Stale, and the daemon does not answer: the list as it stands, after FRESH_WITHIN.
+        stale.mark();
+        let (s, took) = fetch(socket.clone()).await.unwrap();
+        assert_eq!(s.peers, vec![named("rebuilt")]);
+        assert!(took >= FRESH_WITHIN, "{took:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn map_updates_add_up_and_an_older_agents_status_still_reads() {
+        let mut u = MapUpdates::default();
+        u.record(3, std::time::Duration::from_micros(40));
+        u.record(1, std::time::Duration::from_micros(900));
+        u.record(0, std::time::Duration::from_micros(60));
+        assert_eq!(
+            u,
+            MapUpdates {
+                count: 3,
+                peers: 4,
+                apply_micros: 1000,
+                apply_max_micros: 900
+            }
+        );
+        let old = r#"{"backend_state":"Running","error":null,"hostname":"fw","server_url":"x",
+            "self_addresses":[],"interface":"tailscale0","control_connected":true,
+            "last_contact":null,"peers":[]}"#;
+        let s: Status = serde_json::from_str(old).unwrap();
+        assert_eq!(s.map_updates, MapUpdates::default());
+    }
 
     #[test]
     fn renders_like_tailscale_status() {

@@ -524,6 +524,9 @@ async fn skip_early_payload<S: AsyncRead + AsyncWrite + Unpin>(
 pub struct Body {
     recv: h2::RecvStream,
     buf: Vec<u8>,
+    /// One zstd context for all of the stream's messages: a new one per message cost more
+    /// than applying a patch.
+    zstd: zstd::zstd_safe::DCtx<'static>,
     /// The session's end, with why: a stream cut by it reports that reason.
     ended: watch::Receiver<Option<String>>,
 }
@@ -557,7 +560,7 @@ impl Body {
     /// The next length-prefixed (u32 little-endian) map message, zstd-decoded.
     pub async fn next_message(&mut self) -> Result<Option<MapResponse>> {
         match self.next_raw_message().await? {
-            Some(raw) => decode_map_message(&raw).map(Some),
+            Some(raw) => self.decode(&raw).map(Some),
             None => Ok(None),
         }
     }
@@ -584,21 +587,32 @@ impl Body {
     }
 }
 
+impl Body {
+    /// One message of this stream, as [`decode_map_message`] does it.
+    pub fn decode(&mut self, raw: &[u8]) -> Result<MapResponse> {
+        decode_capped(raw, MAX_MAP_MESSAGE, &mut self.zstd)
+    }
+}
+
 /// One map message: zstd-compressed JSON, parsed as it is decompressed (a large map is
 /// never held whole as text), and refused past [`MAX_MAP_MESSAGE`].
 pub fn decode_map_message(raw: &[u8]) -> Result<MapResponse> {
-    decode_capped(raw, MAX_MAP_MESSAGE)
+    decode_capped(raw, MAX_MAP_MESSAGE, &mut zstd::zstd_safe::DCtx::create())
 }
 
-fn decode_capped(raw: &[u8], cap: usize) -> Result<MapResponse> {
-    let decoder = zstd::stream::read::Decoder::new(raw)
-        .map_err(|e| Error::Control(format!("map message: {e}")))?;
+fn decode_capped(
+    raw: &[u8],
+    cap: usize,
+    zstd: &mut zstd::zstd_safe::DCtx<'static>,
+) -> Result<MapResponse> {
     let mut capped = Capped {
-        inner: decoder,
+        inner: zstd::stream::read::Decoder::with_context(raw, zstd),
         left: cap,
         hit: false,
     };
-    let parsed = serde_json::from_reader(std::io::BufReader::with_capacity(64 << 10, &mut capped));
+    // A patch is a few hundred bytes: no 64 KiB buffer for it.
+    let buffer = raw.len().saturating_mul(8).clamp(4 << 10, 64 << 10);
+    let parsed = serde_json::from_reader(std::io::BufReader::with_capacity(buffer, &mut capped));
     parsed.map_err(|e| {
         Error::Control(if capped.hit {
             format!(
@@ -665,6 +679,7 @@ impl Requests {
             Body {
                 recv: resp.into_body(),
                 buf: vec![],
+                zstd: zstd::zstd_safe::DCtx::create(),
                 ended: self.ended.clone(),
             },
         ))
@@ -747,6 +762,26 @@ mod tests {
     }
 
     #[test]
+    fn one_zstd_context_decodes_a_stream_of_messages_even_after_a_broken_one() {
+        let mut ctx = zstd::zstd_safe::DCtx::create();
+        let keep_alive = zstd::encode_all(&br#"{"KeepAlive":true}"#[..], 3).unwrap();
+        let patch = zstd::encode_all(
+            &br#"{"PeersChangedPatch":[{"NodeID":7,"Endpoints":["192.0.2.7:41641"]}]}"#[..],
+            3,
+        )
+        .unwrap();
+        let mut decode = |raw: &[u8]| decode_capped(raw, MAX_MAP_MESSAGE, &mut ctx);
+        assert!(decode(&keep_alive).unwrap().keep_alive);
+        // Cut off mid-frame: the context holds half a frame afterwards.
+        assert!(decode(&patch[..patch.len() / 2]).is_err());
+        assert!(decode(b"not zstd").is_err());
+        let p = decode(&patch).unwrap();
+        assert_eq!(p.peers_changed_patch[0].node_id, 7);
+        assert!(!p.keep_alive);
+        assert!(decode(&keep_alive).unwrap().keep_alive);
+    }
+
+    #[test]
     fn map_messages_are_zstd_json() {
         let raw = zstd::encode_all(&br#"{"KeepAlive":true}"#[..], 3).unwrap();
         assert!(decode_map_message(&raw).unwrap().keep_alive);
@@ -765,7 +800,9 @@ mod tests {
         let json = format!(r#"{{"Peers":[{}]}}"#, vec![peer; n].join(","));
         let raw = zstd::encode_all(json.as_bytes(), 3).unwrap();
         assert_eq!(decode_map_message(&raw).unwrap().peers.unwrap().len(), n);
-        let e = decode_capped(&raw, 8 << 20).unwrap_err().to_string();
+        let e = decode_capped(&raw, 8 << 20, &mut zstd::zstd_safe::DCtx::create())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("more than the limit of 8 MiB"), "{e}");
     }
 }

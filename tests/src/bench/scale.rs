@@ -17,19 +17,29 @@
 //! CPU and traffic windows. A size the run cannot get through ends it, and the table says
 //! why and keeps what that size measured.
 //!
-//! headscale shares the two cores with everything else, and at thousands of nodes it takes
-//! most of them: it rebuilds its peer map over all pairs of nodes at every batch of changes
-//! (v0.28, `PolicyManager.BuildPeerMap`). The load runs at nice 19. headscale does not: it
-//! gives up on a stream its send to does not leave within 50 ms, and a starved headscale
-//! would give up on streams for its own slowness.
+//! At thousands of nodes headscale takes a whole core: it rebuilds its peer map over all pairs
+//! of nodes at every batch of changes (v0.28, `PolicyManager.BuildPeerMap`). In production it
+//! runs on a machine of its own, so here it gets cores of its own: the machine's cores are
+//! split ([`Cores`]), headscale and the load on one half, the daemons, the operator, iperf3 and
+//! ping on the other, for every figure including the 2-peer baseline. The load runs at nice
+//! 19 beside headscale. headscale does not: it gives up on a stream its send to does not leave
+//! within 50 ms, and a starved headscale would give up on streams for its own slowness.
+//!
+//! The CPU cost of map updates is counted by the daemons themselves: the map messages past a
+//! stream's first each one received in a window (the agent's status, tailscaled's
+//! `controlclient_map_response_map_delta`), not the load's events, which headscale holds up
+//! behind its rebuilds and passes on in batches, sometimes after the window.
 
 use super::{Bench, Iperf, Rtt, Target, clock_ticks, cpu_ticks, peak_rss_kib};
 use crate::firewall::{AGENT_LOG, agent_command_with, agent_status, map_open_field};
 use crate::headscale::metric_value;
 use crate::load::Load;
 use anyhow::{Result, bail};
+use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use std::time::{Duration, Instant};
+use vpn_agent::status::MapUpdates;
 
 const LOAD_HOST: &str = "load";
 const LOAD_USER: &str = "load";
@@ -65,6 +75,8 @@ const PEER_MAP_METRIC: &str = "headscale_nodestore_peers_calculation_duration_se
 /// 110 to 170 s for a first map here, and the agent waits up to twice what it learned a map
 /// takes (tailscaled gives up at 120 s and asks again).
 const RUNNING_LIMIT: Duration = Duration::from_secs(300);
+/// tailscaled's count of map messages past a stream's first (keep-alives aside).
+const TS_MAP_UPDATES: &str = "controlclient_map_response_map_delta";
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -120,6 +132,13 @@ pub struct Daemon {
     /// long with the load frozen.
     pub cpu_churning: f64,
     pub cpu_quiet: f64,
+    /// Map updates (messages past a stream's first, keep-alives aside) the daemon received in
+    /// each of those windows, as it counts them.
+    pub updates_churning: u64,
+    pub updates_quiet: u64,
+    /// The agent's own time from an update decoded to applied, over the churning window:
+    /// mean, and the longest since its restart at this size (µs).
+    pub apply_micros: Option<(f64, u64)>,
     /// With the churn paused, and while it runs.
     pub quiet: Traffic,
     pub churning: Traffic,
@@ -168,15 +187,18 @@ impl Step {
         }
     }
 
-    /// What 1 000 changes cost `t` in CPU time beyond its quiet background (timers,
-    /// keep-alives, the firewall check), which both windows hold alike. None where no change
-    /// went through, or where the frozen window cost more than the churning one: changes
-    /// that headscale held up (behind a peer-map rebuild) reached the daemons after the load
-    /// was frozen, and the two windows no longer separate them.
+    /// What 1 000 map updates cost `t` in CPU time beyond its background (timers,
+    /// keep-alives, the firewall check), which both windows hold alike: the CPU time the
+    /// churning window took beyond the frozen one, over the updates it received beyond the
+    /// frozen one's (headscale passes on changes it held up behind a rebuild after the load
+    /// is frozen). None where the churning window received no more updates, or cost less.
     pub fn cpu_per_1000(&self, t: Target) -> Option<f64> {
         let d = self.get(t);
-        let events = self.churn_events.filter(|&n| n > 0)?;
-        Some((d.cpu_churning - d.cpu_quiet) * 1000.0 / events as f64).filter(|&c| c >= 0.0)
+        let more = d
+            .updates_churning
+            .checked_sub(d.updates_quiet)
+            .filter(|&n| n > 0)?;
+        Some((d.cpu_churning - d.cpu_quiet) * 1000.0 / more as f64).filter(|&c| c >= 0.0)
     }
 
     fn get_mut(&mut self, t: Target) -> &mut Daemon {
@@ -199,6 +221,85 @@ impl Step {
 pub struct Results {
     pub baseline: Step,
     pub steps: Vec<Step>,
+    /// How the machine's cores were shared out; none on a single core.
+    pub cores: Option<Cores>,
+}
+
+/// The machine's cores in two halves: `control` for headscale and the load (other machines in
+/// production), `nodes` for everything else.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cores {
+    pub control: Vec<usize>,
+    pub nodes: Vec<usize>,
+}
+
+impl Cores {
+    /// The cores this thread may run on, split; none where there is only one.
+    fn of_this_thread() -> Result<Option<Cores>> {
+        let set = sched_getaffinity(Pid::from_raw(0))?;
+        let allowed: Vec<usize> = (0..CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect();
+        Ok(Cores::split(&allowed))
+    }
+
+    fn split(allowed: &[usize]) -> Option<Cores> {
+        let half = allowed.len() / 2;
+        (half > 0).then(|| Cores {
+            control: allowed[..half].to_vec(),
+            nodes: allowed[half..].to_vec(),
+        })
+    }
+
+    fn set(cores: &[usize]) -> Result<CpuSet> {
+        let mut set = CpuSet::new();
+        for &c in cores {
+            set.set(c)?;
+        }
+        Ok(set)
+    }
+
+    /// Puts this thread, and so every process it starts from now on, on the `nodes` half.
+    fn take_nodes(&self) -> Result<()> {
+        sched_setaffinity(Pid::from_raw(0), &Self::set(&self.nodes)?)?;
+        Ok(())
+    }
+
+    /// Puts every thread of every process on `host` on the `control` half (threads they
+    /// start later inherit it).
+    fn give_control(&self, b: &Bench, host: &str) -> Result<()> {
+        let set = Self::set(&self.control)?;
+        for tid in tids(b, host) {
+            // A thread that ended meanwhile is no error.
+            let _ = sched_setaffinity(Pid::from_raw(tid), &set);
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        let list = |c: &[usize]| c.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        format!(
+            "headscale and the load on core {}, the daemons, the operator, iperf3 and ping on \
+             core {}",
+            list(&self.control),
+            list(&self.nodes)
+        )
+    }
+}
+
+/// Every thread of every process on `host`.
+fn tids(b: &Bench, host: &str) -> Vec<i32> {
+    let mut tids = vec![];
+    for pid in b.lab.host(host).ns().pids() {
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            tids.extend(
+                tasks
+                    .flatten()
+                    .filter_map(|t| t.file_name().to_str()?.parse::<i32>().ok()),
+            );
+        }
+    }
+    tids
 }
 
 /// Runs the whole benchmark on a lab of its own; `progress` gets a line per step.
@@ -207,7 +308,33 @@ pub fn measure(
     opts: &Options,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Results> {
+    let cores = Cores::of_this_thread()?;
+    let restore = sched_getaffinity(Pid::from_raw(0))?;
+    if let Some(c) = &cores {
+        c.take_nodes()?;
+    }
+    let r = measure_on(agent_bin, opts, cores.as_ref(), progress);
+    sched_setaffinity(Pid::from_raw(0), &restore)?;
+    r.map(|mut r| {
+        r.cores = cores;
+        r
+    })
+}
+
+fn measure_on(
+    agent_bin: &std::path::Path,
+    opts: &Options,
+    cores: Option<&Cores>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Results> {
     let mut b = Bench::start_with(agent_bin, &[LOAD_HOST])?;
+    match cores {
+        Some(c) => {
+            c.give_control(&b, crate::lab::CTL)?;
+            progress(&format!("cores: {}", c.describe()));
+        }
+        None => progress("cores: one only, shared by headscale and everything else"),
+    }
     progress(&format!(
         "lab up: vpn-agent {} on fw, tailscaled {} on ts, both direct from op",
         b.agent_ip, b.ts_ip
@@ -226,7 +353,7 @@ pub fn measure(
         CHURNING,
         CHURN_PER_SEC,
     )?;
-    renice(&b, LOAD_HOST)?;
+    to_background(&b, LOAD_HOST, cores)?;
     churn.wait("the churning nodes online", Duration::from_secs(120), |p| {
         p.registered_after_secs.is_some()
     })?;
@@ -240,7 +367,15 @@ pub fn measure(
             peers: size,
             ..Step::default()
         };
-        let res = step_to(&mut b, &churn, &mut step, size - peers, opts, progress);
+        let res = step_to(
+            &mut b,
+            &churn,
+            &mut step,
+            size - peers,
+            opts,
+            cores,
+            progress,
+        );
         peers = size;
         if let Err(e) = res {
             b.lab.keep_logs();
@@ -268,6 +403,7 @@ fn step_to(
     step: &mut Step,
     count: usize,
     opts: &Options,
+    cores: Option<&Cores>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<()> {
     if step.peers > opts.coming_and_going_up_to {
@@ -276,7 +412,7 @@ fn step_to(
         step.endpoints_only = true;
     }
     b.lab.signal(LOAD_HOST, &churn.log, Signal::SIGSTOP)?;
-    let frozen = grow_and_restart(b, step, count, progress);
+    let frozen = grow_and_restart(b, step, count, cores, progress);
     b.lab.signal(LOAD_HOST, &churn.log, Signal::SIGCONT)?;
     frozen?;
     for t in Target::BOTH {
@@ -334,10 +470,11 @@ fn grow_and_restart(
     b: &mut Bench,
     step: &mut Step,
     count: usize,
+    cores: Option<&Cores>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<()> {
     let size = step.peers;
-    grow(b, step, count, progress)?;
+    grow(b, step, count, cores, progress)?;
     // How long each takes to learn of the new nodes; then both are restarted, once that
     // is over, not into headscale's backlog.
     let seen = wait_peers(b, size, Duration::from_secs(180))?;
@@ -370,10 +507,16 @@ fn grow_and_restart(
 
 /// Registers `count` more nodes (never online), or seeds them when they are many
 /// ([`REGISTER_AT_MOST`]), and records the size of the first map.
-fn grow(b: &Bench, step: &mut Step, count: usize, progress: &mut dyn FnMut(&str)) -> Result<()> {
+fn grow(
+    b: &Bench,
+    step: &mut Step,
+    count: usize,
+    cores: Option<&Cores>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
     if count > REGISTER_AT_MOST {
         step.seeded = count;
-        return seed(b, step, progress);
+        return seed(b, step, cores, progress);
     }
     let name = format!("reg{}", step.peers);
     let load = Load::register(
@@ -384,7 +527,7 @@ fn grow(b: &Bench, step: &mut Step, count: usize, progress: &mut dyn FnMut(&str)
         count,
         REGISTER_PARALLEL,
     )?;
-    renice(b, LOAD_HOST)?;
+    to_background(b, LOAD_HOST, cores)?;
     let registered = load.wait(&format!("{count} nodes registered"), REGISTER_LIMIT, |p| {
         p.first_map_zstd_bytes.is_some() || p.errors > 0
     });
@@ -414,13 +557,21 @@ fn grow(b: &Bench, step: &mut Step, count: usize, progress: &mut dyn FnMut(&str)
 
 /// Writes `step.seeded` nodes into headscale's database, headscale stopped meanwhile. The
 /// daemons and the load lose their streams and come back as from a headscale restart.
-fn seed(b: &Bench, step: &Step, progress: &mut dyn FnMut(&str)) -> Result<()> {
+fn seed(
+    b: &Bench,
+    step: &Step,
+    cores: Option<&Cores>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
     let hs = b.lab.headscale();
     let started = Instant::now();
     b.lab.stop_headscale()?;
     // Copies of a node an earlier step registered.
     let seeded = hs.seed_nodes("reg%", &format!("seed{}", step.peers), step.seeded);
     b.lab.start_headscale_within(HEADSCALE_START_LIMIT)?;
+    if let Some(c) = cores {
+        c.give_control(b, crate::lab::CTL)?;
+    }
     seeded?;
     progress(&format!(
         "{} peers: {} nodes written into headscale's database, headscale back up after {:.0} s",
@@ -431,24 +582,19 @@ fn seed(b: &Bench, step: &Step, progress: &mut dyn FnMut(&str)) -> Result<()> {
     Ok(())
 }
 
-/// Every thread of every process on `host` to nice 19 (threads made later inherit it).
-fn renice(b: &Bench, host: &str) -> Result<()> {
-    let mut tids = vec![];
-    for pid in b.lab.host(host).ns().pids() {
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-            tids.extend(
-                tasks
-                    .flatten()
-                    .map(|t| t.file_name().to_string_lossy().into_owned()),
-            );
-        }
-    }
+/// Every thread of every process on `host` to nice 19, on headscale's cores (threads made
+/// later inherit both).
+fn to_background(b: &Bench, host: &str, cores: Option<&Cores>) -> Result<()> {
+    let tids = tids(b, host);
     if !tids.is_empty() {
         crate::cmd::run_quiet(
             std::process::Command::new("renice")
                 .args(["-n", "19", "-p"])
-                .args(&tids),
+                .args(tids.iter().map(i32::to_string)),
         )?;
+    }
+    if let Some(c) = cores {
+        c.give_control(b, host)?;
     }
     Ok(())
 }
@@ -569,14 +715,50 @@ fn wait_peers(b: &Bench, peers: usize, limit: Duration) -> Result<[(usize, Optio
     }
 }
 
-/// Both daemons' CPU time (seconds) over the same window of `secs`.
-fn cpu_window(b: &Bench, secs: u32) -> Result<[f64; 2]> {
+/// What both daemons did over one window.
+struct Window {
+    /// CPU time (seconds).
+    cpu: [f64; 2],
+    /// Map updates each received.
+    updates: [u64; 2],
+    /// The agent's own count over the window, with the longest apply since its start.
+    agent: MapUpdates,
+}
+
+/// Both daemons' CPU time and map updates over the same window of `secs`. The updates are
+/// read outside the CPU window: the agent's status holds every peer, and making it costs
+/// the agent CPU time.
+fn window(b: &Bench, secs: u32) -> Result<Window> {
     let tick = clock_ticks()?;
     let pids = [b.pid(Target::Agent)?, b.pid(Target::Tailscaled)?];
+    let (agent0, ts0) = map_updates(b)?;
     let cpu0 = [cpu_ticks(pids[0])?, cpu_ticks(pids[1])?];
     std::thread::sleep(Duration::from_secs(secs.into()));
     let cpu1 = [cpu_ticks(pids[0])?, cpu_ticks(pids[1])?];
-    Ok([0, 1].map(|i| (cpu1[i] - cpu0[i]) as f64 / tick))
+    let (agent1, ts1) = map_updates(b)?;
+    Ok(Window {
+        cpu: [0, 1].map(|i| (cpu1[i] - cpu0[i]) as f64 / tick),
+        updates: [
+            agent1.count.saturating_sub(agent0.count),
+            ts1.saturating_sub(ts0),
+        ],
+        agent: MapUpdates {
+            count: agent1.count.saturating_sub(agent0.count),
+            peers: agent1.peers.saturating_sub(agent0.peers),
+            apply_micros: agent1.apply_micros.saturating_sub(agent0.apply_micros),
+            apply_max_micros: agent1.apply_max_micros,
+        },
+    })
+}
+
+/// The map updates each daemon counted since its start: the agent's status, and tailscaled's
+/// client metric (absent until it first counts).
+fn map_updates(b: &Bench) -> Result<(MapUpdates, u64)> {
+    let status = agent_status(&b.lab, super::AGENT_HOST)?;
+    let agent: MapUpdates = serde_json::from_value(status["map_updates"].clone())?;
+    let metrics = crate::cmd::run_quiet(b.ts.cli().args(["debug", "metrics"]))?;
+    let ts = metric_value(&metrics, TS_MAP_UPDATES).unwrap_or(0.0) as u64;
+    Ok((agent, ts))
 }
 
 /// Both daemons' CPU time over one window of churn alone, and the churn events in it.
@@ -588,7 +770,7 @@ fn cpu_under_churn(
     progress: &mut dyn FnMut(&str),
 ) -> Result<()> {
     let p0 = churn.progress();
-    let cpu = cpu_window(b, step.window_secs(opts))?;
+    let w = window(b, step.window_secs(opts))?;
     let p = churn.progress();
     // What headscale fails is reported, not fatal: the daemons are measured under the
     // churn that did happen.
@@ -605,13 +787,27 @@ fn cpu_under_churn(
         ));
     }
     for (i, t) in Target::BOTH.into_iter().enumerate() {
-        step.get_mut(t).cpu_churning = cpu[i];
+        let d = step.get_mut(t);
+        d.cpu_churning = w.cpu[i];
+        d.updates_churning = w.updates[i];
         progress(&format!(
-            "{} peers: {t} used {:.2} s CPU in {} s of churn ({} changes)",
+            "{} peers: {t} used {:.2} s CPU in {} s of churn ({} changes from the load, {} map \
+             updates received)",
             step.peers,
-            cpu[i],
+            w.cpu[i],
             step.window_secs(opts),
-            step.churn_events.unwrap_or_default()
+            step.churn_events.unwrap_or_default(),
+            w.updates[i]
+        ));
+    }
+    let a = w.agent;
+    if a.count > 0 {
+        let mean = a.apply_micros as f64 / a.count as f64;
+        step.agent.apply_micros = Some((mean, a.apply_max_micros));
+        progress(&format!(
+            "{} peers: vpn-agent applied an update in {mean:.0} µs on average ({} peers named \
+             in all), {} µs at most since its start",
+            step.peers, a.peers, a.apply_max_micros
         ));
     }
     Ok(())
@@ -624,15 +820,20 @@ fn cpu_quiet(
     opts: &Options,
     progress: &mut dyn FnMut(&str),
 ) -> Result<()> {
-    let cpu = cpu_window(b, step.window_secs(opts))?;
+    let w = window(b, step.window_secs(opts))?;
     for (i, t) in Target::BOTH.into_iter().enumerate() {
-        step.get_mut(t).cpu_quiet = cpu[i];
+        let d = step.get_mut(t);
+        d.cpu_quiet = w.cpu[i];
+        d.updates_quiet = w.updates[i];
         progress(&format!(
-            "{} peers: {t} used {:.2} s CPU in {} s quiet; {:.2} s per 1000 changes beyond that",
+            "{} peers: {t} used {:.2} s CPU in {} s quiet ({} map updates received); {} per \
+             1000 updates beyond that",
             step.peers,
-            cpu[i],
+            w.cpu[i],
             step.window_secs(opts),
-            step.cpu_per_1000(t).unwrap_or_default()
+            w.updates[i],
+            step.cpu_per_1000(t)
+                .map_or("-".into(), |c| format!("{c:.2} s"))
         ));
     }
     Ok(())
@@ -695,12 +896,37 @@ fn rss(b: &Bench, step: &mut Step, progress: &mut dyn FnMut(&str)) -> Result<()>
 }
 
 impl Results {
+    /// Per size and daemon: the map updates each received in the CPU windows, their CPU
+    /// cost, and the agent's own time per update.
+    fn updates_table(&self) -> String {
+        let mut t = String::from(
+            "\n| peers | daemon | map updates, quiet / churning | CPU, quiet / churning | CPU per 1000 updates | update applied, mean / longest |\n\
+             |---|---|---|---|---|---|\n",
+        );
+        for s in self.steps.iter().filter(|s| s.churn_events.is_some()) {
+            for target in Target::BOTH {
+                let d = s.get(target);
+                let per = s
+                    .cpu_per_1000(target)
+                    .map_or("-".into(), |per| format!("{per:.2} s"));
+                let applied = d
+                    .apply_micros
+                    .map_or("-".into(), |(mean, max)| format!("{mean:.0} µs / {max} µs"));
+                t.push_str(&format!(
+                    "| {} | {target} | {} / {} | {:.2} s / {:.2} s | {per} | {applied} |\n",
+                    s.peers, d.updates_quiet, d.updates_churning, d.cpu_quiet, d.cpu_churning,
+                ));
+            }
+        }
+        t
+    }
+
     /// The README tables: the control side per size and daemon, then the data plane against
     /// the same daemon with only two peers.
     pub fn table(&self) -> String {
         let mut t = String::from(
-            "| peers | first map (zstd / JSON) | daemon | new nodes listed | start → Running | first map → applied | peak RSS | CPU, quiet / churning | CPU per 1000 changes |\n\
-             |---|---|---|---|---|---|---|---|---|\n",
+            "| peers | first map (zstd / JSON) | daemon | new nodes listed | start → Running | first map → applied | peak RSS |\n\
+             |---|---|---|---|---|---|---|\n",
         );
         for s in std::iter::once(&self.baseline).chain(&self.steps) {
             let is_base = std::ptr::eq(s, &self.baseline);
@@ -733,14 +959,6 @@ impl Results {
                             }),
                     )
                 };
-                let cpu = if s.churn_events.is_some_and(|n| n > 0) {
-                    format!("{:.2} s / {:.2} s", d.cpu_quiet, d.cpu_churning)
-                } else {
-                    "-".into()
-                };
-                let per = s
-                    .cpu_per_1000(target)
-                    .map_or("-".into(), |per| format!("{per:.2} s"));
                 let applied = d
                     .first_map_applied
                     .map_or("-".into(), |a| format!("{} ms", a.as_millis()));
@@ -750,11 +968,12 @@ impl Results {
                     "-".into()
                 };
                 t.push_str(&format!(
-                    "| {} | {map} | {target} | {listed} | {running} | {applied} | {rss} | {cpu} | {per} |\n",
+                    "| {} | {map} | {target} | {listed} | {running} | {applied} | {rss} |\n",
                     s.peers,
                 ));
             }
         }
+        t.push_str(&self.updates_table());
         t.push_str(
             "\n| peers | daemon | ping avg, quiet / churning | op sends, quiet / churning | daemon sends, quiet / churning |\n\
              |---|---|---|---|---|\n",
@@ -792,6 +1011,12 @@ impl Results {
                     ),
                 ));
             }
+        }
+        if let Some(c) = &self.cores {
+            t.push_str(&format!(
+                "\nCores: {} (for the 2-peer figures too).\n",
+                c.describe()
+            ));
         }
         for s in self.steps.iter().filter(|s| s.seeded > 0) {
             t.push_str(&format!(
@@ -868,17 +1093,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_frozen_window_that_cost_more_than_the_churn_gives_no_cost_per_change() {
+    fn the_cost_per_update_counts_the_updates_the_daemon_received_not_the_loads_events() {
         let mut s = Step {
             churn_events: Some(95),
             agent: daemon(1.0, 1, 1.0),
             ..Step::default()
         };
+        // At 5 000 (run of 189ae27) headscale passed on in the frozen window what it had
+        // held up: more updates there, and more CPU.
         s.agent.cpu_churning = 0.37;
         s.agent.cpu_quiet = 0.59;
+        (s.agent.updates_churning, s.agent.updates_quiet) = (4, 6);
         assert_eq!(s.cpu_per_1000(Target::Agent), None);
-        s.agent.cpu_quiet = 0.18;
+        (s.agent.updates_churning, s.agent.updates_quiet) = (6, 6);
+        assert_eq!(s.cpu_per_1000(Target::Agent), None, "no more updates");
+        (s.agent.updates_churning, s.agent.updates_quiet) = (110, 10);
+        assert_eq!(s.cpu_per_1000(Target::Agent), None, "cost less");
+        s.agent.cpu_quiet = 0.17;
         assert!((s.cpu_per_1000(Target::Agent).unwrap() - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn cores_split_in_halves_and_one_core_is_not_split() {
+        assert_eq!(Cores::split(&[3]), None);
+        assert_eq!(
+            Cores::split(&[0, 1]),
+            Some(Cores {
+                control: vec![0],
+                nodes: vec![1]
+            })
+        );
+        let c = Cores::split(&[0, 2, 4, 6, 7]).unwrap();
+        assert_eq!((c.control, c.nodes), (vec![0, 2], vec![4, 6, 7]));
     }
 
     fn daemon(running: f64, rss: u64, gbit: f64) -> Daemon {
@@ -898,6 +1144,9 @@ mod tests {
             peak_rss_kib: rss,
             cpu_churning: 1.5,
             cpu_quiet: 0.5,
+            updates_churning: 260,
+            updates_quiet: 10,
+            apply_micros: None,
             quiet: t(gbit),
             churning: t(gbit / 2.0),
         }
@@ -921,12 +1170,19 @@ mod tests {
                 peer_map_rebuilds: Some((3, 114.0)),
                 churn_errors: 3,
                 churn_error: Some("churn-7: control: no answer within 30s".into()),
-                agent: daemon(1.25, 40960, 1.9),
+                agent: Daemon {
+                    apply_micros: Some((42.2, 310)),
+                    ..daemon(1.25, 40960, 1.9)
+                },
                 tailscaled: daemon(3.5, 409600, 1.0),
                 restarted: true,
                 seeded: 4898,
                 failed: None,
             }],
+            cores: Some(Cores {
+                control: vec![0],
+                nodes: vec![1],
+            }),
         };
         let mut stopped = Step {
             peers: 10000,
@@ -956,12 +1212,12 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("| 5000 | 0.70 MB / 3.75 MB | vpn-agent | all within 3 s | 1.25 s | - | 40.0 MiB | - | - |"),
+            t.contains("| 5000 | 0.70 MB / 3.75 MB | vpn-agent | all within 3 s | 1.25 s | - | 40.0 MiB |\n"),
             "{t}"
         );
         let t = r.table();
         assert!(
-            t.contains("| 10000 | 0.00 MB / 0.00 MB | tailscaled | 4000 of 10000 after 180 s | not within 300 s | - | - | - | - |"),
+            t.contains("| 10000 | 0.00 MB / 0.00 MB | tailscaled | 4000 of 10000 after 180 s | not within 300 s | - | - |\n"),
             "{t}"
         );
         assert!(
@@ -987,11 +1243,28 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("| 5000 | 0.70 MB / 3.75 MB | vpn-agent | all within 3 s | 1.25 s | - | 40.0 MiB | 0.50 s / 1.50 s | 4.00 s |"),
+            t.contains(
+                "| 5000 | vpn-agent | 10 / 260 | 0.50 s / 1.50 s | 4.00 s | 42 µs / 310 µs |"
+            ),
             "{t}"
         );
         assert!(
-            t.contains("| 2 | - | tailscaled | - | - | - | 100.0 MiB | - | - |"),
+            t.contains("| 5000 | tailscaled | 10 / 260 | 0.50 s / 1.50 s | 4.00 s | - |"),
+            "{t}"
+        );
+        assert!(
+            !t.contains("| 10000 | vpn-agent | 0 / 0"),
+            "no CPU windows at 10000: {t}"
+        );
+        assert!(
+            t.contains("| 2 | - | tailscaled | - | - | - | 100.0 MiB |\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "Cores: headscale and the load on core 0, the daemons, the operator, iperf3 and \
+                 ping on core 1 (for the 2-peer figures too)."
+            ),
             "{t}"
         );
         assert!(
