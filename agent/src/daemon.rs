@@ -994,19 +994,20 @@ impl Daemon {
                 t.set_routes(&routes).await;
             }
         }
-        // A peer that came or went changes the count systemd's status line shows: rebuilt
-        // now (rare). A patch only marks the list for the next client that asks.
-        if self.status.lock().expect("status lock").peers.len() != self.netmap.peers.len() {
-            self.publish_peer_status();
-        } else {
-            self.peer_list.mark();
+        self.peer_list.mark();
+        let count = self.netmap.peers.len();
+        if self.status.lock().expect("status lock").peer_count != count {
+            self.set(|s| s.peer_count = count);
         }
     }
 
     /// The peer list of `vpn-agent status`, from the netmap as it is now.
     fn publish_peer_status(&mut self) {
         let peers = self.peer_status(std::time::SystemTime::now());
-        self.set(|s| s.peers = peers);
+        self.set(|s| {
+            s.peer_count = peers.len();
+            s.peers = peers;
+        });
         self.peer_list.rebuilt();
     }
 

@@ -67,6 +67,9 @@ pub struct Status {
     /// The map updates applied since the agent started.
     #[serde(default)]
     pub map_updates: MapUpdates,
+    /// Peers in the netmap, kept current; `peers` is rebuilt only for a client.
+    #[serde(default)]
+    pub peer_count: usize,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -112,7 +115,7 @@ impl Status {
             ),
             None => String::new(),
         };
-        let peers = match self.peers.len() {
+        let peers = match self.peer_count {
             1 => "1 peer".to_string(),
             n => format!("{n} peers"),
         };
@@ -411,6 +414,7 @@ mod tests {
             self_addresses: vec!["fd7a::1/128".into(), "100.64.0.2/32".into()],
             control_connected: true,
             last_contact: Some(100),
+            peer_count: 1,
             peers: vec![PeerStatus {
                 name: "op.mesh.vdc.test.".into(),
                 addresses: vec!["100.64.0.1/32".into()],

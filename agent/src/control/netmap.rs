@@ -27,9 +27,11 @@ pub struct Changes {
     pub removed_peers: Vec<Node>,
     /// Node keys no peer has any more: those of removed peers, and those a peer replaced.
     pub stale_keys: Vec<String>,
-    /// A peer's `AllowedIPs` (the routes it serves) may have changed.
+    /// A peer's subnet routes (`AllowedIPs` beyond its own addresses) may have changed. A
+    /// peer with none that comes or goes leaves the kernel's routes as they are, so that
+    /// adding a peer does not look at every other one for them.
     pub routes_changed: bool,
-    /// A key expiry may have changed, or a peer with one came or went.
+    /// A key expiry changed, or a peer with one came or went.
     pub expiry_changed: bool,
     pub derp_changed: bool,
     pub filter_changed: bool,
@@ -88,24 +90,28 @@ impl Netmap {
                 let id = p.id;
                 let old = self.peers.insert(id, p);
                 let new = &self.peers[&id];
-                if old
+                let (old_subnets, old_expiry) = old
                     .as_ref()
-                    .is_none_or(|o| o.allowed_ips != new.allowed_ips)
+                    .map_or((false, None), |o| (serves_subnets(o), key_expiry(o)));
+                if (old_subnets || serves_subnets(new))
+                    && old
+                        .as_ref()
+                        .is_none_or(|o| o.allowed_ips != new.allowed_ips)
                 {
                     c.routes_changed = true;
                 }
+                c.expiry_changed |= old_expiry != key_expiry(new);
                 if let Some(o) = old
                     && o.key != new.key
                 {
                     c.stale_keys.push(o.key);
                 }
-                c.expiry_changed = true;
                 c.changed_peers.push(id);
             }
             for id in r.peers_removed {
                 if let Some(old) = self.peers.remove(&id) {
-                    c.routes_changed |= !old.allowed_ips.is_empty();
-                    c.expiry_changed = true;
+                    c.routes_changed |= serves_subnets(&old);
+                    c.expiry_changed |= key_expiry(&old).is_some();
                     c.removed_peers.push(old);
                 }
             }
@@ -236,6 +242,13 @@ pub fn key_expiry(node: &Node) -> Option<SystemTime> {
     }
     let text = node.key_expiry.as_deref()?;
     parse_time(text).filter(|t| *t > SystemTime::UNIX_EPOCH)
+}
+
+/// Whether `node` serves routes beyond its own addresses (a subnet router, an exit node).
+pub fn serves_subnets(node: &Node) -> bool {
+    node.allowed_ips
+        .iter()
+        .any(|ip| !node.addresses.contains(ip))
 }
 
 /// Whether `node`'s key has expired at `now`.
@@ -411,6 +424,19 @@ mod tests {
             r#"{"PeersChanged":[{"ID":2,"AllowedIPs":["100.64.0.2/32","198.51.100.0/24"]}]}"#,
         ));
         assert!(!c.routes_changed);
+        // A peer with nothing but its own addresses comes and goes: no route, no expiry to
+        // look at again (adding a peer does not scan the others).
+        let plain = r#"{"PeersChanged":[{"ID":9,"Addresses":["100.64.0.9/32"],"AllowedIPs":["100.64.0.9/32"]}]}"#;
+        let c = m.apply(resp(plain));
+        assert!(!c.routes_changed && !c.expiry_changed, "{c:?}");
+        let c = m.apply(resp(r#"{"PeersRemoved":[9]}"#));
+        assert!(!c.routes_changed && !c.expiry_changed, "{c:?}");
+        let c = m.apply(resp(
+            r#"{"PeersChanged":[{"ID":9,"AllowedIPs":["100.64.0.9/32"],"KeyExpiry":"2026-12-01T23:00:00Z"}]}"#,
+        ));
+        assert!(c.expiry_changed, "a new peer with an expiry: {c:?}");
+        let c = m.apply(resp(r#"{"PeersRemoved":[9]}"#));
+        assert!(c.expiry_changed, "a peer with an expiry gone: {c:?}");
         // A new node key: the old one is stale, for the data plane to drop.
         m.apply(resp(r#"{"PeersChanged":[{"ID":3,"Key":"nodekey:01"}]}"#));
         let c = m.apply(resp(
