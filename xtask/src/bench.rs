@@ -278,6 +278,7 @@ fn scale(sizes: Vec<usize>) -> Result<()> {
             sizes,
             churn_secs: 10,
             iperf_secs: 3,
+            iperf_reps: 1,
             pings: 20,
         };
     }
@@ -294,8 +295,8 @@ fn scale(sizes: Vec<usize>) -> Result<()> {
         &format!(
             "Measured by `cargo xtask bench scale` on {}, {} (vpn-agent release build of {}, \
              tailscale {}, headscale {}; {} of the nodes change {} times a second, frozen while \
-             nodes register and the daemons restart; CPU over {} s of churn alone; iperf3 {} s \
-             per direction):\n\n{table}",
+             nodes register and the daemons restart; CPU over {} s of churn alone; iperf3: the \
+             median of {} runs of {} s per direction):\n\n{table}",
             machine(),
             vdc::bench::today(),
             built_from,
@@ -304,6 +305,7 @@ fn scale(sizes: Vec<usize>) -> Result<()> {
             vdc::bench::scale::CHURNING,
             vdc::bench::scale::CHURN_PER_SEC,
             opts.churn_secs,
+            opts.iperf_reps,
             opts.iperf_secs,
         ),
     )
