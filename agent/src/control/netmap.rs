@@ -19,6 +19,10 @@ pub struct Netmap {
 #[derive(Debug, Default, PartialEq)]
 pub struct Changes {
     pub self_changed: bool,
+    /// Our own node is new, or its key expiry changed: what every peer's use depends on (an
+    /// expired key of ours stops them all). Other changes to our node (its endpoints, as
+    /// headscale echoes them) leave the peers as they are.
+    pub self_key_changed: bool,
     /// The peer set may have changed as a whole (a full peer list, a map from the cache).
     pub all_peers: bool,
     /// Peers added or changed, by node id, each once.
@@ -42,6 +46,7 @@ impl Changes {
     pub fn everything(m: &Netmap) -> Changes {
         Changes {
             self_changed: true,
+            self_key_changed: true,
             all_peers: true,
             changed_peers: m.peers.keys().copied().collect(),
             removed_peers: vec![],
@@ -66,9 +71,12 @@ impl Netmap {
         if let Some(n) = r.node
             && self.self_node.as_ref() != Some(&n)
         {
-            self.self_node = Some(n);
+            let old = self.self_node.replace(n);
+            c.self_key_changed = old
+                .as_ref()
+                .is_none_or(|o| key_expiry(o) != self.self_node.as_ref().and_then(key_expiry));
             c.self_changed = true;
-            c.expiry_changed = true;
+            c.expiry_changed = c.self_key_changed;
         }
         if let Some(d) = r.derp_map
             && d != self.derp_map
@@ -191,6 +199,8 @@ impl Netmap {
         self.drop_live_keys(&mut stale_keys);
         Changes {
             self_changed: self.self_node != old.self_node,
+            self_key_changed: old.self_node.as_ref().and_then(key_expiry)
+                != self.self_node.as_ref().and_then(key_expiry),
             all_peers: true,
             changed_peers,
             removed_peers: old.peers.into_values().collect(),
@@ -336,7 +346,19 @@ mod tests {
             "DERPMap":{"Regions":{"999":{"RegionID":999,"RegionCode":"headscale","Nodes":[{"Name":"999","RegionID":999,"HostName":"192.0.2.1","DERPPort":443,"STUNPort":3478}]}}},
             "Peers":[{"ID":2,"Key":"nodekey:aa","Endpoints":null,"Online":true},{"ID":3}],
             "PacketFilters":{"base":[{"SrcIPs":["*"]}]}, "SomethingNew": 1}"#));
-        assert!(c.self_changed && c.derp_changed && c.filter_changed);
+        assert!(c.self_changed && c.self_key_changed && c.derp_changed && c.filter_changed);
+        // headscale echoes our own endpoints: our node changed, our key did not.
+        let c = m.apply(resp(
+            r#"{"Node":{"ID":1,"Addresses":["100.64.0.1/32","fd7a:115c:a1e0::1/128"],"Endpoints":["192.0.2.11:41641"]}}"#,
+        ));
+        assert!(
+            c.self_changed && !c.self_key_changed && !c.expiry_changed,
+            "{c:?}"
+        );
+        let c = m.apply(resp(
+            r#"{"Node":{"ID":1,"Addresses":["100.64.0.1/32","fd7a:115c:a1e0::1/128"],"Endpoints":["192.0.2.11:41641"],"KeyExpiry":"2026-12-01T23:00:00Z"}}"#,
+        ));
+        assert!(c.self_key_changed && c.expiry_changed, "{c:?}");
         assert_eq!(
             m.addresses(),
             vec!["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]

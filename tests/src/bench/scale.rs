@@ -229,12 +229,19 @@ pub struct Results {
 }
 
 /// The machine's cores in two halves: `control` for headscale and the load (other machines in
-/// production), `nodes` for everything else.
+/// production), `nodes` for everything else, while anything is measured; all of them for all
+/// while nodes register and the daemons restart. On one core of two, headscale (v0.28) took
+/// over 120 s for a first map at 5 000 nodes, and the operator's restarted tailscaled gave up
+/// on it (its watchdog) twice in the 300 s it had (run of 49b32d0).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cores {
     pub control: Vec<usize>,
     pub nodes: Vec<usize>,
 }
+
+/// The hosts on the `control` half; the others are on `nodes`.
+const CONTROL_HOSTS: [&str; 2] = [crate::lab::CTL, LOAD_HOST];
+const NODE_HOSTS: [&str; 3] = [super::AGENT_HOST, super::TS_HOST, super::OP_HOST];
 
 impl Cores {
     /// The cores this thread may run on, split; none where there is only one.
@@ -262,20 +269,25 @@ impl Cores {
         Ok(set)
     }
 
-    /// Puts this thread, and so every process it starts from now on, on the `nodes` half.
-    fn take_nodes(&self) -> Result<()> {
-        sched_setaffinity(Pid::from_raw(0), &Self::set(&self.nodes)?)?;
+    /// Every process of the lab on its half, and this thread (which starts iperf3 and ping)
+    /// on `nodes`. Threads made later inherit their creator's.
+    fn split_up(&self, b: &Bench) -> Result<()> {
+        let (control, nodes) = (Self::set(&self.control)?, Self::set(&self.nodes)?);
+        CONTROL_HOSTS.iter().for_each(|h| pin(b, h, &control));
+        NODE_HOSTS.iter().for_each(|h| pin(b, h, &nodes));
+        sched_setaffinity(Pid::from_raw(0), &nodes)?;
         Ok(())
     }
 
-    /// Puts every thread of every process on `host` on the `control` half (threads they
-    /// start later inherit it).
-    fn give_control(&self, b: &Bench, host: &str) -> Result<()> {
-        let set = Self::set(&self.control)?;
-        for tid in tids(b, host) {
-            // A thread that ended meanwhile is no error.
-            let _ = sched_setaffinity(Pid::from_raw(tid), &set);
-        }
+    /// Every process of the lab, and this thread, on all the cores.
+    fn share(&self, b: &Bench) -> Result<()> {
+        let all: Vec<usize> = self.control.iter().chain(&self.nodes).copied().collect();
+        let all = Self::set(&all)?;
+        CONTROL_HOSTS
+            .iter()
+            .chain(&NODE_HOSTS)
+            .for_each(|h| pin(b, h, &all));
+        sched_setaffinity(Pid::from_raw(0), &all)?;
         Ok(())
     }
 
@@ -283,10 +295,19 @@ impl Cores {
         let list = |c: &[usize]| c.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
         format!(
             "headscale and the load on core {}, the daemons, the operator, iperf3 and ping on \
-             core {}",
+             core {} while anything is measured; all cores for all while nodes register and \
+             the daemons restart",
             list(&self.control),
             list(&self.nodes)
         )
+    }
+}
+
+/// Every thread of every process on `host` to `cores`.
+fn pin(b: &Bench, host: &str, cores: &CpuSet) {
+    for tid in tids(b, host) {
+        // A thread that ended meanwhile is no error.
+        let _ = sched_setaffinity(Pid::from_raw(tid), cores);
     }
 }
 
@@ -313,9 +334,6 @@ pub fn measure(
 ) -> Result<Results> {
     let cores = Cores::of_this_thread()?;
     let restore = sched_getaffinity(Pid::from_raw(0))?;
-    if let Some(c) = &cores {
-        c.take_nodes()?;
-    }
     let r = measure_on(agent_bin, opts, cores.as_ref(), progress);
     sched_setaffinity(Pid::from_raw(0), &restore)?;
     r.map(|mut r| {
@@ -333,7 +351,7 @@ fn measure_on(
     let mut b = Bench::start_with(agent_bin, &[LOAD_HOST])?;
     match cores {
         Some(c) => {
-            c.give_control(&b, crate::lab::CTL)?;
+            c.split_up(&b)?;
             progress(&format!("cores: {}", c.describe()));
         }
         None => progress("cores: one only, shared by headscale and everything else"),
@@ -356,7 +374,10 @@ fn measure_on(
         CHURNING,
         CHURN_PER_SEC,
     )?;
-    to_background(&b, LOAD_HOST, cores)?;
+    to_background(&b, LOAD_HOST)?;
+    if let Some(c) = cores {
+        c.split_up(&b)?;
+    }
     churn.wait("the churning nodes online", Duration::from_secs(120), |p| {
         p.registered_after_secs.is_some()
     })?;
@@ -415,7 +436,13 @@ fn step_to(
         step.endpoints_only = true;
     }
     b.lab.signal(LOAD_HOST, &churn.log, Signal::SIGSTOP)?;
-    let frozen = grow_and_restart(b, step, count, cores, progress);
+    if let Some(c) = cores {
+        c.share(b)?;
+    }
+    let frozen = grow_and_restart(b, step, count, progress);
+    if let Some(c) = cores {
+        c.split_up(b)?;
+    }
     b.lab.signal(LOAD_HOST, &churn.log, Signal::SIGCONT)?;
     frozen?;
     for t in Target::BOTH {
@@ -473,11 +500,10 @@ fn grow_and_restart(
     b: &mut Bench,
     step: &mut Step,
     count: usize,
-    cores: Option<&Cores>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<()> {
     let size = step.peers;
-    grow(b, step, count, cores, progress)?;
+    grow(b, step, count, progress)?;
     // How long each takes to learn of the new nodes; then both are restarted, once that
     // is over, not into headscale's backlog.
     let seen = wait_peers(b, size, Duration::from_secs(180))?;
@@ -510,16 +536,10 @@ fn grow_and_restart(
 
 /// Registers `count` more nodes (never online), or seeds them when they are many
 /// ([`REGISTER_AT_MOST`]), and records the size of the first map.
-fn grow(
-    b: &Bench,
-    step: &mut Step,
-    count: usize,
-    cores: Option<&Cores>,
-    progress: &mut dyn FnMut(&str),
-) -> Result<()> {
+fn grow(b: &Bench, step: &mut Step, count: usize, progress: &mut dyn FnMut(&str)) -> Result<()> {
     if count > REGISTER_AT_MOST {
         step.seeded = count;
-        return seed(b, step, cores, progress);
+        return seed(b, step, progress);
     }
     let name = format!("reg{}", step.peers);
     let load = Load::register(
@@ -530,7 +550,7 @@ fn grow(
         count,
         REGISTER_PARALLEL,
     )?;
-    to_background(b, LOAD_HOST, cores)?;
+    to_background(b, LOAD_HOST)?;
     let registered = load.wait(&format!("{count} nodes registered"), REGISTER_LIMIT, |p| {
         p.first_map_zstd_bytes.is_some() || p.errors > 0
     });
@@ -560,21 +580,13 @@ fn grow(
 
 /// Writes `step.seeded` nodes into headscale's database, headscale stopped meanwhile. The
 /// daemons and the load lose their streams and come back as from a headscale restart.
-fn seed(
-    b: &Bench,
-    step: &Step,
-    cores: Option<&Cores>,
-    progress: &mut dyn FnMut(&str),
-) -> Result<()> {
+fn seed(b: &Bench, step: &Step, progress: &mut dyn FnMut(&str)) -> Result<()> {
     let hs = b.lab.headscale();
     let started = Instant::now();
     b.lab.stop_headscale()?;
     // Copies of a node an earlier step registered.
     let seeded = hs.seed_nodes("reg%", &format!("seed{}", step.peers), step.seeded);
     b.lab.start_headscale_within(HEADSCALE_START_LIMIT)?;
-    if let Some(c) = cores {
-        c.give_control(b, crate::lab::CTL)?;
-    }
     seeded?;
     progress(&format!(
         "{} peers: {} nodes written into headscale's database, headscale back up after {:.0} s",
@@ -585,9 +597,8 @@ fn seed(
     Ok(())
 }
 
-/// Every thread of every process on `host` to nice 19, on headscale's cores (threads made
-/// later inherit both).
-fn to_background(b: &Bench, host: &str, cores: Option<&Cores>) -> Result<()> {
+/// Every thread of every process on `host` to nice 19 (threads made later inherit it).
+fn to_background(b: &Bench, host: &str) -> Result<()> {
     let tids = tids(b, host);
     if !tids.is_empty() {
         crate::cmd::run_quiet(
@@ -595,9 +606,6 @@ fn to_background(b: &Bench, host: &str, cores: Option<&Cores>) -> Result<()> {
                 .args(["-n", "19", "-p"])
                 .args(tids.iter().map(i32::to_string)),
         )?;
-    }
-    if let Some(c) = cores {
-        c.give_control(b, host)?;
     }
     Ok(())
 }
@@ -1017,7 +1025,7 @@ impl Results {
         }
         if let Some(c) = &self.cores {
             t.push_str(&format!(
-                "\nCores: {} (for the 2-peer figures too).\n",
+                "\nCores: {}; the 2-peer figures too.\n",
                 c.describe()
             ));
         }
@@ -1266,7 +1274,8 @@ mod tests {
         assert!(
             t.contains(
                 "Cores: headscale and the load on core 0, the daemons, the operator, iperf3 and \
-                 ping on core 1 (for the 2-peer figures too)."
+                 ping on core 1 while anything is measured; all cores for all while nodes \
+                 register and the daemons restart; the 2-peer figures too."
             ),
             "{t}"
         );
