@@ -139,6 +139,8 @@ pub struct Daemon {
     /// each of those windows, as it counts them.
     pub updates_churning: u64,
     pub updates_quiet: u64,
+    /// Whether the frozen window ran (a run that stopped before it has none).
+    pub quiet_measured: bool,
     /// The agent's own time from an update decoded to applied, over the churning window:
     /// mean, and the longest since its restart at this size (µs).
     pub apply_micros: Option<(f64, u64)>,
@@ -197,6 +199,9 @@ impl Step {
     /// is frozen). None where the churning window received no more updates, or cost less.
     pub fn cpu_per_1000(&self, t: Target) -> Option<f64> {
         let d = self.get(t);
+        if !d.quiet_measured {
+            return None;
+        }
         let more = d
             .updates_churning
             .checked_sub(d.updates_quiet)
@@ -836,6 +841,7 @@ fn cpu_quiet(
         let d = step.get_mut(t);
         d.cpu_quiet = w.cpu[i];
         d.updates_quiet = w.updates[i];
+        d.quiet_measured = true;
         progress(&format!(
             "{} peers: {t} used {:.2} s CPU in {} s quiet ({} map updates received); {} per \
              1000 updates beyond that",
@@ -923,9 +929,14 @@ impl Results {
                 let applied = d
                     .apply_micros
                     .map_or("-".into(), |(mean, max)| format!("{mean:.0} µs / {max} µs"));
+                let (updates_quiet, cpu_quiet) = if d.quiet_measured {
+                    (d.updates_quiet.to_string(), format!("{:.2} s", d.cpu_quiet))
+                } else {
+                    ("-".into(), "-".into())
+                };
                 t.push_str(&format!(
-                    "| {} | {target} | {} / {} | {:.2} s / {:.2} s | {per} | {applied} |\n",
-                    s.peers, d.updates_quiet, d.updates_churning, d.cpu_quiet, d.cpu_churning,
+                    "| {} | {target} | {updates_quiet} / {} | {cpu_quiet} / {:.2} s | {per} | {applied} |\n",
+                    s.peers, d.updates_churning, d.cpu_churning,
                 ));
             }
         }
@@ -1122,6 +1133,9 @@ mod tests {
         assert_eq!(s.cpu_per_1000(Target::Agent), None, "cost less");
         s.agent.cpu_quiet = 0.17;
         assert!((s.cpu_per_1000(Target::Agent).unwrap() - 2.0).abs() < 1e-9);
+        // A run that stopped before the frozen window (c3dd0d9 at 5 000) has no cost.
+        s.agent.quiet_measured = false;
+        assert_eq!(s.cpu_per_1000(Target::Agent), None);
     }
 
     #[test]
@@ -1157,6 +1171,7 @@ mod tests {
             cpu_quiet: 0.5,
             updates_churning: 260,
             updates_quiet: 10,
+            quiet_measured: true,
             apply_micros: None,
             quiet: t(gbit),
             churning: t(gbit / 2.0),
