@@ -557,6 +557,11 @@ impl Body {
         Ok(self.buf)
     }
 
+    /// One message of this stream, as [`decode_map_message`] does it.
+    pub fn decode(&mut self, raw: &[u8]) -> Result<MapResponse> {
+        decode_capped(raw, MAX_MAP_MESSAGE, &mut self.zstd)
+    }
+
     /// The next length-prefixed (u32 little-endian) map message, zstd-decoded.
     pub async fn next_message(&mut self) -> Result<Option<MapResponse>> {
         match self.next_raw_message().await? {
@@ -584,13 +589,6 @@ impl Body {
                 return Ok(None);
             }
         }
-    }
-}
-
-impl Body {
-    /// One message of this stream, as [`decode_map_message`] does it.
-    pub fn decode(&mut self, raw: &[u8]) -> Result<MapResponse> {
-        decode_capped(raw, MAX_MAP_MESSAGE, &mut self.zstd)
     }
 }
 
