@@ -3,9 +3,10 @@
 //! it to the netmap and the data plane), and one `PeersChangedPatch` (a peer's endpoints,
 //! as headscale sends when a node moves or comes and goes) applied the way the agent does
 //! now (only the named peer) and the way it did before (every peer handed to the data plane
-//! again), and one data-plane tick (timers, path discovery) with every peer idle; and the
-//! heap the netmap and the data plane hold for the N peers, and their peak while the first
-//! map is decoded and applied. Prints one JSON object per N on stdout.
+//! again), and one data-plane tick (timers, path discovery) with every peer idle; one write
+//! of the netmap cache (encoded and written to a temporary directory); and the heap the
+//! netmap and the data plane hold for the N peers, and their peak while the first map is
+//! decoded and applied. Prints one JSON object per N on stdout.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -166,6 +167,20 @@ fn main() {
             out.clear();
             e.tick(t0 + Duration::from_millis(250 * i as u64), &mut out);
         });
+        let dir = std::env::temp_dir().join(format!("patch-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cache_encode = median(20, |_| {
+            std::hint::black_box(vpn_agent::control::cache::encode(
+                &netmap,
+                "nodekey:00",
+                now,
+            ));
+        });
+        let bytes = vpn_agent::control::cache::encode(&netmap, "nodekey:00", now);
+        let cache_save = median(20, |_| {
+            vpn_agent::control::cache::save(&dir, &bytes).unwrap();
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
         let full = median(runs.min(200), |i| {
             netmap.apply(patch(i));
             e.set_peers(all_infos(&netmap, now));
@@ -180,6 +195,9 @@ fn main() {
                 "patch_us": incremental.as_secs_f64() * 1e6,
                 "patch_full_refresh_us": full.as_secs_f64() * 1e6,
                 "tick_us": tick.as_secs_f64() * 1e6,
+                "cache_bytes": bytes.len(),
+                "cache_encode_ms": cache_encode.as_secs_f64() * 1e3,
+                "cache_save_ms": cache_save.as_secs_f64() * 1e3,
                 "heap_held_bytes": held,
                 "heap_peak_bytes": peak,
             })

@@ -100,8 +100,13 @@ struct FirstMap {
 /// How often we ask control, with an endpoint update, whether it still knows us.
 const CONTROL_CHECK: Duration = Duration::from_secs(60);
 
-/// How often a changed netmap is written to the cache at most.
+/// How soon a lasting change of the netmap (see [`Changes::lasting`]) is in the cache.
 const CACHE_FLUSH: Duration = Duration::from_secs(5);
+
+/// How soon a change of peers' whereabouts alone is: under churn they change all the time,
+/// and at 5 000 peers each write of the cache cost 8 ms of CPU (bench patch), most of the
+/// agent's CPU under churn. A restart finds moved peers again through disco and DERP.
+const CACHE_FLUSH_WHEREABOUTS: Duration = Duration::from_secs(300);
 
 /// A session whose map stream was open this long was healthy: the next failure starts the
 /// backoff afresh.
@@ -626,9 +631,9 @@ impl Daemon {
         let mut refresh = tokio::time::interval(ENDPOINT_REFRESH);
         let mut check =
             tokio::time::interval_at(tokio::time::Instant::now() + CONTROL_CHECK, CONTROL_CHECK);
-        let mut flush = tokio::time::interval(CACHE_FLUSH);
         let mut peer_list_asked = self.peer_list.asked();
-        let mut cache_dirty = false;
+        // When the netmap is next written to the cache; none while the cache holds it.
+        let mut cache_due: Option<tokio::time::Instant> = None;
         // When to open a new stream for a full map (see `needs_self_node`).
         let mut resync: Option<tokio::time::Instant> = None;
         let mut last_resync = tokio::time::Instant::now();
@@ -669,11 +674,11 @@ impl Daemon {
                         let applying = std::time::Instant::now();
                         let c = self.netmap.apply(msg);
                         let named = c.changed_peers.len() + c.removed_peers.len();
+                        cache_due = cache_due_after(cache_due, c.lasting);
                         self.apply_changes(c).await?;
                         let took = applying.elapsed();
                         self.set(|s| s.map_updates.record(named, took));
                         self.answer_ping(ping);
-                        cache_dirty = true;
                     }
                 }
                 r = ended.wait_for(Option::is_some) => {
@@ -720,8 +725,8 @@ impl Daemon {
                 }
                 _ = refresh.tick() => self.refresh_endpoints().await,
                 Ok(()) = peer_list_asked.changed() => self.publish_peer_status_if_stale(),
-                _ = flush.tick(), if cache_dirty => {
-                    cache_dirty = false;
+                _ = tokio::time::sleep_until(cache_due.unwrap_or(last_message)), if cache_due.is_some() => {
+                    cache_due = None;
                     self.save_cache().await;
                 }
                 _ = sleep_until_system(next_expiry), if next_expiry.is_some() => {
@@ -736,7 +741,7 @@ impl Daemon {
                     debug!("new map stream for our own node's routes");
                     last_update = tokio::time::Instant::now();
                     last_full = last_update;
-                    cache_dirty = true;
+                    cache_due = cache_due_after(cache_due, true);
                 }
                 _ = tokio::time::sleep_until(settle.unwrap_or(opened)), if settle.is_some() => {
                     settle = None;
@@ -746,7 +751,7 @@ impl Daemon {
                     info!(changed, "map stream replaced once after the reconnect");
                     last_update = tokio::time::Instant::now();
                     last_full = last_update;
-                    cache_dirty = true;
+                    cache_due = cache_due_after(cache_due, true);
                 }
                 _ = tokio::time::sleep_until(next_refresh(last_update, last_full, refresh_after)) => {
                     let quiet = last_update + refresh_after <= tokio::time::Instant::now();
@@ -774,7 +779,7 @@ impl Daemon {
                     }
                     last_update = tokio::time::Instant::now();
                     last_full = last_update;
-                    cache_dirty = true;
+                    cache_due = cache_due_after(cache_due, true);
                 }
                 _ = tokio::time::sleep_until(last_message + self.cfg.map_watchdog) => {
                     return Err(Error::Control(format!("no map message for {:?}", self.cfg.map_watchdog)));
@@ -1358,6 +1363,21 @@ pub fn needs_self_node(advertised: &[(std::net::IpAddr, u8)], msg: &MapResponse)
     !advertised.is_empty()
         && msg.node.is_none()
         && (msg.packet_filter.is_some() || msg.packet_filters.is_some())
+}
+
+/// When the netmap is to be written to the cache, it having been due at `due` (if at all)
+/// before a change that is `lasting` or not.
+fn cache_due_after(
+    due: Option<tokio::time::Instant>,
+    lasting: bool,
+) -> Option<tokio::time::Instant> {
+    let wait = if lasting {
+        CACHE_FLUSH
+    } else {
+        CACHE_FLUSH_WHEREABOUTS
+    };
+    let at = tokio::time::Instant::now() + wait;
+    Some(due.map_or(at, |d| d.min(at)))
 }
 
 /// When to replace the map stream: once it brought only keep-alives for `refresh_after`, or

@@ -108,12 +108,12 @@ fn patch() -> Result<()> {
     println!("==> bench: a large tailnet's first map and patches in the agent (release build)");
     let built_from = commit();
     let mut table = String::from(
-        "| peers | first map (JSON / zstd) | first map decoded and applied | a patch, as now (the named peer) | a patch, as before (every peer again) | a data-plane tick, every peer idle | heap held for the peers (peak while applying the first map) |\n|---|---|---|---|---|---|---|\n",
+        "| peers | first map (JSON / zstd) | first map decoded and applied | a patch, as now (the named peer) | a patch, as before (every peer again) | a data-plane tick, every peer idle | the netmap cache written (its size) | heap held for the peers (peak while applying the first map) |\n|---|---|---|---|---|---|---|---|\n",
     );
     for v in cargo_bench("vpn-agent", "patch")? {
         let f = |k: &str| v[k].as_f64().unwrap_or_default();
         table.push_str(&format!(
-            "| {} | {:.2} MB / {:.2} MB | {:.0} ms | {:.1} µs | {:.0} µs | {:.1} µs | {:.1} MiB ({:.1} MiB) |\n",
+            "| {} | {:.2} MB / {:.2} MB | {:.0} ms | {:.1} µs | {:.0} µs | {:.1} µs | {:.1} ms ({:.2} MB) | {:.1} MiB ({:.1} MiB) |\n",
             v["peers"],
             f("first_map_bytes") / 1e6,
             f("first_map_zstd_bytes") / 1e6,
@@ -121,6 +121,8 @@ fn patch() -> Result<()> {
             f("patch_us"),
             f("patch_full_refresh_us"),
             f("tick_us"),
+            f("cache_encode_ms") + f("cache_save_ms"),
+            f("cache_bytes") / 1e6,
             f("heap_held_bytes") / MIB,
             f("heap_peak_bytes") / MIB,
         ));

@@ -39,6 +39,10 @@ pub struct Changes {
     pub expiry_changed: bool,
     pub derp_changed: bool,
     pub filter_changed: bool,
+    /// Something changed that a restart from the cache needs: who the peers are, their keys
+    /// and addresses, our node, the DERP map, the filter. Otherwise only where peers are
+    /// now changed (endpoints, home DERP, online), which disco and DERP find out again.
+    pub lasting: bool,
 }
 
 impl Changes {
@@ -55,6 +59,7 @@ impl Changes {
             expiry_changed: true,
             derp_changed: true,
             filter_changed: true,
+            lasting: true,
         }
     }
 
@@ -71,6 +76,10 @@ impl Netmap {
         if let Some(n) = r.node
             && self.self_node.as_ref() != Some(&n)
         {
+            c.lasting |= self
+                .self_node
+                .as_ref()
+                .is_none_or(|o| !same_but_whereabouts(o, &n));
             let old = self.self_node.replace(n);
             c.self_key_changed = old
                 .as_ref()
@@ -83,6 +92,7 @@ impl Netmap {
         {
             self.derp_map = d;
             c.derp_changed = true;
+            c.lasting = true;
         }
         if let Some(peers) = r.peers {
             let mut old = std::mem::take(&mut self.peers);
@@ -93,6 +103,7 @@ impl Netmap {
             c.all_peers = true;
             c.routes_changed = true;
             c.expiry_changed = true;
+            c.lasting = true;
         } else {
             for p in r.peers_changed {
                 let id = p.id;
@@ -109,6 +120,7 @@ impl Netmap {
                     c.routes_changed = true;
                 }
                 c.expiry_changed |= old_expiry != key_expiry(new);
+                c.lasting |= old.as_ref().is_none_or(|o| !same_but_whereabouts(o, new));
                 if let Some(o) = old
                     && o.key != new.key
                 {
@@ -120,6 +132,7 @@ impl Netmap {
                 if let Some(old) = self.peers.remove(&id) {
                     c.routes_changed |= serves_subnets(&old);
                     c.expiry_changed |= key_expiry(&old).is_some();
+                    c.lasting = true;
                     c.removed_peers.push(old);
                 }
             }
@@ -138,9 +151,13 @@ impl Netmap {
                 && k != p.key
             {
                 c.stale_keys.push(std::mem::replace(&mut p.key, k));
+                c.lasting = true;
             }
-            if let Some(k) = patch.disco_key {
+            if let Some(k) = patch.disco_key
+                && k != p.disco_key
+            {
                 p.disco_key = k;
+                c.lasting = true;
             }
             if let Some(o) = patch.online {
                 p.online = Some(o);
@@ -148,6 +165,7 @@ impl Netmap {
             if let Some(e) = patch.key_expiry {
                 p.key_expiry = Some(e);
                 c.expiry_changed = true;
+                c.lasting = true;
             }
             c.changed_peers.push(patch.node_id);
         }
@@ -161,6 +179,7 @@ impl Netmap {
         if let Some(base) = r.packet_filter {
             self.packet_filters.insert("base".into(), base);
             c.filter_changed = true;
+            c.lasting = true;
         }
         if let Some(sets) = r.packet_filters {
             if sets.get("*").is_some_and(|v| v.is_none()) {
@@ -177,6 +196,7 @@ impl Netmap {
                 }
             }
             c.filter_changed = true;
+            c.lasting = true;
         }
         c
     }
@@ -209,6 +229,7 @@ impl Netmap {
             expiry_changed: true,
             derp_changed: self.derp_map != old.derp_map,
             filter_changed: self.packet_filters != old.packet_filters,
+            lasting: true,
         }
     }
 
@@ -252,6 +273,37 @@ pub fn key_expiry(node: &Node) -> Option<SystemTime> {
     }
     let text = node.key_expiry.as_deref()?;
     parse_time(text).filter(|t| *t > SystemTime::UNIX_EPOCH)
+}
+
+/// Whether `a` and `b` differ at most in where the node is now: its endpoints, home DERP
+/// and online state. Every other field is named, so that a new one is not taken for one of
+/// those by mistake.
+fn same_but_whereabouts(a: &Node, b: &Node) -> bool {
+    let Node {
+        id,
+        name,
+        key,
+        disco_key,
+        addresses,
+        allowed_ips,
+        endpoints: _,
+        home_derp: _,
+        online: _,
+        tags,
+        user,
+        key_expiry,
+        expired,
+    } = a;
+    (id, name, key, disco_key, addresses, allowed_ips)
+        == (
+            &b.id,
+            &b.name,
+            &b.key,
+            &b.disco_key,
+            &b.addresses,
+            &b.allowed_ips,
+        )
+        && (tags, user, key_expiry, expired) == (&b.tags, &b.user, &b.key_expiry, &b.expired)
 }
 
 /// Whether `node` serves routes beyond its own addresses (a subnet router, an exit node).
@@ -376,6 +428,41 @@ mod tests {
         let c = m.apply(resp(r#"{"Peers":[]}"#));
         assert_eq!(c.removed_peers.len(), 2);
         assert!(c.all_peers && m.peers.is_empty());
+    }
+
+    #[test]
+    fn only_a_change_of_whereabouts_is_not_lasting() {
+        let mut m = Netmap::default();
+        let c = m.apply(resp(
+            r#"{"Node":{"ID":1,"Addresses":["100.64.0.1/32"]},"DERPMap":{"Regions":{}},
+            "Peers":[{"ID":2,"Key":"nodekey:aa","DiscoKey":"discokey:aa","Endpoints":["192.0.2.2:1"]}]}"#,
+        ));
+        assert!(c.lasting);
+        // What a tailnet's churn is mostly made of: nodes move, come online and go.
+        for whereabouts in [
+            r#"{"PeersChangedPatch":[{"NodeID":2,"Endpoints":["192.0.2.2:2"],"DERPRegion":999,"Online":false}]}"#,
+            r#"{"PeersChangedPatch":[{"NodeID":2,"DiscoKey":"discokey:aa"},{"NodeID":77,"Key":"nodekey:77"}]}"#,
+            r#"{"PeersChanged":[{"ID":2,"Key":"nodekey:aa","DiscoKey":"discokey:aa","Endpoints":["192.0.2.2:3"],"Online":true}]}"#,
+            r#"{"Node":{"ID":1,"Addresses":["100.64.0.1/32"],"Endpoints":["192.0.2.1:1"]}}"#,
+        ] {
+            let c = m.apply(resp(whereabouts));
+            assert!(!c.lasting, "{whereabouts}: {c:?}");
+        }
+        for lasting in [
+            r#"{"PeersChangedPatch":[{"NodeID":2,"DiscoKey":"discokey:bb"}]}"#,
+            r#"{"PeersChangedPatch":[{"NodeID":2,"Key":"nodekey:bb"}]}"#,
+            r#"{"PeersChangedPatch":[{"NodeID":2,"KeyExpiry":"2030-01-01T00:00:00Z"}]}"#,
+            r#"{"PeersChanged":[{"ID":3}]}"#,
+            r#"{"PeersChanged":[{"ID":3,"AllowedIPs":["10.0.0.0/8"]}]}"#,
+            r#"{"PeersRemoved":[3]}"#,
+            r#"{"Node":{"ID":1,"Addresses":["100.64.0.9/32"]}}"#,
+            r#"{"DERPMap":{"Regions":{"1":{"RegionID":1}}}}"#,
+            r#"{"PacketFilters":{"base":[]}}"#,
+            r#"{"Peers":[]}"#,
+        ] {
+            let c = m.apply(resp(lasting));
+            assert!(c.lasting, "{lasting}: {c:?}");
+        }
     }
 
     #[test]
