@@ -664,8 +664,10 @@ impl Daemon {
                         return Err(Error::Control("the map stream ended".into()));
                     };
                     last_message = tokio::time::Instant::now();
-                    self.set(|s| s.last_contact = Some(now_secs()));
-                    if !msg.keep_alive {
+                    let contact = now_secs();
+                    if msg.keep_alive {
+                        self.set(|s| s.last_contact = Some(contact));
+                    } else {
                         last_update = last_message;
                         if self.needs_self_node(&msg) && resync.is_none() {
                             resync = Some(last_resync + RESYNC_INTERVAL);
@@ -677,7 +679,10 @@ impl Daemon {
                         cache_due = cache_due_after(cache_due, c.lasting);
                         self.apply_changes(c).await?;
                         let took = applying.elapsed();
-                        self.set(|s| s.map_updates.record(named, took));
+                        self.set(|s| {
+                            s.last_contact = Some(contact);
+                            s.map_updates.record(named, took);
+                        });
                         self.answer_ping(ping);
                     }
                 }

@@ -83,7 +83,7 @@ impl Netmap {
             let old = self.self_node.replace(n);
             c.self_key_changed = old
                 .as_ref()
-                .is_none_or(|o| key_expiry(o) != self.self_node.as_ref().and_then(key_expiry));
+                .is_none_or(|o| key_expiry(o) != self.self_expiry());
             c.self_changed = true;
             c.expiry_changed = c.self_key_changed;
         }
@@ -219,8 +219,7 @@ impl Netmap {
         self.drop_live_keys(&mut stale_keys);
         Changes {
             self_changed: self.self_node != old.self_node,
-            self_key_changed: old.self_node.as_ref().and_then(key_expiry)
-                != self.self_node.as_ref().and_then(key_expiry),
+            self_key_changed: old.self_expiry() != self.self_expiry(),
             all_peers: true,
             changed_peers,
             removed_peers: old.peers.into_values().collect(),
@@ -357,7 +356,11 @@ impl Netmap {
 
     /// Whether our own node key has expired: then no peer is used until a new key comes.
     pub fn self_expired(&self, now: SystemTime) -> bool {
-        self.self_node.as_ref().is_some_and(|n| is_expired(n, now))
+        self.self_expiry().is_some_and(|t| t <= now)
+    }
+
+    fn self_expiry(&self) -> Option<SystemTime> {
+        self.self_node.as_ref().and_then(key_expiry)
     }
 }
 

@@ -249,13 +249,12 @@ const CONTROL_HOSTS: [&str; 2] = [crate::lab::CTL, LOAD_HOST];
 const NODE_HOSTS: [&str; 3] = [super::AGENT_HOST, super::TS_HOST, super::OP_HOST];
 
 impl Cores {
-    /// The cores this thread may run on, split; none where there is only one.
-    fn of_this_thread() -> Result<Option<Cores>> {
-        let set = sched_getaffinity(Pid::from_raw(0))?;
+    /// The cores of `set`, split; none where there is only one.
+    fn of(set: &CpuSet) -> Option<Cores> {
         let allowed: Vec<usize> = (0..CpuSet::count())
             .filter(|&c| set.is_set(c).unwrap_or(false))
             .collect();
-        Ok(Cores::split(&allowed))
+        Cores::split(&allowed)
     }
 
     fn split(allowed: &[usize]) -> Option<Cores> {
@@ -337,8 +336,8 @@ pub fn measure(
     opts: &Options,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Results> {
-    let cores = Cores::of_this_thread()?;
     let restore = sched_getaffinity(Pid::from_raw(0))?;
+    let cores = Cores::of(&restore);
     let r = measure_on(agent_bin, opts, cores.as_ref(), progress);
     sched_setaffinity(Pid::from_raw(0), &restore)?;
     r.map(|mut r| {
