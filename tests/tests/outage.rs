@@ -356,10 +356,11 @@ fn a_deleted_node_says_so_and_a_new_key_file_registers_it_again() {
     std::thread::sleep(Duration::from_secs(3));
     let deleted = Instant::now();
     hs.node_command(&["delete", "--force"], machine).unwrap();
-    // headscale keeps the deleted node's map stream alive; the agent's periodic check finds
-    // out (every minute).
+    // headscale keeps the deleted node's map stream alive with keep-alives alone; the agent
+    // renews a stream that quiet within 120-132 s (`--map-refresh-after`), and the new one
+    // finds out. Nothing asks sooner: each request costs headscale a rebuild of its peer map.
     let st =
-        vdc::firewall::wait_status_for(&lab, "fw", "the deletion", Duration::from_secs(90), |s| {
+        vdc::firewall::wait_status_for(&lab, "fw", "the deletion", Duration::from_secs(180), |s| {
             s["backend_state"] == "NeedsLogin"
                 && s["error"]
                     .as_str()
@@ -864,7 +865,7 @@ fn an_endpoint_update_headscale_cannot_store_keeps_the_map_stream() {
         "project-u",
     );
     // After the stream that replaces the first one (RECONNECT_SETTLE), so that the lock
-    // meets the agent's minutely endpoint update (CONTROL_CHECK) on a settled stream.
+    // meets an endpoint update on a settled stream.
     lab.wait_log(
         "fw",
         AGENT_LOG,
@@ -874,6 +875,11 @@ fn an_endpoint_update_headscale_cannot_store_keeps_the_map_stream() {
     .unwrap();
     let lock = DbLock::take(&lab.headscale().db_path());
     let locked = Instant::now();
+    // A new address on the uplink: a new endpoint within the agent's 30 s look at them.
+    lab.host("fw")
+        .ns()
+        .ip(&["addr", "add", "192.0.2.250/24", "dev", "eth0"])
+        .unwrap();
     let (mut ok, mut tries) = (0, 0);
     while locked.elapsed() < LOCKED {
         tries += 1;

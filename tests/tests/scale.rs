@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 use vdc::firewall::{
-    AGENT_LOG, join_operator, mesh_ipv4, ssh, start_firewall_args, start_sshd, wait_banner,
-    wait_status_for,
+    AGENT_LOG, join_operator, mesh_ipv4, ssh, start_firewall, start_firewall_args, start_sshd,
+    wait_banner, wait_status_for,
 };
 use vdc::load::Load;
 use vdc::{Lab, LabOptions, cmd, require_lab};
@@ -246,4 +246,52 @@ fn updates_headscale_lost_on_a_busy_stream_come_with_the_next_full_map() {
     let p = churn.progress();
     assert_eq!(p.errors, 0, "{p:?}");
     assert!(p.churn_events() > 0, "{p:?}");
+}
+
+/// Every map request costs headscale (v0.28) a rebuild of its peer map over every pair of
+/// nodes, 48 s at 5 000 nodes (bench scale): an agent with nothing new to say must ask
+/// nothing, or a fleet of them keeps headscale rebuilding. Before, the agent sent an endpoint
+/// update every minute to learn whether headscale still knew it.
+#[test]
+fn a_quiet_agent_costs_headscale_no_peer_map_rebuild() {
+    const QUIET: Duration = Duration::from_secs(90);
+    const REBUILDS: &str = "headscale_nodestore_peers_calculation_duration_seconds_count";
+    require_lab!();
+    let lab = Lab::start(LabOptions::hosts(&["fw", "op"])).unwrap();
+    start_firewall(
+        &lab,
+        "fw",
+        "0cfc7e24-aaaa-4bbb-8ccc-0000000005cc",
+        "project-s",
+        &[],
+    )
+    .unwrap();
+    join_operator(&lab, "op", "fw").unwrap();
+    // The agent's second stream (RECONNECT_SETTLE) is the last request it has reason for:
+    // its next comes when the stream has been quiet for 120 s (`--map-refresh-after`).
+    lab.wait_log(
+        "fw",
+        AGENT_LOG,
+        "map stream replaced once after the reconnect",
+        Duration::from_secs(90),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let rebuilds = || {
+        let text = lab.headscale().metrics().unwrap();
+        vdc::headscale::metric_value(&text, REBUILDS).unwrap()
+    };
+    let before = rebuilds();
+    std::thread::sleep(QUIET);
+    let after = rebuilds();
+    println!(
+        "    headscale rebuilt its peer map {} times in {QUIET:?} of quiet",
+        after - before
+    );
+    assert_eq!(
+        after,
+        before,
+        "headscale rebuilt its peer map in a quiet tailnet; the agent's log:\n{}",
+        lab.log_tail("fw", AGENT_LOG)
+    );
 }
