@@ -297,8 +297,8 @@ fn scale(sizes: Vec<usize>) -> Result<()> {
         &format!(
             "Measured by `cargo xtask bench scale` on {}, {} (vpn-agent release build of {}, \
              tailscale {}, headscale {}; {} of the nodes change {} times a second, frozen while \
-             nodes register and the daemons restart; CPU over {} s of churn alone; iperf3: the \
-             median of {} runs of {} s per direction):\n\n{table}",
+             nodes register and the daemons restart; CPU over {} s of churn alone, {} s where \
+             only endpoints change; iperf3: the median of {} runs of {} s per direction):\n\n{table}",
             machine(),
             vdc::bench::today(),
             built_from,
@@ -307,6 +307,8 @@ fn scale(sizes: Vec<usize>) -> Result<()> {
             vdc::bench::scale::CHURNING,
             vdc::bench::scale::CHURN_PER_SEC,
             opts.churn_secs,
+            opts.churn_secs
+                .max(vdc::bench::scale::ENDPOINTS_ONLY_WINDOW_SECS),
             opts.iperf_reps,
             opts.iperf_secs,
         ),

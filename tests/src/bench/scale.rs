@@ -67,7 +67,7 @@ const HEADSCALE_START_LIMIT: Duration = Duration::from_secs(600);
 /// How long each CPU window lasts where the churn is endpoint changes only: headscale
 /// (v0.28) takes 38 s to rebuild its peer map at 5 000 nodes here, and an endpoint change
 /// goes through only with a rebuild; a 30 s window saw none.
-const ENDPOINTS_ONLY_WINDOW_SECS: u32 = 120;
+pub const ENDPOINTS_ONLY_WINDOW_SECS: u32 = 120;
 /// headscale's time rebuilding its peer map (`peersByNode` over every pair of nodes, at every
 /// batch of node changes): a histogram's sum and count.
 const PEER_MAP_METRIC: &str = "headscale_nodestore_peers_calculation_duration_seconds";
