@@ -59,6 +59,14 @@ pub fn provision(
 /// The log name of the agent on a host.
 pub const AGENT_LOG: &str = "vpn-agent";
 
+/// Waits until the agent on `host` has replaced its first map stream once (30 to 60 s after
+/// its start, RECONNECT_SETTLE): from then on it asks headscale nothing without a reason.
+pub fn wait_settled(lab: &Lab, host: &str) -> Result<()> {
+    let line = "map stream replaced once after the reconnect";
+    lab.wait_log(host, AGENT_LOG, line, std::time::Duration::from_secs(90))
+        .map(drop)
+}
+
 /// The `vpn-agent run` command for `host` from `root` (its `/etc`), with its state in
 /// `<root>/var/lib/vpn-agent`, the unit's paths.
 pub fn agent_command(

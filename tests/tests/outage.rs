@@ -486,13 +486,7 @@ fn a_map_stream_headscale_stopped_updating_is_replaced() {
     // stream it replaces once after its start (RECONNECT_SETTLE), for the same reason.
     lab.wait_log("fw", AGENT_LOG, "DERP connected", Duration::from_secs(30))
         .unwrap();
-    lab.wait_log(
-        "fw",
-        AGENT_LOG,
-        "map stream replaced once after the reconnect",
-        Duration::from_secs(90),
-    )
-    .unwrap();
+    vdc::firewall::wait_settled(&lab, "fw").unwrap();
     std::thread::sleep(Duration::from_secs(2));
 
     lab.signal("fw", AGENT_LOG, Signal::SIGSTOP).unwrap();
@@ -866,13 +860,7 @@ fn an_endpoint_update_headscale_cannot_store_keeps_the_map_stream() {
     );
     // After the stream that replaces the first one (RECONNECT_SETTLE), so that the lock
     // meets an endpoint update on a settled stream.
-    lab.wait_log(
-        "fw",
-        AGENT_LOG,
-        "map stream replaced once after the reconnect",
-        Duration::from_secs(90),
-    )
-    .unwrap();
+    vdc::firewall::wait_settled(&lab, "fw").unwrap();
     let lock = DbLock::take(&lab.headscale().db_path());
     let locked = Instant::now();
     // A new address on the uplink: a new endpoint within the agent's 30 s look at them.

@@ -269,13 +269,7 @@ fn a_quiet_agent_costs_headscale_no_peer_map_rebuild() {
     join_operator(&lab, "op", "fw").unwrap();
     // The agent's second stream (RECONNECT_SETTLE) is the last request it has reason for:
     // its next comes when the stream has been quiet for 120 s (`--map-refresh-after`).
-    lab.wait_log(
-        "fw",
-        AGENT_LOG,
-        "map stream replaced once after the reconnect",
-        Duration::from_secs(90),
-    )
-    .unwrap();
+    vdc::firewall::wait_settled(&lab, "fw").unwrap();
     std::thread::sleep(Duration::from_secs(5));
     let rebuilds = || {
         let text = lab.headscale().metrics().unwrap();
