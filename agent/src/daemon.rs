@@ -98,7 +98,7 @@ struct FirstMap {
 const CACHE_FLUSH: Duration = Duration::from_secs(5);
 
 /// How soon a change of peers' whereabouts alone is: under churn they change all the time,
-/// and at 5 000 peers each write of the cache cost 8 ms of CPU (bench patch), most of the
+/// and at 5 000 peers each write of the cache cost 4-9 ms of CPU (bench patch), most of the
 /// agent's CPU under churn. A restart finds moved peers again through disco and DERP.
 const CACHE_FLUSH_WHEREABOUTS: Duration = Duration::from_secs(300);
 
