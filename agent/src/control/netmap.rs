@@ -356,7 +356,7 @@ impl Netmap {
 
     /// Whether our own node key has expired: then no peer is used until a new key comes.
     pub fn self_expired(&self, now: SystemTime) -> bool {
-        self.self_expiry().is_some_and(|t| t <= now)
+        self.self_node.as_ref().is_some_and(|n| is_expired(n, now))
     }
 
     fn self_expiry(&self) -> Option<SystemTime> {
