@@ -144,6 +144,9 @@ pub struct Daemon {
     started: tokio::time::Instant,
     stream_ended: Option<tokio::time::Instant>,
     first_map_wait: FirstMapWait,
+    /// How long headscale took for the last full map it gave us: what a renewal costs it
+    /// ([`renewal_period`]).
+    map_answered_in: Duration,
     /// The last `STATUS=` line sent to systemd, without its figures.
     status_line: Mutex<String>,
     /// The URL of the last ping request answered: control repeats it.
@@ -199,6 +202,7 @@ impl Daemon {
                     .ok()
                     .as_deref(),
             ),
+            map_answered_in: Duration::ZERO,
             status_line: Mutex::new(String::new()),
             last_ping_url: None,
             forgotten: false,
@@ -633,7 +637,6 @@ impl Daemon {
         // last full map.
         let mut last_update = tokio::time::Instant::now();
         let mut last_full = last_update;
-        let refresh_after = self.refresh_after();
         // Endpoint updates run beside the stream, one at a time: one asked for meanwhile
         // (`lite_wanted`) starts when it ends; a failed one is retried after a backoff. Only
         // headscale's "node not found" ends the session: a busy or broken headscale that
@@ -650,6 +653,8 @@ impl Daemon {
                 lite = Some(self.lite_update(s.requests(), &net_rx.borrow()));
             }
             let next_expiry = self.next_expiry;
+            // Follows how long headscale took for the last full map.
+            let refresh_after = self.refresh_after();
             tokio::select! {
                 msg = body.next_message() => {
                     let Some(mut msg) = msg? else {
@@ -769,7 +774,12 @@ impl Daemon {
                              the old one had brought"
                         );
                     } else {
-                        debug!(quiet, "map stream refreshed; nothing was missed");
+                        debug!(
+                            quiet,
+                            answered_ms = self.map_answered_in.as_millis(),
+                            next_secs = self.refresh_after().as_secs(),
+                            "map stream refreshed; nothing was missed"
+                        );
                     }
                     last_update = tokio::time::Instant::now();
                     last_full = last_update;
@@ -796,7 +806,8 @@ impl Daemon {
         let asked = tokio::time::Instant::now();
         let r = match tokio::time::timeout(limit, Self::read_full_map(s, req)).await {
             Ok(Ok(opened)) => {
-                self.first_map_wait.got_map(opened.2.received - asked);
+                self.map_answered_in = opened.2.received - asked;
+                self.first_map_wait.got_map(self.map_answered_in);
                 Ok(opened)
             }
             Ok(Err(e)) => Err(e),
@@ -869,7 +880,8 @@ impl Daemon {
     }
 
     fn refresh_after(&self) -> Duration {
-        refresh_after(self.cfg.map_refresh_after, &self.identity.node_public())
+        let period = renewal_period(self.cfg.map_refresh_after, self.map_answered_in);
+        refresh_after(period, &self.identity.node_public())
     }
 
     /// Whether `msg` may have changed what headscale approved of our routes without saying
@@ -1401,7 +1413,20 @@ fn settle_at(
     })
 }
 
-/// `base` ([`Config::map_refresh_after`]) stretched by up to a tenth by our node key, so
+/// A map stream's renewal costs headscale about what its full map took it to answer: it
+/// rebuilds its peer map over every pair of nodes first (v0.28; 48 s at 5 000 nodes, bench
+/// scale), and tells every peer we are online. Renewals are spaced so that they take at most
+/// this share of its time.
+const RENEWAL_SHARE: u32 = 10;
+
+/// How long a quiet stream is kept: `base` ([`Config::map_refresh_after`]), or longer when
+/// headscale took `answered_in` for our last full map, so that a large or busy headscale is
+/// not kept busy by our renewals ([`RENEWAL_SHARE`]).
+fn renewal_period(base: Duration, answered_in: Duration) -> Duration {
+    base.max(answered_in * RENEWAL_SHARE)
+}
+
+/// `base` ([`renewal_period`]) stretched by up to a tenth by our node key, so
 /// that agents that connected together (after a headscale restart) do not refresh together.
 fn refresh_after(base: Duration, node_key: &PublicKey) -> Duration {
     base + base * u32::from(node_key.as_bytes()[0]) / 2550
@@ -1418,6 +1443,19 @@ mod tests {
         assert_eq!(refresh_after(base, &key(0)), base);
         assert_eq!(refresh_after(base, &key(255)), Duration::from_secs(660));
         assert_ne!(refresh_after(base, &key(1)), refresh_after(base, &key(2)));
+    }
+
+    #[test]
+    fn a_headscale_slow_to_answer_is_asked_for_full_maps_less_often() {
+        let s = Duration::from_secs;
+        let base = s(120);
+        // A small tailnet: the configured period.
+        assert_eq!(renewal_period(base, Duration::from_millis(40)), base);
+        assert_eq!(renewal_period(base, s(12)), base);
+        // 5 000 nodes on headscale v0.28 (bench scale): 48 s a map, one every 8 min.
+        assert_eq!(renewal_period(base, s(48)), s(480));
+        // And back once it answers fast again.
+        assert_eq!(renewal_period(base, Duration::ZERO), base);
     }
 
     #[test]

@@ -40,7 +40,9 @@ enum Cmd {
         /// Seconds after which a map stream that carried nothing but keep-alives is replaced
         /// by a new one (headscale up to v0.28 may silently stop updating a stream); a busy
         /// stream is replaced at five times this age (headscale v0.28 may silently lose an
-        /// update). 5 to 86400.
+        /// update). Stretched to ten times what headscale took for the last full map, so
+        /// that renewals take a large tailnet's headscale at most a tenth of its time.
+        /// 5 to 86400.
         #[arg(long, value_name = "SECS", default_value_t = vpn_agent::config::MAP_REFRESH_AFTER.as_secs(),
               value_parser = clap::value_parser!(u64).range(5..=86_400))]
         map_refresh_after: u64,

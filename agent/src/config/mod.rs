@@ -25,7 +25,8 @@ pub struct Config {
     /// [`MAP_MAX_AGE_FACTOR`] times as old, is replaced by a new one (`vpn-agent run
     /// --map-refresh-after`): headscale up to v0.28 stops updating a stream it could not hand
     /// an update to within 50 ms, and keeps it alive; and it loses an update now and then
-    /// when changes come in concurrently, which a busy stream never shows.
+    /// when changes come in concurrently, which a busy stream never shows. Stretched when
+    /// headscale is slow to answer: a renewal costs it a full map.
     pub map_refresh_after: std::time::Duration,
     /// No map message (keep-alives included) for this long means a dead stream (`vpn-agent
     /// run --map-watchdog`); a new stream's full map gets as long at first, and twice as long
