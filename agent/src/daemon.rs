@@ -736,27 +736,29 @@ impl Daemon {
                     resync = None;
                     last_resync = tokio::time::Instant::now();
                     let net = net_rx.borrow().clone();
-                    (body, _) = self.replace_stream(&mut s, &net).await?;
+                    let renewed;
+                    (body, renewed) = self.replace_stream(&mut s, &net).await?;
                     debug!("new map stream for our own node's routes");
                     last_update = tokio::time::Instant::now();
                     last_full = last_update;
-                    cache_due = cache_due_after(cache_due, true);
+                    cache_due = renewed.cache_due(cache_due);
                 }
                 _ = tokio::time::sleep_until(settle.unwrap_or(opened)), if settle.is_some() => {
                     settle = None;
                     let net = net_rx.borrow().clone();
-                    let changed;
-                    (body, changed) = self.replace_stream(&mut s, &net).await?;
-                    info!(changed, "map stream replaced once after the reconnect");
+                    let renewed;
+                    (body, renewed) = self.replace_stream(&mut s, &net).await?;
+                    info!(changed = renewed.changed, "map stream replaced once after the reconnect");
                     last_update = tokio::time::Instant::now();
                     last_full = last_update;
-                    cache_due = cache_due_after(cache_due, true);
+                    cache_due = renewed.cache_due(cache_due);
                 }
                 _ = tokio::time::sleep_until(next_refresh(last_update, last_full, refresh_after)) => {
                     let quiet = last_update + refresh_after <= tokio::time::Instant::now();
                     let net = net_rx.borrow().clone();
-                    let missed;
-                    (body, missed) = self.replace_stream(&mut s, &net).await?;
+                    let renewed;
+                    (body, renewed) = self.replace_stream(&mut s, &net).await?;
+                    let missed = renewed.changed;
                     if missed > 0 && quiet {
                         warn!(
                             quiet_secs = refresh_after.as_secs(),
@@ -783,7 +785,7 @@ impl Daemon {
                     }
                     last_update = tokio::time::Instant::now();
                     last_full = last_update;
-                    cache_due = cache_due_after(cache_due, true);
+                    cache_due = renewed.cache_due(cache_due);
                 }
                 _ = tokio::time::sleep_until(last_message + self.cfg.map_watchdog) => {
                     return Err(Error::Control(format!("no map message for {:?}", self.cfg.map_watchdog)));
@@ -866,17 +868,20 @@ impl Daemon {
         &mut self,
         s: &mut Session,
         net: &NetInfo,
-    ) -> Result<(client::Body, usize)> {
+    ) -> Result<(client::Body, Renewed)> {
         let req = self.map_request(net, true);
         let (body, first, _) = self.open_stream(s, &req).await?;
         let c = self.netmap.replace_with(first);
-        let changed = c.changed_peers.len()
-            + c.removed_peers.len()
-            + usize::from(c.self_changed)
-            + usize::from(c.filter_changed)
-            + usize::from(c.derp_changed);
+        let renewed = Renewed {
+            changed: c.changed_peers.len()
+                + c.removed_peers.len()
+                + usize::from(c.self_changed)
+                + usize::from(c.filter_changed)
+                + usize::from(c.derp_changed),
+            lasting: c.lasting,
+        };
         self.apply_changes(c).await?;
-        Ok((body, changed))
+        Ok((body, renewed))
     }
 
     fn refresh_after(&self) -> Duration {
@@ -1391,6 +1396,26 @@ fn cache_due_after(
     Some(due.map_or(at, |d| d.min(at)))
 }
 
+/// What a new stream's full map changed against the netmap we had: how many things (peers,
+/// our node, the filter, the DERP map), and whether a restart would need any of them.
+#[derive(Debug, Clone, Copy)]
+struct Renewed {
+    changed: usize,
+    lasting: bool,
+}
+
+impl Renewed {
+    /// When the cache is next written ([`cache_due_after`]): a full map that changed
+    /// nothing leaves it as it was, as most renewals of a quiet stream do.
+    fn cache_due(self, due: Option<tokio::time::Instant>) -> Option<tokio::time::Instant> {
+        if self.changed == 0 {
+            due
+        } else {
+            cache_due_after(due, self.lasting)
+        }
+    }
+}
+
 /// When to replace the map stream: once it brought only keep-alives for `refresh_after`, or
 /// once its full map is [`MAP_MAX_AGE_FACTOR`] times that old, however busy it is.
 fn next_refresh(
@@ -1443,6 +1468,31 @@ mod tests {
         assert_eq!(refresh_after(base, &key(0)), base);
         assert_eq!(refresh_after(base, &key(255)), Duration::from_secs(660));
         assert_ne!(refresh_after(base, &key(1)), refresh_after(base, &key(2)));
+    }
+
+    #[test]
+    fn a_renewal_that_changed_nothing_leaves_the_cache_alone() {
+        let nothing = Renewed {
+            changed: 0,
+            lasting: false,
+        };
+        assert_eq!(nothing.cache_due(None), None);
+        let soon = Some(tokio::time::Instant::now() + Duration::from_secs(3));
+        assert_eq!(nothing.cache_due(soon), soon);
+        let now = tokio::time::Instant::now();
+        let moved = Renewed {
+            changed: 4,
+            lasting: false,
+        };
+        let due = moved.cache_due(None).unwrap();
+        assert!(due >= now + CACHE_FLUSH_WHEREABOUTS, "{due:?}");
+        assert_eq!(moved.cache_due(soon), soon);
+        let lasting = Renewed {
+            changed: 1,
+            lasting: true,
+        };
+        let due = lasting.cache_due(None).unwrap();
+        assert!(due < now + CACHE_FLUSH_WHEREABOUTS, "{due:?}");
     }
 
     #[test]

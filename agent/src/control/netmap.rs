@@ -208,13 +208,27 @@ impl Netmap {
     pub fn replace_with(&mut self, r: MapResponse) -> Changes {
         let mut old = std::mem::take(self);
         self.apply(r);
-        let changed_peers = self
+        let changed_peers: Vec<i64> = self
             .peers
             .iter()
             .filter(|(id, p)| old.peers.get(id) != Some(p))
             .map(|(id, _)| *id)
             .collect();
+        let peers_moved_only = changed_peers.iter().all(|id| {
+            (old.peers.get(id)).is_some_and(|o| same_but_whereabouts(o, &self.peers[id]))
+        });
         old.peers.retain(|id, _| !self.peers.contains_key(id));
+        let derp_changed = self.derp_map != old.derp_map;
+        let filter_changed = self.packet_filters != old.packet_filters;
+        // A renewed stream's full map mostly brings what we had: nothing for the cache.
+        let lasting = derp_changed
+            || filter_changed
+            || !old.peers.is_empty()
+            || !peers_moved_only
+            || match (&old.self_node, &self.self_node) {
+                (Some(a), Some(b)) => !same_but_whereabouts(a, b),
+                (a, b) => a.is_some() != b.is_some(),
+            };
         let mut stale_keys = old.peers.values().map(|p| p.key.clone()).collect();
         self.drop_live_keys(&mut stale_keys);
         Changes {
@@ -226,9 +240,9 @@ impl Netmap {
             stale_keys,
             routes_changed: true,
             expiry_changed: true,
-            derp_changed: self.derp_map != old.derp_map,
-            filter_changed: self.packet_filters != old.packet_filters,
-            lasting: true,
+            derp_changed,
+            filter_changed,
+            lasting,
         }
     }
 
@@ -466,6 +480,49 @@ mod tests {
             let c = m.apply(resp(lasting));
             assert!(c.lasting, "{lasting}: {c:?}");
         }
+    }
+
+    #[test]
+    fn a_full_map_that_only_moves_peers_is_not_lasting() {
+        let full = |endpoint: &str, peers: &str| {
+            resp(&format!(
+                r#"{{"Node":{{"ID":1,"Addresses":["100.64.0.1/32"],"Endpoints":["{endpoint}"]}},
+                "DERPMap":{{"Regions":{{}}}},"PacketFilters":{{"base":[]}},"Peers":[{peers}]}}"#
+            ))
+        };
+        let peer = |endpoint: &str| {
+            format!(r#"{{"ID":2,"Key":"nodekey:aa","Endpoints":["{endpoint}"],"Online":true}}"#)
+        };
+        let mut m = Netmap::default();
+        assert!(
+            m.replace_with(full("192.0.2.1:1", &peer("192.0.2.2:1")))
+                .lasting
+        );
+        // A renewal that brings what we had, or where peers are now.
+        let c = m.replace_with(full("192.0.2.1:1", &peer("192.0.2.2:1")));
+        assert!(
+            !c.lasting && c.changed_peers.is_empty() && !c.self_changed,
+            "{c:?}"
+        );
+        let c = m.replace_with(full("192.0.2.1:2", &peer("192.0.2.2:2")));
+        assert!(
+            !c.lasting && c.changed_peers == [2] && c.self_changed,
+            "{c:?}"
+        );
+        // A peer added, removed or re-keyed, or our own address: the cache needs them.
+        let two = format!("{},{}", peer("192.0.2.2:2"), r#"{"ID":3}"#);
+        assert!(m.replace_with(full("192.0.2.1:2", &two)).lasting);
+        assert!(
+            m.replace_with(full("192.0.2.1:2", &peer("192.0.2.2:2")))
+                .lasting
+        );
+        let rekeyed = r#"{"ID":2,"Key":"nodekey:bb"}"#;
+        assert!(m.replace_with(full("192.0.2.1:2", rekeyed)).lasting);
+        let c = m.replace_with(resp(
+            r#"{"Node":{"ID":1,"Addresses":["100.64.0.9/32"]},"DERPMap":{"Regions":{}},
+            "PacketFilters":{"base":[]},"Peers":[{"ID":2,"Key":"nodekey:bb"}]}"#,
+        ));
+        assert!(c.lasting, "{c:?}");
     }
 
     #[test]
