@@ -118,6 +118,14 @@ pub struct Traffic {
     pub reverse: f64,
 }
 
+/// What a daemon used over one window: CPU time (user + system, seconds) and the map updates
+/// (messages past a stream's first, keep-alives aside) it received, as it counts them.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub cpu: f64,
+    pub updates: u64,
+}
+
 /// One daemon at one size.
 #[derive(Debug, Clone, Default)]
 pub struct Daemon {
@@ -131,16 +139,10 @@ pub struct Daemon {
     pub first_map_applied: Option<Duration>,
     /// VmHWM after everything at this size.
     pub peak_rss_kib: u64,
-    /// CPU time (user + system, seconds) over a window of churn alone, and over a window as
-    /// long with the load frozen.
-    pub cpu_churning: f64,
-    pub cpu_quiet: f64,
-    /// Map updates (messages past a stream's first, keep-alives aside) the daemon received in
-    /// each of those windows, as it counts them.
-    pub updates_churning: u64,
-    pub updates_quiet: u64,
-    /// Whether the frozen window ran (a run that stopped before it has none).
-    pub quiet_measured: bool,
+    /// A window of churn alone, and one as long with the load frozen (none if the run
+    /// stopped before it).
+    pub churn_window: Usage,
+    pub quiet_window: Option<Usage>,
     /// The agent's own time from an update decoded to applied, over the churning window:
     /// mean, and the longest since its restart at this size (µs).
     pub apply_micros: Option<(f64, u64)>,
@@ -199,14 +201,12 @@ impl Step {
     /// is frozen). None where the churning window received no more updates, or cost less.
     pub fn cpu_per_1000(&self, t: Target) -> Option<f64> {
         let d = self.get(t);
-        if !d.quiet_measured {
-            return None;
-        }
-        let more = d
-            .updates_churning
-            .checked_sub(d.updates_quiet)
+        let (churning, quiet) = (d.churn_window, d.quiet_window?);
+        let more = churning
+            .updates
+            .checked_sub(quiet.updates)
             .filter(|&n| n > 0)?;
-        Some((d.cpu_churning - d.cpu_quiet) * 1000.0 / more as f64).filter(|&c| c >= 0.0)
+        Some((churning.cpu - quiet.cpu) * 1000.0 / more as f64).filter(|&c| c >= 0.0)
     }
 
     fn get_mut(&mut self, t: Target) -> &mut Daemon {
@@ -803,8 +803,10 @@ fn cpu_under_churn(
     }
     for (i, t) in Target::BOTH.into_iter().enumerate() {
         let d = step.get_mut(t);
-        d.cpu_churning = w.cpu[i];
-        d.updates_churning = w.updates[i];
+        d.churn_window = Usage {
+            cpu: w.cpu[i],
+            updates: w.updates[i],
+        };
         progress(&format!(
             "{} peers: {t} used {:.2} s CPU in {} s of churn ({} changes from the load, {} map \
              updates received)",
@@ -838,9 +840,10 @@ fn cpu_quiet(
     let w = window(b, step.window_secs(opts))?;
     for (i, t) in Target::BOTH.into_iter().enumerate() {
         let d = step.get_mut(t);
-        d.cpu_quiet = w.cpu[i];
-        d.updates_quiet = w.updates[i];
-        d.quiet_measured = true;
+        d.quiet_window = Some(Usage {
+            cpu: w.cpu[i],
+            updates: w.updates[i],
+        });
         progress(&format!(
             "{} peers: {t} used {:.2} s CPU in {} s quiet ({} map updates received); {} per \
              1000 updates beyond that",
@@ -928,14 +931,13 @@ impl Results {
                 let applied = d
                     .apply_micros
                     .map_or("-".into(), |(mean, max)| format!("{mean:.0} µs / {max} µs"));
-                let (updates_quiet, cpu_quiet) = if d.quiet_measured {
-                    (d.updates_quiet.to_string(), format!("{:.2} s", d.cpu_quiet))
-                } else {
-                    ("-".into(), "-".into())
-                };
+                let (updates_quiet, cpu_quiet) =
+                    d.quiet_window.map_or(("-".into(), "-".into()), |q| {
+                        (q.updates.to_string(), format!("{:.2} s", q.cpu))
+                    });
                 t.push_str(&format!(
                     "| {} | {target} | {updates_quiet} / {} | {cpu_quiet} / {:.2} s | {per} | {applied} |\n",
-                    s.peers, d.updates_churning, d.cpu_churning,
+                    s.peers, d.churn_window.updates, d.churn_window.cpu,
                 ));
             }
         }
@@ -1122,18 +1124,18 @@ mod tests {
         };
         // At 5 000 (run of 189ae27) headscale passed on in the frozen window what it had
         // held up: more updates there, and more CPU.
-        s.agent.cpu_churning = 0.37;
-        s.agent.cpu_quiet = 0.59;
-        (s.agent.updates_churning, s.agent.updates_quiet) = (4, 6);
+        let usage = |cpu, updates| Usage { cpu, updates };
+        s.agent.churn_window = usage(0.37, 4);
+        s.agent.quiet_window = Some(usage(0.59, 6));
         assert_eq!(s.cpu_per_1000(Target::Agent), None);
-        (s.agent.updates_churning, s.agent.updates_quiet) = (6, 6);
+        s.agent.churn_window = usage(0.37, 6);
         assert_eq!(s.cpu_per_1000(Target::Agent), None, "no more updates");
-        (s.agent.updates_churning, s.agent.updates_quiet) = (110, 10);
+        (s.agent.churn_window, s.agent.quiet_window) = (usage(0.37, 110), Some(usage(0.59, 10)));
         assert_eq!(s.cpu_per_1000(Target::Agent), None, "cost less");
-        s.agent.cpu_quiet = 0.17;
+        s.agent.quiet_window = Some(usage(0.17, 10));
         assert!((s.cpu_per_1000(Target::Agent).unwrap() - 2.0).abs() < 1e-9);
         // A run that stopped before the frozen window (c3dd0d9 at 5 000) has no cost.
-        s.agent.quiet_measured = false;
+        s.agent.quiet_window = None;
         assert_eq!(s.cpu_per_1000(Target::Agent), None);
     }
 
@@ -1166,11 +1168,14 @@ mod tests {
             to_running: Some(Duration::from_secs_f64(running)),
             first_map_applied: None,
             peak_rss_kib: rss,
-            cpu_churning: 1.5,
-            cpu_quiet: 0.5,
-            updates_churning: 260,
-            updates_quiet: 10,
-            quiet_measured: true,
+            churn_window: Usage {
+                cpu: 1.5,
+                updates: 260,
+            },
+            quiet_window: Some(Usage {
+                cpu: 0.5,
+                updates: 10,
+            }),
             apply_micros: None,
             quiet: t(gbit),
             churning: t(gbit / 2.0),
