@@ -76,10 +76,7 @@ impl Netmap {
         if let Some(n) = r.node
             && self.self_node.as_ref() != Some(&n)
         {
-            c.lasting |= self
-                .self_node
-                .as_ref()
-                .is_none_or(|o| !same_but_whereabouts(o, &n));
+            c.lasting |= lasting_change(self.self_node.as_ref(), &n);
             let old = self.self_node.replace(n);
             c.self_key_changed = old
                 .as_ref()
@@ -120,7 +117,7 @@ impl Netmap {
                     c.routes_changed = true;
                 }
                 c.expiry_changed |= old_expiry != key_expiry(new);
-                c.lasting |= old.as_ref().is_none_or(|o| !same_but_whereabouts(o, new));
+                c.lasting |= lasting_change(old.as_ref(), new);
                 if let Some(o) = old
                     && o.key != new.key
                 {
@@ -214,9 +211,9 @@ impl Netmap {
             .filter(|(id, p)| old.peers.get(id) != Some(p))
             .map(|(id, _)| *id)
             .collect();
-        let peers_moved_only = changed_peers.iter().all(|id| {
-            (old.peers.get(id)).is_some_and(|o| same_but_whereabouts(o, &self.peers[id]))
-        });
+        let peers_lasting = changed_peers
+            .iter()
+            .any(|id| lasting_change(old.peers.get(id), &self.peers[id]));
         old.peers.retain(|id, _| !self.peers.contains_key(id));
         let derp_changed = self.derp_map != old.derp_map;
         let filter_changed = self.packet_filters != old.packet_filters;
@@ -224,10 +221,10 @@ impl Netmap {
         let lasting = derp_changed
             || filter_changed
             || !old.peers.is_empty()
-            || !peers_moved_only
-            || match (&old.self_node, &self.self_node) {
-                (Some(a), Some(b)) => !same_but_whereabouts(a, b),
-                (a, b) => a.is_some() != b.is_some(),
+            || peers_lasting
+            || match &self.self_node {
+                Some(n) => lasting_change(old.self_node.as_ref(), n),
+                None => old.self_node.is_some(),
             };
         let mut stale_keys = old.peers.values().map(|p| p.key.clone()).collect();
         self.drop_live_keys(&mut stale_keys);
@@ -286,6 +283,11 @@ pub fn key_expiry(node: &Node) -> Option<SystemTime> {
     }
     let text = node.key_expiry.as_deref()?;
     parse_time(text).filter(|t| *t > SystemTime::UNIX_EPOCH)
+}
+
+/// Whether `new`, as it was `old` (none: it is new), changed more than its whereabouts.
+fn lasting_change(old: Option<&Node>, new: &Node) -> bool {
+    old.is_none_or(|o| !same_but_whereabouts(o, new))
 }
 
 /// Whether `a` and `b` differ at most in where the node is now: its endpoints, home DERP
