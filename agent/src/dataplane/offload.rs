@@ -2,7 +2,7 @@
 //! with a virtio-net header in front of every packet, and consecutive TCP segments of one
 //! flow that arrive in one batch from the network are coalesced into a single large packet
 //! the kernel takes as one GSO unit (TCP receive work per 64 KiB, not per 1280 bytes).
-//! Pure: packets in, buffers to write out.
+//! Pure: packets in, the parts of each packet to write out.
 
 /// `struct virtio_net_hdr` (legacy, little-endian): flags, gso_type, hdr_len, gso_size,
 /// csum_start, csum_offset.
@@ -13,7 +13,7 @@ const GSO_TCPV4: u8 = 1;
 const GSO_TCPV6: u8 = 4;
 /// A GSO packet's IP length field caps it; wireguard-go also caps the segment count.
 const MAX_SUPER: usize = 65535;
-const MAX_SEGMENTS: u16 = 64;
+const MAX_SEGMENTS: usize = 64;
 const TCP: u8 = 6;
 const TCP_FLAGS_ACK: u8 = 0x10;
 const TCP_FLAGS_PSH: u8 = 0x08;
@@ -101,34 +101,32 @@ fn segment(p: &[u8]) -> Option<Segment> {
 }
 
 struct Group {
-    /// The virtio-net header, then the first packet, then the others' payloads.
-    buf: Vec<u8>,
+    /// The first packet whole, then the others, of which only the payload goes out: the
+    /// merged packet is written from them as they are (`writev`), not copied together.
+    packets: Vec<Vec<u8>>,
     first: Option<Segment>,
+    /// The merged packet's IP length.
+    len: usize,
     gso_size: usize,
-    count: u16,
     next_seq: u32,
     closed: bool,
 }
 
 impl Group {
-    fn tcp_options<'a>(&self, buf: &'a [u8], s: &Segment) -> &'a [u8] {
-        let start = VNET_HDR_LEN + s.ip_hlen + 20;
-        &buf[start..VNET_HDR_LEN + s.ip_hlen + s.tcp_hlen]
-    }
-
     /// Whether `s` (whole packet `p`) continues this group's flow exactly.
     fn takes(&self, s: &Segment, p: &[u8]) -> bool {
         let Some(f) = &self.first else { return false };
         let payload = p.len() - s.ip_hlen - s.tcp_hlen;
+        let options = s.ip_hlen + 20..s.ip_hlen + s.tcp_hlen;
         !self.closed
             && f.flow == s.flow
             && f.ip_attrs == s.ip_attrs
             && f.tcp_hlen == s.tcp_hlen
             && self.next_seq == s.seq
             && payload <= self.gso_size
-            && self.count < MAX_SEGMENTS
-            && self.buf.len() - VNET_HDR_LEN + payload <= MAX_SUPER
-            && self.tcp_options(&self.buf, f) == &p[s.ip_hlen + 20..s.ip_hlen + s.tcp_hlen]
+            && self.packets.len() < MAX_SEGMENTS
+            && self.len + payload <= MAX_SUPER
+            && self.packets[0][options.clone()] == p[options]
     }
 }
 
@@ -136,15 +134,12 @@ impl Group {
 #[derive(Default)]
 pub struct Coalescer {
     groups: Vec<Group>,
-    spare: Vec<Vec<u8>>,
+    /// Emptied packet lists of written groups, so the next batch allocates none.
+    spare: Vec<Vec<Vec<u8>>>,
 }
 
 impl Coalescer {
-    fn new_group(&mut self, p: &[u8], first: Option<Segment>) {
-        let mut buf = self.spare.pop().unwrap_or_default();
-        buf.clear();
-        buf.extend_from_slice(&[0u8; VNET_HDR_LEN]);
-        buf.extend_from_slice(p);
+    fn new_group(&mut self, p: Vec<u8>, first: Option<Segment>) {
         let (gso_size, next_seq) = match &first {
             Some(s) => {
                 let payload = p.len() - s.ip_hlen - s.tcp_hlen;
@@ -152,19 +147,22 @@ impl Coalescer {
             }
             None => (0, 0),
         };
+        let mut packets = self.spare.pop().unwrap_or_default();
+        let len = p.len();
+        packets.push(p);
         self.groups.push(Group {
-            buf,
+            packets,
             closed: first.is_none_or(|s| s.psh),
             first,
+            len,
             gso_size,
-            count: 1,
             next_seq,
         });
     }
 
     /// One IP packet for the TUN device.
-    pub fn push(&mut self, p: &[u8]) {
-        let Some(s) = segment(p) else {
+    pub fn push(&mut self, p: Vec<u8>) {
+        let Some(s) = segment(&p) else {
             return self.new_group(p, None);
         };
         // The flow's group is usually the last one; look back a little for interleaved flows.
@@ -173,51 +171,59 @@ impl Coalescer {
             .iter()
             .rev()
             .take(8)
-            .position(|g| g.takes(&s, p))
+            .position(|g| g.takes(&s, &p))
             .map(|i| self.groups.len() - 1 - i);
         let Some(i) = found else {
             return self.new_group(p, Some(s));
         };
         let g = &mut self.groups[i];
-        let payload = &p[s.ip_hlen + s.tcp_hlen..];
-        g.buf.extend_from_slice(payload);
-        g.count += 1;
-        g.next_seq = g.next_seq.wrapping_add(payload.len() as u32);
+        let payload = p.len() - s.ip_hlen - s.tcp_hlen;
+        g.len += payload;
+        g.next_seq = g.next_seq.wrapping_add(payload as u32);
         // A short segment or PSH ends what the kernel may resegment evenly.
-        g.closed = payload.len() < g.gso_size || s.psh;
+        g.closed = payload < g.gso_size || s.psh;
         if s.psh {
             // PSH of the last segment carries over to the merged packet.
-            g.buf[VNET_HDR_LEN + s.ip_hlen + 13] |= TCP_FLAGS_PSH;
+            g.packets[0][s.ip_hlen + 13] |= TCP_FLAGS_PSH;
         }
+        g.packets.push(p);
     }
 
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
     }
 
-    /// The buffers to write, each a virtio-net header and a packet; then `recycle`.
-    pub fn finish(&mut self) -> Vec<Vec<u8>> {
-        self.groups
-            .drain(..)
-            .map(|mut g| {
-                if let (Some(s), true) = (g.first, g.count > 1) {
-                    finalize(&mut g.buf, &s, g.gso_size);
-                }
-                g.buf
-            })
-            .collect()
-    }
-
-    /// Takes written buffers back so the next batch allocates nothing.
-    pub fn recycle(&mut self, bufs: Vec<Vec<u8>>) {
-        self.spare.extend(bufs.into_iter().take(64));
+    /// Hands `write` each packet to write, as a virtio-net header and the parts of the
+    /// packet (the first packet whole, the payloads of those merged into it); the packets'
+    /// buffers go to `spent` afterwards.
+    pub fn finish(
+        &mut self,
+        mut write: impl FnMut(&[std::io::IoSlice<'_>]),
+        spent: &mut Vec<Vec<u8>>,
+    ) {
+        for mut g in self.groups.drain(..) {
+            let mut hdr = [0u8; VNET_HDR_LEN];
+            if let (Some(s), true) = (g.first, g.packets.len() > 1) {
+                hdr = finalize(&mut g.packets[0], g.len, &s, g.gso_size);
+            }
+            let skip = g.first.map_or(0, |s| s.ip_hlen + s.tcp_hlen);
+            let mut iov = [std::io::IoSlice::new(&[]); MAX_SEGMENTS + 1];
+            iov[0] = std::io::IoSlice::new(&hdr);
+            for (i, p) in g.packets.iter().enumerate() {
+                iov[i + 1] = std::io::IoSlice::new(if i == 0 { p } else { &p[skip..] });
+            }
+            write(&iov[..g.packets.len() + 1]);
+            spent.append(&mut g.packets);
+            self.spare.push(g.packets);
+        }
+        self.spare.truncate(64);
     }
 }
 
-/// Lengths, the IPv4 header checksum, the TCP pseudo-header checksum and the GSO header.
-fn finalize(buf: &mut [u8], s: &Segment, gso_size: usize) {
-    let packet = &mut buf[VNET_HDR_LEN..];
-    let ip_len = packet.len();
+/// Lengths, the IPv4 header checksum and the TCP pseudo-header checksum of the merged
+/// packet (`ip_len` long) in its first packet's headers; returns its GSO header.
+fn finalize(first: &mut [u8], ip_len: usize, s: &Segment, gso_size: usize) -> [u8; VNET_HDR_LEN] {
+    let packet = first;
     let tcp_len = ip_len - s.ip_hlen;
     if s.flow.v6 {
         packet[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
@@ -234,13 +240,14 @@ fn finalize(buf: &mut [u8], s: &Segment, gso_size: usize) {
     // CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum; the kernel adds the rest.
     let off = s.ip_hlen + 16;
     packet[off..off + 2].copy_from_slice(&fold(pseudo).to_be_bytes());
-    let hdr = &mut buf[..VNET_HDR_LEN];
+    let mut hdr = [0u8; VNET_HDR_LEN];
     hdr[0] = F_NEEDS_CSUM;
     hdr[1] = if s.flow.v6 { GSO_TCPV6 } else { GSO_TCPV4 };
     hdr[2..4].copy_from_slice(&((s.ip_hlen + s.tcp_hlen) as u16).to_le_bytes());
     hdr[4..6].copy_from_slice(&(gso_size as u16).to_le_bytes());
     hdr[6..8].copy_from_slice(&(s.ip_hlen as u16).to_le_bytes());
     hdr[8..10].copy_from_slice(&16u16.to_le_bytes());
+    hdr
 }
 
 fn sum(b: &[u8], mut acc: u32) -> u32 {
@@ -379,23 +386,39 @@ mod tests {
         fold(sum(t, pseudo)) == 0xffff
     }
 
+    /// What the TUN device gets from a batch: each write's parts put together.
+    fn merged(c: &mut Coalescer) -> Vec<Vec<u8>> {
+        let (mut out, mut spent) = (vec![], vec![]);
+        let mut pushed = 0;
+        c.finish(
+            |parts| {
+                pushed += parts.len() - 1;
+                out.push(parts.iter().flat_map(|p| p.iter().copied()).collect());
+            },
+            &mut spent,
+        );
+        assert!(c.is_empty());
+        assert_eq!(spent.len(), pushed, "every packet's buffer comes back");
+        out
+    }
+
     #[test]
     fn a_run_of_segments_becomes_one_gso_packet() {
         let mut c = Coalescer::default();
         let mss = 1188;
         for i in 0..5u32 {
-            c.push(&tcp4(
+            c.push(tcp4(
                 1000 + i * mss,
                 &vec![i as u8; mss as usize],
                 TCP_FLAGS_ACK,
             ));
         }
-        c.push(&tcp4(
+        c.push(tcp4(
             1000 + 5 * mss,
             &[9; 100],
             TCP_FLAGS_ACK | TCP_FLAGS_PSH,
         ));
-        let out = c.finish();
+        let out = merged(&mut c);
         assert_eq!(out.len(), 1);
         let b = &out[0];
         assert_eq!(b[0], F_NEEDS_CSUM);
@@ -440,12 +463,12 @@ mod tests {
     #[test]
     fn gaps_other_flows_and_control_segments_stay_apart() {
         let mut c = Coalescer::default();
-        c.push(&tcp4(1, &[1; 100], TCP_FLAGS_ACK));
-        c.push(&tcp4(500, &[2; 100], TCP_FLAGS_ACK)); // a gap: new group
-        c.push(&tcp4(600, &[3; 100], TCP_FLAGS_ACK | 0x01)); // FIN: alone
-        c.push(&tcp4(600, &[], TCP_FLAGS_ACK)); // pure ACK: alone
-        c.push(&[0x45, 0, 0, 20]); // not even a whole header
-        let out = c.finish();
+        c.push(tcp4(1, &[1; 100], TCP_FLAGS_ACK));
+        c.push(tcp4(500, &[2; 100], TCP_FLAGS_ACK)); // a gap: new group
+        c.push(tcp4(600, &[3; 100], TCP_FLAGS_ACK | 0x01)); // FIN: alone
+        c.push(tcp4(600, &[], TCP_FLAGS_ACK)); // pure ACK: alone
+        c.push(vec![0x45, 0, 0, 20]); // not even a whole header
+        let out = merged(&mut c);
         assert_eq!(out.len(), 5);
         for b in &out {
             assert_eq!(
@@ -455,12 +478,11 @@ mod tests {
             );
         }
         assert!(valid_tcp_checksum(&out[0][VNET_HDR_LEN..]));
-        c.recycle(out);
         assert!(c.is_empty());
         // A longer segment after a shorter one cannot merge (the kernel splits evenly).
-        c.push(&tcp4(1, &[1; 100], TCP_FLAGS_ACK));
-        c.push(&tcp4(101, &[1; 200], TCP_FLAGS_ACK));
-        assert_eq!(c.finish().len(), 2);
+        c.push(tcp4(1, &[1; 100], TCP_FLAGS_ACK));
+        c.push(tcp4(101, &[1; 200], TCP_FLAGS_ACK));
+        assert_eq!(merged(&mut c).len(), 2);
     }
 
     #[test]
@@ -494,9 +516,9 @@ mod tests {
             .collect();
         let mut c = Coalescer::default();
         for o in &originals {
-            c.push(o);
+            c.push(o.clone());
         }
-        let mut merged = c.finish().remove(0);
+        let mut merged = merged(&mut c).remove(0);
         assert_eq!(merged[1], GSO_TCPV4);
         let got = read(&mut merged);
         assert_eq!(got.len(), 4);

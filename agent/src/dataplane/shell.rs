@@ -14,6 +14,7 @@ use crate::control::types::DerpMap;
 use crate::derp::{self, conn};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
@@ -290,10 +291,7 @@ impl Shell {
             match a {
                 Action::SendUdp(to @ SocketAddr::V4(_), p) => v4.push((to, p)),
                 Action::SendUdp(to, p) => v6.push((to, p)),
-                Action::WriteTun(p) => {
-                    tun_out.push(&p);
-                    spent.push(p);
-                }
+                Action::WriteTun(p) => tun_out.push(p),
                 Action::SendDerp { region, to, packet } => {
                     self.derps
                         .lock()
@@ -309,13 +307,15 @@ impl Shell {
         }
         spent.extend(v4.into_iter().chain(v6).map(|(_, p)| p));
         if !tun_out.is_empty() {
-            let bufs = tun_out.finish();
-            for b in &bufs {
-                if let Err(e) = self.tun.send(b).await {
-                    debug!(error = %e, "TUN write failed");
-                }
-            }
-            tun_out.recycle(bufs);
+            let fd = self.tun.as_raw_fd();
+            tun_out.finish(
+                |parts| {
+                    if let Err(e) = write_parts(fd, parts) {
+                        debug!(error = %e, "TUN write failed");
+                    }
+                },
+                &mut spent,
+            );
         }
         if !spent.is_empty() {
             self.engine().recycle(spent);
@@ -406,6 +406,18 @@ impl Shell {
             );
         }
     }
+}
+
+/// One packet to the TUN device from its parts (`writev`). Not awaited: a TUN device takes
+/// a write at once (its socket's send buffer is unlimited), so this never waits; a write it
+/// refuses is dropped like a packet lost on a link, which TCP resends.
+fn write_parts(fd: std::os::fd::RawFd, parts: &[std::io::IoSlice<'_>]) -> std::io::Result<()> {
+    // SAFETY: IoSlice is ABI-compatible with iovec on Unix; the slices outlive the call.
+    let n = unsafe { libc::writev(fd, parts.as_ptr().cast(), parts.len() as libc::c_int) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {

@@ -111,6 +111,39 @@ fn take(pool: &mut Vec<Vec<u8>>, p: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Room for any handshake message boringtun writes (an initiation is 148 bytes) in place
+/// of the packet it was given.
+const HANDSHAKE_ROOM: usize = 256;
+
+/// A buffer from the pool for boringtun to write one packet into, so that the packet needs
+/// no copy afterwards. A reused buffer is only zeroed beyond what it held before: for a
+/// stream of same-sized packets, nothing.
+fn room(pool: &mut Vec<Vec<u8>>, n: usize) -> Vec<u8> {
+    let mut v = pool.pop().unwrap_or_default();
+    v.resize(n.max(HANDSHAKE_ROOM), 0);
+    v
+}
+
+/// `buf` cut down to `p`, a packet boringtun wrote into it (which it does from its start).
+fn keep(mut buf: Vec<u8>, p: std::ops::Range<usize>) -> Vec<u8> {
+    buf.truncate(p.end);
+    buf.drain(..p.start);
+    buf
+}
+
+/// Where `p`, a slice of the buffer that starts at `base`, lies in it.
+fn span(base: *const u8, p: &[u8]) -> std::ops::Range<usize> {
+    let start = p.as_ptr() as usize - base as usize;
+    start..start + p.len()
+}
+
+/// What boringtun wrote into a buffer of ours, and where in it.
+enum Written {
+    Network(std::ops::Range<usize>),
+    Tun(std::ops::Range<usize>),
+    Nothing,
+}
+
 /// Whether `datagram` is a WireGuard transport data message (type 4).
 pub fn is_data(datagram: &[u8]) -> bool {
     datagram.len() >= 32 && datagram[..4] == [4, 0, 0, 0]
@@ -277,36 +310,38 @@ impl Wg {
         // `decapsulate` checks the macs once more with the same limiter: boringtun keeps the
         // path that takes a verified packet to itself. That second BLAKE2s is paid only by
         // datagrams that passed the first.
-        match tunn.decapsulate(src_ip, datagram, &mut self.buf) {
-            TunnResult::WriteToNetwork(p) => {
-                out.push(Action::ToPeer(key, take(&mut self.pool, p)));
+        // Decrypted straight into the buffer that goes on to the TUN device: one copy
+        // less of every packet (ciphertext into it, then opened in place, as boringtun does).
+        let mut dst = room(&mut self.pool, datagram.len());
+        let base = dst.as_ptr();
+        let written = match tunn.decapsulate(src_ip, datagram, &mut dst) {
+            TunnResult::WriteToNetwork(p) => Written::Network(span(base, p)),
+            TunnResult::WriteToTunnelV4(p, src) if self.admits(slot, src.into(), p) => {
+                Written::Tun(span(base, p))
+            }
+            TunnResult::WriteToTunnelV6(p, src) if self.admits(slot, src.into(), p) => {
+                Written::Tun(span(base, p))
+            }
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => Written::Nothing,
+            TunnResult::Done => Written::Nothing,
+            TunnResult::Err(e) => {
+                tracing::debug!(?src_ip, error = ?e, "WireGuard packet dropped");
+                self.pool.push(dst);
+                return None;
+            }
+        };
+        match written {
+            Written::Network(p) => {
+                out.push(Action::ToPeer(key, keep(dst, p)));
                 // Packets queued while the handshake ran go out now.
+                let tunn = self.slots[slot].as_mut()?.tunn.as_mut()?;
                 while let TunnResult::WriteToNetwork(p) = tunn.decapsulate(None, &[], &mut self.buf)
                 {
                     out.push(Action::ToPeer(key, take(&mut self.pool, p)));
                 }
             }
-            TunnResult::WriteToTunnelV4(p, src) => {
-                // Cryptokey routing: the source must route back to this very peer. A peer
-                // that also serves routes cannot borrow another node's address.
-                if self.table.lookup(src.into()) == Some(slot) && self.filter.allow_in(p) {
-                    out.push(Action::WriteTun(take(&mut self.pool, p)));
-                } else {
-                    tracing::trace!(peer = slot, %src, "inbound packet refused (source or filter)");
-                }
-            }
-            TunnResult::WriteToTunnelV6(p, src) => {
-                if self.table.lookup(src.into()) == Some(slot) && self.filter.allow_in(p) {
-                    out.push(Action::WriteTun(take(&mut self.pool, p)));
-                } else {
-                    tracing::trace!(peer = slot, %src, "inbound packet refused (source or filter)");
-                }
-            }
-            TunnResult::Done => {}
-            TunnResult::Err(e) => {
-                tracing::debug!(?src_ip, error = ?e, "WireGuard packet dropped");
-                return None;
-            }
+            Written::Tun(p) => out.push(Action::WriteTun(keep(dst, p))),
+            Written::Nothing => self.pool.push(dst),
         }
         Some(key)
     }
@@ -322,9 +357,28 @@ impl Wg {
         self.filter.note_out(packet);
         let key = peer.spec.node_key;
         let tunn = tunnel(peer, slot, &self.our, &self.limiter, &mut self.live);
-        if let TunnResult::WriteToNetwork(p) = tunn.encapsulate(packet, &mut self.buf) {
-            out.push(Action::ToPeer(key, take(&mut self.pool, p)));
+        // Sealed straight into the buffer that goes out (boringtun copies it in, then seals
+        // in place); the room also holds a handshake initiation if there is no session yet.
+        let mut dst = room(&mut self.pool, packet.len() + 32);
+        let base = dst.as_ptr();
+        match tunn.encapsulate(packet, &mut dst) {
+            TunnResult::WriteToNetwork(p) => {
+                let p = span(base, p);
+                out.push(Action::ToPeer(key, keep(dst, p)));
+            }
+            _ => self.pool.push(dst),
         }
+    }
+
+    /// A decrypted packet from the peer in `slot` goes to the host only if its source
+    /// routes back to that very peer (cryptokey routing: a peer that also serves routes
+    /// cannot borrow another node's address) and the filter lets it in.
+    fn admits(&mut self, slot: usize, src: IpAddr, p: &[u8]) -> bool {
+        let ok = self.table.lookup(src) == Some(slot) && self.filter.allow_in(p);
+        if !ok {
+            tracing::trace!(peer = slot, %src, "inbound packet refused (source or filter)");
+        }
+        ok
     }
 
     /// Starts a handshake with the peer `key` unless one is under way.
@@ -405,6 +459,58 @@ mod tests {
         p.extend_from_slice(&dst);
         p.extend_from_slice(&[8, 0, 0, 0, 0, 0, 0, 0]);
         p
+    }
+
+    /// Packets are sealed and opened straight into reused buffers: whatever a buffer held
+    /// before (longer, shorter, junk), what goes out is exactly the packet.
+    #[test]
+    fn reused_buffers_carry_exactly_the_packet() {
+        let (ka, kb) = (StaticSecret::from([1; 32]), StaticSecret::from([2; 32]));
+        let pb = *PublicKey::from(&kb).as_bytes();
+        let (mut a, mut b) = (Wg::new(ka.clone()), Wg::new(kb.clone()));
+        a.sync(vec![spec(&kb, "100.64.0.2")]);
+        b.sync(vec![spec(&ka, "100.64.0.1")]);
+        a.set_filter(crate::filter::Filter::allow_all());
+        b.set_filter(crate::filter::Filter::allow_all());
+        let mut big = ping([100, 64, 0, 1], [100, 64, 0, 2]);
+        big.resize(1400, 0x5a);
+        big[2..4].copy_from_slice(&1400u16.to_be_bytes());
+        let small = ping([100, 64, 0, 1], [100, 64, 0, 2]);
+        let mut delivered = vec![];
+        let mut out = vec![];
+        for (round, p) in [&small, &big, &small, &big, &small].into_iter().enumerate() {
+            a.recycle([vec![0xee; 3000], vec![0xdd; 10]]);
+            b.recycle([vec![0xcc; 3000], vec![0xbb; 10]]);
+            a.from_tun(p, &mut out);
+            // The first packet waits for the handshake; the rounds after go at once.
+            for _ in 0..4 {
+                let mut next = vec![];
+                for act in out.drain(..) {
+                    match act {
+                        Action::ToPeer(to, d) if to == pb => {
+                            if round > 0 && wg_data(&d) {
+                                assert_eq!(d.len(), p.len() + 32, "round {round}");
+                            }
+                            b.from_network(None, &d, &mut next);
+                        }
+                        Action::ToPeer(_, d) => {
+                            a.from_network(None, &d, &mut next);
+                        }
+                        Action::WriteTun(d) => delivered.push(d),
+                        Action::Reply(_) => panic!("cookie reply without load"),
+                    }
+                }
+                out = next;
+            }
+        }
+        assert_eq!(
+            delivered,
+            vec![small.clone(), big.clone(), small.clone(), big, small]
+        );
+    }
+
+    fn wg_data(d: &[u8]) -> bool {
+        is_data(d) && d.len() > 32
     }
 
     #[test]
