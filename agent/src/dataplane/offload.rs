@@ -222,8 +222,7 @@ impl Coalescer {
 
 /// Lengths, the IPv4 header checksum and the TCP pseudo-header checksum of the merged
 /// packet (`ip_len` long) in its first packet's headers; returns its GSO header.
-fn finalize(first: &mut [u8], ip_len: usize, s: &Segment, gso_size: usize) -> [u8; VNET_HDR_LEN] {
-    let packet = first;
+fn finalize(packet: &mut [u8], ip_len: usize, s: &Segment, gso_size: usize) -> [u8; VNET_HDR_LEN] {
     let tcp_len = ip_len - s.ip_hlen;
     if s.flow.v6 {
         packet[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
