@@ -44,8 +44,18 @@ fuzz_target!(|data: &[u8]| {
     // The TUN side's offloads: reads (with TSO splitting) and write coalescing.
     let mut read = data.to_vec();
     let mut coalesce = offload::Coalescer::default();
-    offload::from_tun(&mut read, &mut vec![], |p| coalesce.push(p));
-    coalesce.push(data);
-    coalesce.push(data);
-    let _ = coalesce.finish();
+    offload::from_tun(&mut read, &mut vec![], |p| coalesce.push(p.to_vec()));
+    coalesce.push(data.to_vec());
+    coalesce.push(data.to_vec());
+    let (mut parts_out, mut spent) = (0, vec![]);
+    coalesce.finish(
+        |parts| {
+            // A merged packet never outgrows what one TUN write may carry.
+            let len: usize = parts.iter().map(|p| p.len()).sum();
+            assert!(len <= offload::VNET_HDR_LEN + 65535 || parts.len() == 2);
+            parts_out += parts.len() - 1;
+        },
+        &mut spent,
+    );
+    assert_eq!(spent.len(), parts_out, "every packet's buffer comes back");
 });
